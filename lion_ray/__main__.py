@@ -1,0 +1,3 @@
+from lion_ray.cli import main
+
+main()

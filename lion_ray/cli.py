@@ -1,0 +1,192 @@
+"""The `lion-ray` command line. Each command parses its arguments and hands over to the
+module that does the work; heavy imports (Ray, torch) happen inside the commands so that
+`lion-ray --help` stays instant."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lion_ray.errors import LionError
+
+app = typer.Typer(
+    help="lion-ray: adversarial distillation (Lion) of a closed LLM into an open student, on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Validate and show run configs.", no_args_is_help=True)
+pool_app = typer.Typer(help="Import, inspect and export instruction pools.", no_args_is_help=True)
+student_app = typer.Typer(help="Build the tiny local student model.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(pool_app, name="pool")
+app.add_typer(student_app, name="student")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigPath = Annotated[Path, typer.Argument(help="YAML run config.", exists=False)]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a field, e.g. --set train.lr=1e-5 (repeatable)."),
+]
+
+
+@contextmanager
+def user_errors():
+    """Print a user-fixable error on one line and exit 1; anything else is a real bug."""
+    try:
+        yield
+    except LionError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _load(config: Path | None, overrides: list[str] | None):
+    from lion_ray.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+@config_app.command("validate")
+def config_validate(config: ConfigPath, set_: SetOption = None) -> None:
+    """Check a config; every invalid field is named with what is allowed."""
+    with user_errors():
+        cfg = _load(config, set_)
+    console.print(f"[green]ok[/green] {config}: valid ({cfg.loop.rounds} rounds, run dir {cfg.storage.run_dir})")
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[Path | None, typer.Argument(help="YAML config; omit for the defaults.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Print the resolved config (defaults filled in, overrides applied) as YAML."""
+    from lion_ray.config import dump_config
+
+    with user_errors():
+        cfg = _load(config, set_)
+    sys.stdout.write(dump_config(cfg))
+
+
+# --- pools -----------------------------------------------------------------------------------
+
+
+@pool_app.command("import")
+def pool_import(
+    src: Annotated[str, typer.Argument(help="Alpaca JSON array, JSONL, Parquet or self-instruct seed tasks.")],
+    out: Annotated[str, typer.Option("--out", help="Output pool (.parquet, local path or URI).")],
+    source: Annotated[str | None, typer.Option(help="Provenance label (default: file name).")] = None,
+) -> None:
+    """Import instructions into a pool with stable ids; exact duplicates are dropped."""
+    from lion_ray import storage
+    from lion_ray.logic.pools import load_pool_bytes
+
+    with user_errors():
+        data = _read_input(src)
+        table, stats = load_pool_bytes(data, src, source=source)
+        storage.write_parquet(out, table)
+    console.print(
+        f"imported {stats.imported} instructions from {src} -> {out} "
+        f"(records {stats.records}, duplicates dropped {stats.duplicates}, empty skipped {stats.empty})"
+    )
+
+
+def _read_input(uri: str) -> bytes:
+    from lion_ray import storage
+
+    if not storage.exists(uri):
+        raise LionError(f"{uri}: no such file")
+    return storage.read_bytes(uri)
+
+
+def _read_pool(uri: str):
+    from lion_ray.logic.pools import load_pool_bytes
+
+    return load_pool_bytes(_read_input(uri), uri)[0]
+
+
+@pool_app.command("stats")
+def pool_stats_cmd(
+    pool: Annotated[str, typer.Argument(help="Pool file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Row counts by kind, round and source, and instruction lengths."""
+    from lion_ray.logic.pools import pool_stats
+
+    with user_errors():
+        stats = pool_stats(_read_pool(pool))
+    if as_json:
+        console.print_json(json.dumps(stats))
+        return
+    table = Table(title=f"{pool}", show_header=False)
+    table.add_row("rows", str(stats["rows"]))
+    table.add_row("with input", str(stats["with_input"]))
+    table.add_row("with reference output", str(stats["with_output"]))
+    table.add_row("by kind", ", ".join(f"{k}: {v}" for k, v in stats["by_kind"].items()))
+    table.add_row("by round", ", ".join(f"{k}: {v}" for k, v in stats["by_round"].items()))
+    table.add_row("by source", ", ".join(f"{k}: {v}" for k, v in stats["by_source"].items()))
+    w = stats["instruction_words"]
+    table.add_row("instruction words", f"min {w['min']}, mean {w['mean']}, max {w['max']}")
+    console.print(table)
+
+
+@pool_app.command("export")
+def pool_export(
+    pool: Annotated[str, typer.Argument(help="Pool file.")],
+    out: Annotated[str, typer.Option("--out", help="Output file.")],
+    fmt: Annotated[str, typer.Option("--format", help="json (array) or jsonl.")] = "jsonl",
+) -> None:
+    """Export a pool in Alpaca shape (instruction, input, output)."""
+    from lion_ray import storage
+    from lion_ray.logic.pools import to_alpaca
+
+    if fmt not in ("json", "jsonl"):
+        err_console.print(f"[bold red]error:[/bold red] --format must be json or jsonl, got {fmt!r}")
+        raise typer.Exit(2)
+    with user_errors():
+        records = to_alpaca(_read_pool(pool))
+        if fmt == "json":
+            text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
+        else:
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        storage.write_text(out, text)
+    console.print(f"exported {len(records)} records -> {out}")
+
+
+# --- student ---------------------------------------------------------------------------------
+
+
+@student_app.command("init")
+def student_init(
+    out: Annotated[str, typer.Option("--out", help="Output model directory (local path or URI).")],
+    config: Annotated[Path | None, typer.Option("--config", help="Run config (uses student.tiny).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Build the tiny Llama student and a locally trained tokenizer (Hugging Face format)."""
+    from lion_ray.student import init_student
+
+    with user_errors():
+        cfg = _load(config, set_)
+    info = init_student(out, cfg.student.tiny)
+    console.print(
+        f"tiny student ({info['parameters'] / 1e6:.2f}M parameters, vocab {info['vocab_size']}) -> {out}"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

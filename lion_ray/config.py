@@ -1,0 +1,380 @@
+"""One validated configuration object for a lion-ray run.
+
+Load it with :func:`load_config` (YAML file + ``--set a.b=c`` overrides). Every field has a
+type, a default and help text; invariants that span fields are checked here, before any
+work starts, so a bad value fails in a second instead of an hour into a run.
+
+Secrets never live in this object: an endpoint names the *environment variable* that holds
+its API key (``api_key_env``) and the key is read only where the request is made.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lion_ray.errors import LionError
+
+SANDBOX_URL = "sandbox"
+
+
+class ConfigError(LionError, ValueError):
+    """A configuration that cannot be used; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EndpointConfig(_Strict):
+    """An OpenAI-compatible chat-completions endpoint playing one role."""
+
+    base_url: str = Field(
+        SANDBOX_URL,
+        description="Base URL ending in /v1 (e.g. https://api.openai.com/v1), or 'sandbox' for the "
+        "embedded sandbox server that the run starts itself.",
+    )
+    model: str = Field("sandbox", description="Model name sent with every request.")
+    api_key_env: str | None = Field(
+        None,
+        description="Name of the environment variable that holds the API key (e.g. OPENAI_API_KEY). "
+        "Keys are never written in config files. null: send no key (sandbox, local servers).",
+    )
+    requests_per_minute: int = Field(
+        600, gt=0, description="Provider limit on requests per minute, for the whole cluster."
+    )
+    tokens_per_minute: int = Field(
+        1_000_000,
+        gt=0,
+        description="Provider limit on tokens per minute (prompt + max completion), whole cluster.",
+    )
+    num_actors: int = Field(2, gt=0, description="Ray actors that send requests.")
+    concurrency: int = Field(16, gt=0, description="Requests in flight per actor.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(
+        6, ge=0, description="Retries on 429, 5xx, timeouts and connection errors before a row fails."
+    )
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(1024, gt=0, description="Maximum completion tokens per request.")
+    price_per_1k_input: float = Field(0.0, ge=0, description="USD per 1K prompt tokens.")
+    price_per_1k_output: float = Field(0.0, ge=0, description="USD per 1K completion tokens.")
+    budget_usd: float | None = Field(
+        None,
+        gt=0,
+        description="Spending cap for this endpoint over the whole run; a stage stops cleanly "
+        "before exceeding it, keeping what was done. null: no cap.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_inline_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("api_key", "key", "token", "secret"):
+                if key in data:
+                    raise ValueError(
+                        f"'{key}' is not allowed: secrets never go in config files. Put the key in an "
+                        "environment variable and set api_key_env to that variable's name."
+                    )
+        return data
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if value != SANDBOX_URL and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be 'sandbox' or an http(s):// URL, got {value!r}")
+        return value.rstrip("/")
+
+    @property
+    def is_sandbox(self) -> bool:
+        return self.base_url == SANDBOX_URL
+
+
+class TinyStudentConfig(_Strict):
+    """Shape of the tiny Llama student built locally by `lion-ray student init`."""
+
+    hidden_size: int = Field(128, gt=0, description="Model width.")
+    num_layers: int = Field(4, gt=0, description="Transformer blocks.")
+    num_heads: int = Field(2, gt=0, description="Attention heads (head_dim = hidden/heads).")
+    intermediate_size: int = Field(512, gt=0, description="MLP width.")
+    max_position_embeddings: int = Field(1024, gt=0, description="Longest sequence.")
+    vocab_size: int = Field(
+        260,
+        ge=260,
+        description="Tokenizer size: 256 bytes + 4 special tokens, plus BPE merges learned from "
+        "local text above that. 260 = character level, which suits the sandbox's tasks.",
+    )
+    seed: int = Field(0, description="Initialisation seed.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TinyStudentConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class StudentConfig(_Strict):
+    """The open model being distilled, and how it answers."""
+
+    model_path: str = Field(
+        "",
+        description="Hugging Face model directory or URI to start from. Empty: build the tiny "
+        "student (see `tiny`) into <run_dir>/student_init.",
+    )
+    prompt_template: Literal["alpaca", "compact"] = Field(
+        "alpaca",
+        description="Training and inference template: 'alpaca' (the paper's, with preamble) or "
+        "'compact' (no preamble; shorter sequences for tiny CPU students).",
+    )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="Inference backend: 'hf' (transformers, CPU or GPU) or 'vllm' (GPU)."
+    )
+    max_new_tokens: int = Field(512, gt=0, description="Longest student answer in tokens.")
+    temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    batch_size: int = Field(32, gt=0, description="Prompts per generate() call / Ray Data batch.")
+    num_engines: int = Field(1, gt=0, description="Inference actors (hf) or vLLM engines.")
+    cpus_per_engine: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
+    gpus_per_engine: float = Field(0.0, ge=0, description="GPUs per inference actor (hf backend).")
+    tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallelism per engine.")
+    tiny: TinyStudentConfig = Field(default_factory=TinyStudentConfig)
+
+    @model_validator(mode="after")
+    def _vllm_needs_gpus(self) -> StudentConfig:
+        if self.backend == "vllm" and self.gpus_per_engine:
+            raise ValueError(
+                "gpus_per_engine applies to the hf backend; for vllm set tensor_parallel_size "
+                "(GPUs per engine) instead"
+            )
+        return self
+
+
+class TrainConfig(_Strict):
+    """Imitation fine-tuning: Ray Train workers running DeepSpeed ZeRO."""
+
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (2 or 3).")
+    offload_optimizer: bool = Field(False, description="Offload optimizer state to CPU.")
+    offload_params: bool = Field(False, description="Offload parameters to CPU (ZeRO-3 only).")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    epochs: int = Field(3, gt=0, description="Passes over the Train Pool each round.")
+    max_length: int = Field(1024, gt=8, description="Longest training sequence in tokens.")
+    micro_batch_size: int = Field(4, gt=0, description="Sequences per worker per step.")
+    effective_batch_size: int = Field(
+        128,
+        gt=0,
+        description="Sequences per optimizer step over all workers; must be a multiple of "
+        "micro_batch_size x workers (the quotient is the gradient accumulation).",
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    packing: bool = Field(
+        False, description="Pack short examples into one sequence (no cross-example attention)."
+    )
+    workers: int = Field(2, gt=0, description="Ray Train workers (one process each).")
+    gpus_per_worker: int = Field(0, ge=0, description="0 trains on CPU (gloo, fp32), else bf16.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    checkpoint_every_steps: int = Field(50, gt=0, description="Checkpoint interval (steps).")
+    keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept.")
+    max_failures: int = Field(3, ge=0, description="Worker failures survived by restoring.")
+    seed: int = Field(0, description="Data order and initialisation seed.")
+
+    @model_validator(mode="after")
+    def _invariants(self) -> TrainConfig:
+        per_step = self.micro_batch_size * self.workers
+        if self.effective_batch_size % per_step:
+            raise ValueError(
+                f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "
+                f"micro_batch_size x workers ({self.micro_batch_size} x {self.workers} = {per_step}); "
+                f"try {max(per_step, self.effective_batch_size // per_step * per_step)}"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage: 3 (ZeRO-2 does not partition params)")
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.effective_batch_size // (self.micro_batch_size * self.workers)
+
+
+class LoopConfig(_Strict):
+    """The Lion loop: rounds, the hard/easy split and generation targets."""
+
+    rounds: int = Field(3, gt=0, description="Imitation-discrimination-generation rounds.")
+    seed_pool: str = Field(
+        "sandbox",
+        description="Initial instructions: a pool file (Alpaca JSON, JSONL, Parquet or self-instruct "
+        "seed tasks) or 'sandbox' for sandbox tasks (count set by sandbox.seed_tasks).",
+    )
+    tau: float = Field(1.0, gt=0, description="Hard when teacher_score - student_score >= tau.")
+    hard_per_round: int = Field(3000, ge=0, description="New hard-derived instructions per round.")
+    easy_per_round: int = Field(3000, ge=0, description="New easy-derived instructions per round.")
+    rouge_threshold: float = Field(
+        0.7, gt=0, le=1, description="Drop a candidate whose ROUGE-L F is above this."
+    )
+    min_words: int = Field(4, gt=0, description="Drop candidates with fewer words than this.")
+    generation_attempts_factor: float = Field(
+        3.0, ge=1, description="At most factor x target generator calls per kind per round."
+    )
+    referee_max_reasks: int = Field(
+        2, ge=0, description="Extra referee calls for an unparseable review before 'unparsed'."
+    )
+    pool_policy: Literal["paper", "accumulate"] = Field(
+        "paper",
+        description="'paper': next Train Pool = new instructions only; 'accumulate': old Train "
+        "Pool + new. The Cache Pool always grows by the new instructions.",
+    )
+    seed: int = Field(0, description="Seed for parent sampling and ordering.")
+
+    @model_validator(mode="after")
+    def _something_to_generate(self) -> LoopConfig:
+        if self.rounds > 1 and self.hard_per_round + self.easy_per_round == 0:
+            raise ValueError(
+                "hard_per_round + easy_per_round is 0, so rounds after the first have an empty "
+                "Train Pool; set at least one of them above 0"
+            )
+        return self
+
+
+class SandboxConfig(_Strict):
+    """The embedded sandbox world: started when an endpoint's base_url is 'sandbox'."""
+
+    host: str = Field("127.0.0.1", description="Interface the sandbox server binds.")
+    port: int = Field(0, ge=0, le=65535, description="Port; 0 picks a free one.")
+    seed_tasks: int = Field(300, gt=0, description="Seed-pool size when loop.seed_pool is 'sandbox'.")
+    heldout_tasks: int = Field(200, ge=0, description="Held-out tasks scored after each round.")
+    task_seed: int = Field(0, description="Seed for generated tasks.")
+    max_difficulty: int = Field(2, ge=1, le=5, description="Hardest level in the seed pool.")
+    teacher_error_rate: float = Field(0.0, ge=0, le=1, description="Fraction of wrong answers.")
+    rpm: int | None = Field(None, gt=0, description="Server-side requests/minute limit (429s).")
+    tpm: int | None = Field(None, gt=0, description="Server-side tokens/minute limit (429s).")
+    error_rate: float = Field(0.0, ge=0, le=1, description="Fraction of random 500/503 answers.")
+    latency_ms: float = Field(0.0, ge=0, description="Mean added latency per response.")
+    malformed_rate: float = Field(0.0, ge=0, le=1, description="Fraction of malformed reviews.")
+
+
+class ClusterConfig(_Strict):
+    """Where Ray runs."""
+
+    address: str | None = Field(
+        None,
+        description="Ray address to connect to (e.g. 'auto' or ray://head:10001). null: use "
+        "RAY_ADDRESS if set, else start a local Ray.",
+    )
+    num_cpus: int | None = Field(
+        None,
+        gt=0,
+        description="Logical CPUs for a locally started Ray. null: max(8, 2 x physical cores), "
+        "so small machines do not deadlock Ray Data (actors + read tasks).",
+    )
+
+
+class StorageConfig(_Strict):
+    run_dir: str = Field(
+        "runs/demo", description="Run directory: a local path or pyarrow URI (s3://, gs://)."
+    )
+
+
+class LionConfig(_Strict):
+    """A whole lion-ray run."""
+
+    name: str = Field("lion", description="Run name shown in reports.")
+    teacher: EndpointConfig = Field(
+        default_factory=lambda: EndpointConfig(model="sandbox-teacher", temperature=0.7, max_tokens=1024)
+    )
+    referee: EndpointConfig = Field(
+        default_factory=lambda: EndpointConfig(model="sandbox-referee", temperature=0.2, max_tokens=512)
+    )
+    generator: EndpointConfig = Field(
+        default_factory=lambda: EndpointConfig(
+            model="sandbox-generator", temperature=1.0, max_tokens=512
+        )
+    )
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    def endpoints(self) -> dict[str, EndpointConfig]:
+        return {"teacher": self.teacher, "referee": self.referee, "generator": self.generator}
+
+    @property
+    def uses_sandbox(self) -> bool:
+        return self.loop.seed_pool == "sandbox" or any(e.is_sandbox for e in self.endpoints().values())
+
+    @model_validator(mode="after")
+    def _student_fits_training(self) -> LionConfig:
+        if not self.student.model_path and self.train.max_length > self.student.tiny.max_position_embeddings:
+            raise ValueError(
+                f"train.max_length ({self.train.max_length}) exceeds the tiny student's "
+                f"student.tiny.max_position_embeddings ({self.student.tiny.max_position_embeddings}); "
+                "lower one or raise the other"
+            )
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"])
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling (`lion-ray config show` lists every field)"
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) or item["type"] == "extra_forbidden" else f" (got {got!r})"
+        lines.append(f"  {field}: {msg}{shown}" if field else f"  {msg}")
+    return "\n".join(lines)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars (1e-5, true, null)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-5")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LionConfig:
+    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    data: dict = {}
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return LionConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def dump_config(config: LionConfig) -> str:
+    """The config as YAML (it holds no secrets, only the names of key variables)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

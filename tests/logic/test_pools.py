@@ -1,0 +1,117 @@
+import json
+
+import pyarrow as pa
+import pytest
+
+from lion_ray.logic.pools import (
+    POOL_SCHEMA,
+    PoolFormatError,
+    concat_pools,
+    import_records,
+    instruction_id,
+    iter_records,
+    load_pool_bytes,
+    make_row,
+    pool_stats,
+    to_alpaca,
+)
+
+
+def _import(data: bytes, name: str):
+    return load_pool_bytes(data, name)
+
+
+def test_seed_tasks_import_with_provenance(seed_tasks_path):
+    table, stats = _import(seed_tasks_path.read_bytes(), str(seed_tasks_path))
+    assert table.schema == POOL_SCHEMA
+    assert table.num_rows == 175 and stats.imported == 175 and stats.records == 175
+    rows = table.to_pylist()
+    assert {r["kind"] for r in rows} == {"seed"} and {r["round"] for r in rows} == {0}
+    assert all(r["source"] == "alpaca_seed_tasks.jsonl" for r in rows)
+    # self-instruct instances carry input and output through
+    assert sum(1 for r in rows if r["input"]) == 125
+    assert all(r["output"] for r in rows)
+
+
+def test_ids_are_stable_and_whitespace_insensitive():
+    a = instruction_id("Reverse  'abc'.\n", "")
+    assert a == instruction_id(" Reverse 'abc'.", "")
+    assert a != instruction_id("reverse 'abc'.", "")  # case matters (uppercase tasks)
+    assert a != instruction_id("Reverse 'abc'.", "x")
+    assert len(a) == 16
+
+
+def test_duplicates_dropped_and_empty_skipped():
+    lines = [
+        {"instruction": "Say hi.", "input": ""},
+        {"instruction": "Say  hi. "},
+        {"instruction": "   "},
+        {"instruction": "Add 2 and 3.", "output": "5"},
+    ]
+    data = "\n".join(json.dumps(x) for x in lines).encode()
+    table, stats = _import(data, "p.jsonl")
+    assert table.num_rows == 2
+    assert (stats.records, stats.duplicates, stats.empty, stats.imported) == (4, 1, 1, 2)
+
+
+def test_malformed_jsonl_names_file_and_line():
+    data = b'{"instruction": "ok"}\n\n{"instruction": "broken\n'
+    with pytest.raises(PoolFormatError, match=r"^bad\.jsonl:3: invalid JSON"):
+        _import(data, "bad.jsonl")
+
+
+def test_malformed_json_array_names_line():
+    data = b'[\n {"instruction": "a"},\n {"instruction": }\n]'
+    with pytest.raises(PoolFormatError, match=r"^bad\.json:3: invalid JSON"):
+        _import(data, "bad.json")
+
+
+def test_record_without_instruction_is_named():
+    data = b'{"instruction": "fine"}\n{"prompt": "nope", "answer": "x"}\n'
+    with pytest.raises(PoolFormatError, match=r"p\.jsonl:2: record has no 'instruction' field \(fields: answer, prompt\)"):
+        _import(data, "p.jsonl")
+
+
+def test_non_string_fields_refused():
+    with pytest.raises(PoolFormatError, match=r"p\.jsonl:1: field 'input' must be a string"):
+        _import(b'{"instruction": "a", "input": 3}\n', "p.jsonl")
+
+
+def test_alpaca_json_array_and_parquet_roundtrip(tmp_path):
+    records = [{"instruction": f"Task {i}", "input": "ctx" if i % 2 else "", "output": str(i)} for i in range(5)]
+    table, _ = _import(json.dumps(records).encode(), "a.json")
+    assert to_alpaca(table) == records
+    # a lion-ray parquet pool loads as is; a foreign parquet file is imported
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    again, _ = load_pool_bytes(buf.getvalue(), "pool.parquet")
+    assert again.equals(table)
+    foreign = io.BytesIO()
+    pq.write_table(pa.table({"instruction": ["x y z", "x y z"], "output": ["1", "1"]}), foreign)
+    imported, stats = load_pool_bytes(foreign.getvalue(), "foreign.parquet")
+    assert imported.num_rows == 1 and stats.duplicates == 1
+
+
+def test_concat_keeps_first_and_stats():
+    seed = import_records([({"instruction": "A b c d"}, "x:1")], source="s")[0]
+    new = pa.Table.from_pylist(
+        [
+            make_row("A b c d", source="gen", round_no=1, kind="hard", parent_id="p"),
+            make_row("E f g h", source="gen", round_no=1, kind="easy", parent_id="p"),
+        ],
+        schema=POOL_SCHEMA,
+    )
+    both = concat_pools(seed, new)
+    assert both.num_rows == 2
+    assert both.column("kind").to_pylist() == ["seed", "easy"]
+    stats = pool_stats(both)
+    assert stats["by_kind"] == {"seed": 1, "easy": 1} and stats["by_round"] == {"0": 1, "1": 1}
+
+
+def test_iter_records_refuses_non_utf8():
+    with pytest.raises(PoolFormatError, match="not UTF-8"):
+        list(iter_records(b"\xff\xfe{", "x.jsonl"))

@@ -1,0 +1,50 @@
+"""The console script, run as a user runs it."""
+
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+
+def lion(*args, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "lion_ray", *args], capture_output=True, text=True, cwd=ROOT, **kw
+    )
+
+
+def test_help_lists_commands():
+    out = lion("--help")
+    assert out.returncode == 0
+    for cmd in ["config", "pool", "student"]:
+        assert cmd in out.stdout
+
+
+def test_pool_import_stats_export(tmp_path, seed_tasks_path):
+    pool = tmp_path / "p.parquet"
+    out = lion("pool", "import", str(seed_tasks_path), "--out", str(pool))
+    assert out.returncode == 0, out.stderr
+    assert "imported 175 instructions" in out.stdout
+    stats = lion("pool", "stats", str(pool), "--json")
+    assert stats.returncode == 0 and '"rows": 175' in stats.stdout
+    exp = lion("pool", "export", str(pool), "--format", "jsonl", "--out", str(tmp_path / "e.jsonl"))
+    assert exp.returncode == 0
+    assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 175
+
+
+def test_malformed_jsonl_one_line_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a"}\n{"instruction": "b"\n')
+    out = lion("pool", "import", str(bad), "--out", str(tmp_path / "p.parquet"))
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{bad}:2: invalid JSON" in lines[0]
+    assert not (tmp_path / "p.parquet").exists()
+
+
+def test_config_validate_and_refuse():
+    ok = lion("config", "validate", "configs/demo.yaml")
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    bad = lion("config", "validate", "configs/demo.yaml", "--set", "train.zero_stage=1")
+    assert bad.returncode == 1 and "train.zero_stage" in bad.stderr
+    show = lion("config", "show", "configs/demo.yaml", "--set", "train.lr=0.5")
+    assert show.returncode == 0 and "lr: 0.5" in show.stdout

@@ -1,0 +1,79 @@
+import pytest
+
+from lion_ray.config import ConfigError, LionConfig, dump_config, load_config
+
+from .conftest import ROOT
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert isinstance(cfg, LionConfig)
+
+
+def test_demo_config_uses_sandbox_and_tiny_student():
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    assert cfg.uses_sandbox and cfg.student.model_path == "" and cfg.train.gpus_per_worker == 0
+
+
+def test_paper_config_matches_the_paper():
+    cfg = load_config(ROOT / "configs" / "paper.yaml")
+    assert (cfg.loop.rounds, cfg.loop.hard_per_round, cfg.loop.easy_per_round) == (3, 3000, 3000)
+    assert cfg.loop.tau == 1.0 and cfg.loop.rouge_threshold == 0.7
+    assert cfg.train.lr == 2e-5 and cfg.train.epochs == 3 and cfg.train.effective_batch_size == 128
+    assert cfg.teacher.temperature == 0.7 and cfg.referee.temperature == 0.2
+    assert cfg.train.grad_accum_steps == 4
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("train:\n  zero_stage: 4\n", r"train\.zero_stage: Input should be 2 or 3 \(got 4\)"),
+        ("train:\n  lr: -1\n", r"train\.lr: Input should be greater than 0"),
+        ("loop:\n  tau: fast\n", r"loop\.tau: Input should be a valid number"),
+        ("trian:\n  lr: 1\n", r"trian: unknown field; check the spelling"),
+        (
+            "train:\n  micro_batch_size: 3\n  workers: 2\n  effective_batch_size: 128\n",
+            r"train: .*effective_batch_size \(128\) must be a multiple of micro_batch_size x workers \(3 x 2 = 6\); try 126",
+        ),
+        ("train:\n  offload_params: true\n", r"offload_params needs zero_stage: 3"),
+        ("teacher:\n  api_key: sk-123\n", r"teacher: .*secrets never go in config files"),
+        ("teacher:\n  base_url: api.openai.com\n", r"teacher\.base_url: .*must be 'sandbox' or an http"),
+        ("student:\n  backend: tgi\n", r"student\.backend: Input should be 'hf' or 'vllm'"),
+    ],
+)
+def test_invalid_values_name_the_field(tmp_path, text, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(_write(tmp_path, text))
+
+
+def test_secret_value_never_echoed(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, "teacher:\n  api_key: sk-supersecret\n"))
+    assert "sk-supersecret" not in str(err.value)
+
+
+def test_bad_yaml_names_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: not valid YAML"):
+        load_config(_write(tmp_path, "train:\n  lr: 1\n   bad: [\n"))
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    cfg = load_config(None, ["train.lr=1e-5", "loop.rounds=5", "student.backend=vllm", "cluster.address=null"])
+    assert cfg.train.lr == 1e-5 and cfg.loop.rounds == 5 and cfg.student.backend == "vllm"
+    with pytest.raises(ConfigError, match=r"loop\.rounds: Input should be greater than 0"):
+        load_config(None, ["loop.rounds=0"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["loop.rounds"])
+
+
+def test_dump_roundtrips(tmp_path):
+    cfg = load_config(ROOT / "configs" / "paper.yaml")
+    again = load_config(_write(tmp_path, dump_config(cfg)))
+    assert again == cfg

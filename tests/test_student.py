@@ -1,0 +1,33 @@
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lion_ray.config import TinyStudentConfig
+from lion_ray.student import init_student, train_tokenizer
+
+
+def test_init_student_loads_with_from_pretrained(tmp_path):
+    out = tmp_path / "student"
+    info = init_student(str(out), TinyStudentConfig(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128))
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.model_type == "llama" and info["parameters"] == sum(p.numel() for p in model.parameters())
+    ids = tok("Reverse 'kato'.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tok))
+    assert tok.padding_side == "left" and tok.eos_token == "</s>"
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_tokenizer_is_byte_level_and_lossless():
+    tok = train_tokenizer(["hello world"] * 5, vocab_size=260)
+    for text in ["Reverse 'planet'.\n### Response:\n", "naïve café ✓", "  two  spaces"]:
+        assert tok.decode(tok(text).input_ids) == text
+    assert len(tok("abc").input_ids) == 3  # character level at 260
+
+
+def test_tokenizer_learns_merges_from_local_text():
+    tok = train_tokenizer(["the theory of the thing"] * 50, vocab_size=300)
+    assert len(tok) > 260
+    assert len(tok("the theory").input_ids) < len("the theory")
