@@ -27,7 +27,11 @@ pool_app = typer.Typer(help="Import, inspect and export instruction pools.", no_
 student_app = typer.Typer(help="Build the tiny local student model.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(pool_app, name="pool")
+sandbox_app = typer.Typer(
+    help="The embedded sandbox world (teacher, referee, generator).", no_args_is_help=True
+)
 app.add_typer(student_app, name="student")
+app.add_typer(sandbox_app, name="sandbox")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -63,12 +67,16 @@ def config_validate(config: ConfigPath, set_: SetOption = None) -> None:
     """Check a config; every invalid field is named with what is allowed."""
     with user_errors():
         cfg = _load(config, set_)
-    console.print(f"[green]ok[/green] {config}: valid ({cfg.loop.rounds} rounds, run dir {cfg.storage.run_dir})")
+    console.print(
+        f"[green]ok[/green] {config}: valid ({cfg.loop.rounds} rounds, run dir {cfg.storage.run_dir})"
+    )
 
 
 @config_app.command("show")
 def config_show(
-    config: Annotated[Path | None, typer.Argument(help="YAML config; omit for the defaults.")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML config; omit for the defaults.")
+    ] = None,
     set_: SetOption = None,
 ) -> None:
     """Print the resolved config (defaults filled in, overrides applied) as YAML."""
@@ -84,9 +92,13 @@ def config_show(
 
 @pool_app.command("import")
 def pool_import(
-    src: Annotated[str, typer.Argument(help="Alpaca JSON array, JSONL, Parquet or self-instruct seed tasks.")],
+    src: Annotated[
+        str, typer.Argument(help="Alpaca JSON array, JSONL, Parquet or self-instruct seed tasks.")
+    ],
     out: Annotated[str, typer.Option("--out", help="Output pool (.parquet, local path or URI).")],
-    source: Annotated[str | None, typer.Option(help="Provenance label (default: file name).")] = None,
+    source: Annotated[
+        str | None, typer.Option(help="Provenance label (default: file name).")
+    ] = None,
 ) -> None:
     """Import instructions into a pool with stable ids; exact duplicates are dropped."""
     from lion_ray import storage
@@ -152,7 +164,9 @@ def pool_export(
     from lion_ray.logic.pools import to_alpaca
 
     if fmt not in ("json", "jsonl"):
-        err_console.print(f"[bold red]error:[/bold red] --format must be json or jsonl, got {fmt!r}")
+        err_console.print(
+            f"[bold red]error:[/bold red] --format must be json or jsonl, got {fmt!r}"
+        )
         raise typer.Exit(2)
     with user_errors():
         records = to_alpaca(_read_pool(pool))
@@ -170,7 +184,9 @@ def pool_export(
 @student_app.command("init")
 def student_init(
     out: Annotated[str, typer.Option("--out", help="Output model directory (local path or URI).")],
-    config: Annotated[Path | None, typer.Option("--config", help="Run config (uses student.tiny).")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Run config (uses student.tiny).")
+    ] = None,
     set_: SetOption = None,
 ) -> None:
     """Build the tiny Llama student and a locally trained tokenizer (Hugging Face format)."""
@@ -182,6 +198,98 @@ def student_init(
     console.print(
         f"tiny student ({info['parameters'] / 1e6:.2f}M parameters, vocab {info['vocab_size']}) -> {out}"
     )
+
+
+# --- sandbox ---------------------------------------------------------------------------------
+
+
+@sandbox_app.command("tasks")
+def sandbox_tasks(
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out", help="Output JSONL (instruction, input, output, family, difficulty)."
+        ),
+    ],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of distinct tasks.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same tasks.")] = 0,
+    max_difficulty: Annotated[int, typer.Option(min=1, max=5, help="Hardest level (1..5).")] = 5,
+    min_difficulty: Annotated[int, typer.Option(min=1, max=5, help="Easiest level (1..5).")] = 1,
+) -> None:
+    """Write sandbox tasks with their answers (for pools and held-out evaluation)."""
+    from lion_ray import storage
+    from lion_ray.sandbox.tasks import generate_tasks
+
+    with user_errors():
+        if min_difficulty > max_difficulty:
+            raise LionError(
+                f"--min-difficulty ({min_difficulty}) is above --max-difficulty ({max_difficulty})"
+            )
+        tasks = generate_tasks(
+            n, seed=seed, max_difficulty=max_difficulty, min_difficulty=min_difficulty
+        )
+        storage.write_text(out, "".join(json.dumps(t.as_record()) + "\n" for t in tasks))
+    console.print(f"wrote {len(tasks)} tasks -> {out}")
+
+
+@sandbox_app.command("serve")
+def sandbox_serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one; printed at start).")] = 8765,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute before 429s.")] = None,
+    tpm: Annotated[
+        int | None, typer.Option(help="Tokens per minute (prompt + max_tokens) before 429s.")
+    ] = None,
+    burst_s: Annotated[
+        float, typer.Option(help="Window over which limits are enforced (s).")
+    ] = 1.0,
+    error_rate: Annotated[float, typer.Option(help="Fraction of random 500/503 answers.")] = 0.0,
+    latency_ms: Annotated[float, typer.Option(help="Mean added latency (ms).")] = 0.0,
+    latency_sd_ms: Annotated[
+        float, typer.Option(help="Latency standard deviation (lognormal).")
+    ] = 0.0,
+    slow_rate: Annotated[
+        float, typer.Option(help="Fraction of responses delayed by --slow-ms.")
+    ] = 0.0,
+    slow_ms: Annotated[float, typer.Option(help="Delay of a slow response (ms).")] = 30_000.0,
+    malformed_rate: Annotated[
+        float, typer.Option(help="Fraction of referee reviews without valid scores.")
+    ] = 0.0,
+    teacher_error_rate: Annotated[
+        float, typer.Option(help="Fraction of wrong teacher answers.")
+    ] = 0.0,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Require a bearer key equal to this variable.")
+    ] = None,
+    fault_seed: Annotated[int | None, typer.Option(help="Seed for random faults.")] = None,
+) -> None:
+    """Run the OpenAI-compatible sandbox server in the foreground."""
+    from lion_ray.sandbox.server import ServerOptions, run_server
+
+    for name, rate in [
+        ("error-rate", error_rate),
+        ("slow-rate", slow_rate),
+        ("malformed-rate", malformed_rate),
+        ("teacher-error-rate", teacher_error_rate),
+    ]:
+        if not 0 <= rate <= 1:
+            err_console.print(f"[bold red]error:[/bold red] --{name} must be in 0..1, got {rate}")
+            raise typer.Exit(2)
+    options = ServerOptions(
+        rpm=rpm,
+        tpm=tpm,
+        burst_s=burst_s,
+        error_rate=error_rate,
+        latency_ms=latency_ms,
+        latency_sd_ms=latency_sd_ms,
+        slow_rate=slow_rate,
+        slow_ms=slow_ms,
+        malformed_rate=malformed_rate,
+        teacher_error_rate=teacher_error_rate,
+        api_key_env=api_key_env,
+        fault_seed=fault_seed,
+    )
+    run_server(options, host, port)
 
 
 def main() -> None:

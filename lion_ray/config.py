@@ -56,7 +56,9 @@ class EndpointConfig(_Strict):
     concurrency: int = Field(16, gt=0, description="Requests in flight per actor.")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
     max_retries: int = Field(
-        6, ge=0, description="Retries on 429, 5xx, timeouts and connection errors before a row fails."
+        6,
+        ge=0,
+        description="Retries on 429, 5xx, timeouts and connection errors before a row fails.",
     )
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
@@ -195,7 +197,9 @@ class TrainConfig(_Strict):
                 f"try {max(per_step, self.effective_batch_size // per_step * per_step)}"
             )
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offload_params needs zero_stage: 3 (ZeRO-2 does not partition params)")
+            raise ValueError(
+                "offload_params needs zero_stage: 3 (ZeRO-2 does not partition params)"
+            )
         return self
 
     @property
@@ -247,7 +251,9 @@ class SandboxConfig(_Strict):
 
     host: str = Field("127.0.0.1", description="Interface the sandbox server binds.")
     port: int = Field(0, ge=0, le=65535, description="Port; 0 picks a free one.")
-    seed_tasks: int = Field(300, gt=0, description="Seed-pool size when loop.seed_pool is 'sandbox'.")
+    seed_tasks: int = Field(
+        300, gt=0, description="Seed-pool size when loop.seed_pool is 'sandbox'."
+    )
     heldout_tasks: int = Field(200, ge=0, description="Held-out tasks scored after each round.")
     task_seed: int = Field(0, description="Seed for generated tasks.")
     max_difficulty: int = Field(2, ge=1, le=5, description="Hardest level in the seed pool.")
@@ -286,10 +292,14 @@ class LionConfig(_Strict):
 
     name: str = Field("lion", description="Run name shown in reports.")
     teacher: EndpointConfig = Field(
-        default_factory=lambda: EndpointConfig(model="sandbox-teacher", temperature=0.7, max_tokens=1024)
+        default_factory=lambda: EndpointConfig(
+            model="sandbox-teacher", temperature=0.7, max_tokens=1024
+        )
     )
     referee: EndpointConfig = Field(
-        default_factory=lambda: EndpointConfig(model="sandbox-referee", temperature=0.2, max_tokens=512)
+        default_factory=lambda: EndpointConfig(
+            model="sandbox-referee", temperature=0.2, max_tokens=512
+        )
     )
     generator: EndpointConfig = Field(
         default_factory=lambda: EndpointConfig(
@@ -308,11 +318,16 @@ class LionConfig(_Strict):
 
     @property
     def uses_sandbox(self) -> bool:
-        return self.loop.seed_pool == "sandbox" or any(e.is_sandbox for e in self.endpoints().values())
+        return self.loop.seed_pool == "sandbox" or any(
+            e.is_sandbox for e in self.endpoints().values()
+        )
 
     @model_validator(mode="after")
     def _student_fits_training(self) -> LionConfig:
-        if not self.student.model_path and self.train.max_length > self.student.tiny.max_position_embeddings:
+        if (
+            not self.student.model_path
+            and self.train.max_length > self.student.tiny.max_position_embeddings
+        ):
             raise ValueError(
                 f"train.max_length ({self.train.max_length}) exceeds the tiny student's "
                 f"student.tiny.max_position_embeddings ({self.student.tiny.max_position_embeddings}); "
@@ -329,7 +344,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             msg = "unknown field; check the spelling (`lion-ray config show` lists every field)"
         got = item.get("input")
-        shown = "" if isinstance(got, dict) or item["type"] == "extra_forbidden" else f" (got {got!r})"
+        shown = (
+            "" if isinstance(got, dict) or item["type"] == "extra_forbidden" else f" (got {got!r})"
+        )
         lines.append(f"  {field}: {msg}{shown}" if field else f"  {msg}")
     return "\n".join(lines)
 

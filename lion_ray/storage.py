@@ -27,7 +27,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +72,8 @@ def atomic_output(uri: str) -> Iterator[pa.NativeFile]:
             yield out
         fs.move(tmp, path)
     except BaseException:
-        try:
+        with suppress(OSError):
             fs.delete_file(tmp)
-        except OSError:
-            pass
         raise
 
 
@@ -146,7 +144,9 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
     if isinstance(fs, pafs.LocalFileSystem) and os.path.abspath(local_dir) == path:
         return
     fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    pafs.copy_files(
+        str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
 
 
 def download_dir(uri: str, local_dir: str | Path) -> Path:
@@ -155,7 +155,9 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     if isinstance(fs, pafs.LocalFileSystem):
         return Path(path)
     Path(local_dir).mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(
+        path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+    )
     return Path(local_dir)
 
 

@@ -26,3 +26,19 @@ def seed_instructions() -> list[str]:
     import json
 
     return [json.loads(line)["instruction"] for line in SEED_TASKS.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    """A sandbox server with no limits or faults, on a free port, for the whole session."""
+    from lion_ray.sandbox.server import SandboxProcess
+
+    with SandboxProcess() as server:
+        yield server
+
+
+@pytest.fixture()
+def openai_client(sandbox):
+    from openai import OpenAI
+
+    return OpenAI(base_url=sandbox.base_url, api_key="unused", max_retries=0, timeout=30)

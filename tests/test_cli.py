@@ -15,7 +15,7 @@ def lion(*args, **kw):
 def test_help_lists_commands():
     out = lion("--help")
     assert out.returncode == 0
-    for cmd in ["config", "pool", "student"]:
+    for cmd in ["config", "pool", "student", "sandbox"]:
         assert cmd in out.stdout
 
 
@@ -48,3 +48,15 @@ def test_config_validate_and_refuse():
     assert bad.returncode == 1 and "train.zero_stage" in bad.stderr
     show = lion("config", "show", "configs/demo.yaml", "--set", "train.lr=0.5")
     assert show.returncode == 0 and "lr: 0.5" in show.stdout
+
+
+def test_sandbox_tasks_deterministic(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for out in (a, b):
+        res = lion("sandbox", "tasks", "--n", "50", "--seed", "3", "--out", str(out))
+        assert res.returncode == 0, res.stderr
+    assert a.read_text() == b.read_text()
+    import json
+
+    rows = [json.loads(x) for x in a.read_text().splitlines()]
+    assert len(rows) == 50 and {"instruction", "output", "family", "difficulty"} <= set(rows[0])

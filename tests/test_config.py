@@ -44,7 +44,10 @@ def _write(tmp_path, text):
         ),
         ("train:\n  offload_params: true\n", r"offload_params needs zero_stage: 3"),
         ("teacher:\n  api_key: sk-123\n", r"teacher: .*secrets never go in config files"),
-        ("teacher:\n  base_url: api.openai.com\n", r"teacher\.base_url: .*must be 'sandbox' or an http"),
+        (
+            "teacher:\n  base_url: api.openai.com\n",
+            r"teacher\.base_url: .*must be 'sandbox' or an http",
+        ),
         ("student:\n  backend: tgi\n", r"student\.backend: Input should be 'hf' or 'vllm'"),
     ],
 )
@@ -65,7 +68,9 @@ def test_bad_yaml_names_line(tmp_path):
 
 
 def test_overrides_are_typed_and_validated(tmp_path):
-    cfg = load_config(None, ["train.lr=1e-5", "loop.rounds=5", "student.backend=vllm", "cluster.address=null"])
+    cfg = load_config(
+        None, ["train.lr=1e-5", "loop.rounds=5", "student.backend=vllm", "cluster.address=null"]
+    )
     assert cfg.train.lr == 1e-5 and cfg.loop.rounds == 5 and cfg.student.backend == "vllm"
     with pytest.raises(ConfigError, match=r"loop\.rounds: Input should be greater than 0"):
         load_config(None, ["loop.rounds=0"])

@@ -7,11 +7,16 @@ from lion_ray.student import init_student, train_tokenizer
 
 def test_init_student_loads_with_from_pretrained(tmp_path):
     out = tmp_path / "student"
-    info = init_student(str(out), TinyStudentConfig(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128))
+    info = init_student(
+        str(out),
+        TinyStudentConfig(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128),
+    )
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
-    assert model.config.model_type == "llama" and info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert model.config.model_type == "llama" and info["parameters"] == sum(
+        p.numel() for p in model.parameters()
+    )
     ids = tok("Reverse 'kato'.", return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(ids).logits

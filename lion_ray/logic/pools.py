@@ -119,7 +119,9 @@ def _text_field(rec: dict, field: str, where: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise PoolFormatError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+        raise PoolFormatError(
+            f"{where}: field '{field}' must be a string, got {type(value).__name__}"
+        )
     return value
 
 
@@ -194,7 +196,9 @@ def import_records(
                 stats.empty += 1
                 continue
             rows.append(
-                make_row(instruction, input_text, output, source=source, round_no=round_no, kind=kind)
+                make_row(
+                    instruction, input_text, output, source=source, round_no=round_no, kind=kind
+                )
             )
     return build_pool(rows, stats), stats
 
@@ -245,7 +249,9 @@ def validate_pool(table: pa.Table, name: str) -> pa.Table:
     return table.select(POOL_SCHEMA.names).cast(POOL_SCHEMA)
 
 
-def load_pool_bytes(data: bytes, name: str, *, source: str | None = None) -> tuple[pa.Table, ImportStats]:
+def load_pool_bytes(
+    data: bytes, name: str, *, source: str | None = None
+) -> tuple[pa.Table, ImportStats]:
     """A pool from file bytes: a lion-ray Parquet pool as is, anything else imported."""
     if detect_format(name, data[:64]) == "parquet":
         table = pq.read_table(io.BytesIO(data))

@@ -62,7 +62,9 @@ TEACHER_SYSTEM = (
 )
 
 
-def teacher_messages(instruction: str, input_text: str = "", template: TemplateName = "alpaca") -> list[dict]:
+def teacher_messages(
+    instruction: str, input_text: str = "", template: TemplateName = "alpaca"
+) -> list[dict]:
     return [
         {"role": "system", "content": TEACHER_SYSTEM},
         {"role": "user", "content": build_prompt(instruction, input_text, template)},
@@ -137,7 +139,9 @@ _GENERATOR_TEMPLATE = (
 )
 
 
-def generator_messages(kind: Literal["hard", "easy"], instruction: str, input_text: str = "") -> list[dict]:
+def generator_messages(
+    kind: Literal["hard", "easy"], instruction: str, input_text: str = ""
+) -> list[dict]:
     if kind not in ("hard", "easy"):
         raise ValueError(f"generator kind must be 'hard' or 'easy', got {kind!r}")
     given = instruction.strip() + (f"\n{input_text.strip()}" if input_text else "")

@@ -63,14 +63,21 @@ def _bucket(value: int, limits: tuple[int, ...]) -> int:
     return next((d for d, hi in enumerate(limits, start=1) if value <= hi), len(limits))
 
 
+def _in_bucket(rng: random.Random, d: int, limits: tuple[int, ...], low: int) -> int:
+    """A value whose bucket is exactly ``d``."""
+    return rng.randint(limits[d - 2] + 1 if d > 1 else low, limits[d - 1])
+
+
 def _make_add(rng: random.Random, d: int) -> dict:
-    hi = _ADD_LIMITS[d - 1]
-    return {"a": rng.randint(1, hi), "b": rng.randint(1, hi)}
+    a, b = _in_bucket(rng, d, _ADD_LIMITS, 1), rng.randint(1, _ADD_LIMITS[d - 1])
+    return {"a": a, "b": b} if rng.random() < 0.5 else {"a": b, "b": a}
 
 
 def _make_mul(rng: random.Random, d: int) -> dict:
-    hi = _MUL_LIMITS[d - 1]
-    return {"a": rng.randint(2, hi), "b": rng.randint(2, 9 if d < 4 else hi)}
+    return {
+        "a": _in_bucket(rng, d, _MUL_LIMITS, 2),
+        "b": rng.randint(2, 9 if d < 4 else _MUL_LIMITS[d - 1]),
+    }
 
 
 def _make_count(rng: random.Random, d: int) -> dict:
@@ -82,7 +89,7 @@ def _make_count(rng: random.Random, d: int) -> dict:
 
 
 def _make_seq(rng: random.Random, d: int) -> dict:
-    step = rng.randint(1, 2 + 2 * d) * (1 if d < 4 or rng.random() < 0.5 else -1)
+    step = rng.choice([2 * d - 1, 2 * d]) * (1 if d < 4 or rng.random() < 0.5 else -1)
     start = rng.randint(0, 10 * d)
     return {"lst": ", ".join(str(start + i * step) for i in range(4))}
 
@@ -100,76 +107,95 @@ def _seq_next(p: dict) -> str:
 
 def _seq_difficulty(p: dict) -> int:
     v = _ints(p["lst"])
-    step = v[1] - v[0]
-    return _clamp(max((abs(step) - 1) // 2, v[0] // 10) + (1 if step < 0 else 0))
+    return _clamp((abs(v[1] - v[0]) + 1) // 2)
 
 
 FAMILIES: tuple[Family, ...] = (
     Family(
-        "reverse", 3.0, "text",
+        "reverse",
+        3.0,
+        "text",
         ("Reverse '{w}'.", "Spell '{w}' backwards.", "Write '{w}' reversed."),
         lambda rng, d: {"w": _word(rng, d + 2)},
         lambda p: p["w"][::-1],
         lambda p: _clamp(len(p["w"]) - 2),
     ),
     Family(
-        "uppercase", 3.0, "text",
+        "uppercase",
+        3.0,
+        "text",
         ("Uppercase '{w}'.", "All caps: '{w}'", "'{w}' in uppercase?"),
         lambda rng, d: {"w": _word(rng, d + 2)},
         lambda p: p["w"].upper(),
         lambda p: _clamp(len(p["w"]) - 2),
     ),
     Family(
-        "add", 3.0, "number",
+        "add",
+        3.0,
+        "number",
         ("What is {a} + {b}?", "Add {a} and {b}.", "Sum {a} and {b}."),
         _make_add,
         lambda p: str(int(p["a"]) + int(p["b"])),
         lambda p: _bucket(max(int(p["a"]), int(p["b"])), _ADD_LIMITS),
     ),
     Family(
-        "max", 2.0, "number",
+        "max",
+        2.0,
+        "number",
         ("Largest of {lst}?", "Max of {lst}?", "Which is biggest: {lst}?"),
         _make_max,
         lambda p: str(max(_ints(p["lst"]))),
         lambda p: _clamp(len(_ints(p["lst"])) - 2),
     ),
     Family(
-        "sort_letters", 2.0, "text",
+        "sort_letters",
+        2.0,
+        "text",
         ("Alphabetize '{w}'.", "Sort '{w}' alphabetically.", "Sort letters: '{w}'"),
         lambda rng, d: {"w": _word(rng, d + 2)},
         lambda p: "".join(sorted(p["w"])),
         lambda p: _clamp(len(p["w"]) - 2),
     ),
     Family(
-        "count_char", 2.0, "number",
+        "count_char",
+        2.0,
+        "number",
         ("Count '{c}' in '{w}'.", "How many '{c}' in '{w}'?", "Occurrences of '{c}' in '{w}'?"),
         _make_count,
         lambda p: str(p["w"].count(p["c"])),
         lambda p: _clamp(len(p["w"]) - 3),
     ),
     Family(
-        "next_term", 2.0, "number",
+        "next_term",
+        2.0,
+        "number",
         ("What comes next: {lst}?", "Continue {lst}.", "Next number after {lst}?"),
         _make_seq,
         _seq_next,
         _seq_difficulty,
     ),
     Family(
-        "word_length", 1.0, "number",
+        "word_length",
+        1.0,
+        "number",
         ("Length of '{w}'?", "Count letters: '{w}'", "Letters in '{w}'?"),
-        lambda rng, d: {"w": _word(rng, rng.randint(2, 3 + 2 * d))},
+        lambda rng, d: {"w": _word(rng, 2 + 2 * d + rng.randint(0, 1))},
         lambda p: str(len(p["w"])),
         lambda p: _clamp((len(p["w"]) - 2) // 2),
     ),
     Family(
-        "multiply", 1.0, "number",
+        "multiply",
+        1.0,
+        "number",
         ("What is {a} times {b}?", "Multiply {a} by {b}.", "Product of {a} and {b}?"),
         _make_mul,
         lambda p: str(int(p["a"]) * int(p["b"])),
         lambda p: _bucket(int(p["a"]), _MUL_LIMITS),
     ),
     Family(
-        "caesar", 1.0, "text",
+        "caesar",
+        1.0,
+        "text",
         ("Shift '{w}' by {k}.", "Caesar-shift '{w}' by {k}.", "Rotate '{w}' by {k}."),
         lambda rng, d: {"w": _word(rng, d + 2), "k": rng.randint(1, 1 + 2 * d)},
         lambda p: _caesar(p["w"], int(p["k"])),
@@ -217,7 +243,9 @@ class Task:
         }
 
 
-def make_task(family: Family, rng: random.Random, difficulty: int, phrasing: int | None = None) -> Task:
+def make_task(
+    family: Family, rng: random.Random, difficulty: int, phrasing: int | None = None
+) -> Task:
     params = family.make(rng, _clamp(difficulty))
     idx = rng.randrange(len(family.phrasings)) if phrasing is None else phrasing
     text = family.phrasings[idx].format(**params)
@@ -232,7 +260,9 @@ def parse_instruction(text: str) -> Task | None:
             m = pattern.match(text)
             if m:
                 params = m.groupdict()
-                return Task(family.name, family.difficulty_of(params), text, family.solve(params), params)
+                return Task(
+                    family.name, family.difficulty_of(params), text, family.solve(params), params
+                )
     return None
 
 
@@ -299,4 +329,3 @@ def rarer_families(name: str) -> list[Family]:
         return rarer
     lowest = min(f.weight for f in FAMILIES if f.name != name)
     return [f for f in FAMILIES if f.name != name and f.weight == lowest]
-

@@ -68,7 +68,10 @@ def test_malformed_json_array_names_line():
 
 def test_record_without_instruction_is_named():
     data = b'{"instruction": "fine"}\n{"prompt": "nope", "answer": "x"}\n'
-    with pytest.raises(PoolFormatError, match=r"p\.jsonl:2: record has no 'instruction' field \(fields: answer, prompt\)"):
+    with pytest.raises(
+        PoolFormatError,
+        match=r"p\.jsonl:2: record has no 'instruction' field \(fields: answer, prompt\)",
+    ):
         _import(data, "p.jsonl")
 
 
@@ -78,7 +81,10 @@ def test_non_string_fields_refused():
 
 
 def test_alpaca_json_array_and_parquet_roundtrip(tmp_path):
-    records = [{"instruction": f"Task {i}", "input": "ctx" if i % 2 else "", "output": str(i)} for i in range(5)]
+    records = [
+        {"instruction": f"Task {i}", "input": "ctx" if i % 2 else "", "output": str(i)}
+        for i in range(5)
+    ]
     table, _ = _import(json.dumps(records).encode(), "a.json")
     assert to_alpaca(table) == records
     # a lion-ray parquet pool loads as is; a foreign parquet file is imported

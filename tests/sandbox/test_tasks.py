@@ -1,0 +1,102 @@
+import random
+from collections import Counter
+
+import pytest
+
+from lion_ray.sandbox.tasks import (
+    FAMILIES,
+    FAMILY_BY_NAME,
+    generate_tasks,
+    is_correct,
+    make_task,
+    parse_instruction,
+    rarer_families,
+    score_answer,
+)
+
+
+def test_at_least_eight_families_with_several_phrasings():
+    assert len(FAMILIES) >= 8
+    assert all(len(f.phrasings) >= 3 for f in FAMILIES)
+
+
+def test_generation_is_deterministic_and_distinct():
+    a = generate_tasks(300, seed=7)
+    assert [t.instruction for t in a] == [t.instruction for t in generate_tasks(300, seed=7)]
+    assert [t.instruction for t in a] != [t.instruction for t in generate_tasks(300, seed=8)]
+    assert len({t.instruction for t in a}) == 300
+    assert set(Counter(t.family for t in generate_tasks(2000, seed=1))) == {
+        f.name for f in FAMILIES
+    }
+
+
+def test_every_phrasing_parses_back_to_the_same_task():
+    rng = random.Random(0)
+    for family in FAMILIES:
+        for idx in range(len(family.phrasings)):
+            for difficulty in range(1, 6):
+                task = make_task(family, rng, difficulty, phrasing=idx)
+                parsed = parse_instruction(task.instruction)
+                assert parsed is not None, task.instruction
+                assert (parsed.family, parsed.answer, parsed.difficulty) == (
+                    task.family,
+                    task.answer,
+                    task.difficulty,
+                )
+
+
+@pytest.mark.parametrize(
+    "instruction, answer",
+    [
+        ("Reverse 'kato'.", "otak"),
+        ("Sort 'dcba' alphabetically.", "abcd"),
+        ("What is 17 + 25?", "42"),
+        ("Multiply 7 by 8.", "56"),
+        ("Count 'a' in 'banana'.", "3"),
+        ("Shift 'abz' by 2.", "cdb"),
+        ("What comes next: 3, 7, 11, 15?", "19"),
+        ("Uppercase 'mixo'.", "MIXO"),
+        ("Max of 4, 91, 13?", "91"),
+        ("Length of 'abcde'?", "5"),
+    ],
+)
+def test_known_answers(instruction, answer):
+    assert parse_instruction(instruction).answer == answer
+
+
+def test_difficulty_knob_grows_the_payload():
+    rng = random.Random(3)
+    fam = FAMILY_BY_NAME["reverse"]
+    lengths = [len(make_task(fam, rng, d).answer) for d in range(1, 6)]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+    add = FAMILY_BY_NAME["add"]
+    easy = [int(make_task(add, rng, 1).answer) for _ in range(50)]
+    hard = [int(make_task(add, rng, 5).answer) for _ in range(50)]
+    assert max(easy) < 20 < sum(hard) / len(hard)
+
+
+def test_scores_give_partial_credit():
+    task = parse_instruction("Reverse 'kato'.")
+    assert score_answer(task, "otak") == 10 and is_correct(task, " 'otak'. ")
+    near, far, empty = (
+        score_answer(task, "otka"),
+        score_answer(task, "zzzzzz"),
+        score_answer(task, ""),
+    )
+    assert 10 > near > far > empty == 1
+    num = parse_instruction("What is 17 + 25?")
+    assert score_answer(num, "42") == 10 and score_answer(num, "41") > score_answer(num, "90") > 1
+
+
+def test_rarer_families_are_rarer():
+    common = max(FAMILIES, key=lambda f: f.weight)
+    assert all(f.weight < common.weight for f in rarer_families(common.name))
+    rarest = min(FAMILIES, key=lambda f: f.weight)
+    assert rarest.name not in {f.name for f in rarer_families(rarest.name)}
+
+
+def test_requested_difficulty_is_exact():
+    rng = random.Random(0)
+    for family in FAMILIES:
+        for d in range(1, 6):
+            assert all(make_task(family, rng, d).difficulty == d for _ in range(50)), family.name
