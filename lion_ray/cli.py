@@ -292,6 +292,113 @@ def sandbox_serve(
     run_server(options, host, port)
 
 
+# --- answers (API roles and the student) -------------------------------------------------------
+
+
+@app.command("answer")
+def answer(
+    input_: Annotated[str, typer.Option("--input", help="Input pool (any pool format).")],
+    output: Annotated[str, typer.Option("--output", help="Output Parquet.")],
+    role: Annotated[
+        str | None, typer.Option(help="teacher | referee | generator (API roles).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Student model directory: answer with the student.")
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="Student backend: hf | vllm (default: config).")
+    ] = None,
+    kind: Annotated[str, typer.Option(help="Generator rule: hard | easy.")] = "hard",
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Run config (endpoints, student).")
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Answer a pool with an API role (teacher, referee, generator) or with a student model.
+
+    The referee reads a table with instruction, input, answer_1 and answer_2 columns. API
+    responses are cached under <run_dir>/cache/<role>, so a rerun pays for none of them.
+    """
+    from lion_ray import storage
+
+    if (role is None) == (model is None):
+        err_console.print(
+            "[bold red]error:[/bold red] give exactly one of --role (API) or --model (student)"
+        )
+        raise typer.Exit(2)
+    if role is not None and role not in ("teacher", "referee", "generator"):
+        err_console.print(
+            f"[bold red]error:[/bold red] --role must be teacher, referee or generator, got {role!r}"
+        )
+        raise typer.Exit(2)
+    with user_errors():
+        cfg = _load(config, set_)
+        if model is not None:
+            overrides = {"model_path": model} | ({"backend": backend} if backend else {})
+            cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update=overrides)})
+            from lion_ray.config import StudentConfig
+
+            StudentConfig.model_validate(cfg.student.model_dump())
+        table, summary = _answer(cfg, role, kind, input_)
+        storage.write_parquet(output, table)
+    console.print(f"wrote {table.num_rows} rows -> {output}")
+    console.print_json(json.dumps(summary))
+
+
+def _answer(cfg, role: str | None, kind: str, input_uri: str):
+    from lion_ray.session import Session
+
+    with Session(cfg) as session:
+        if role is None:
+            from lion_ray.engines.inference import student_answers
+
+            return student_answers(_read_pool(input_uri), cfg.student)
+        endpoint = session.endpoint(role)
+        cache_dir = session.run.cache_dir(role)
+        if role == "teacher":
+            from lion_ray.imitation import teacher_answers
+
+            return teacher_answers(
+                _read_pool(input_uri),
+                endpoint,
+                template=cfg.student.prompt_template,
+                cache_dir=cache_dir,
+                spent_usd=session.spent_usd(role),
+            )
+        if role == "referee":
+            from lion_ray.discrimination import judge
+
+            table = _read_table(input_uri)
+            return judge(
+                table,
+                endpoint,
+                cache_dir=cache_dir,
+                max_reasks=cfg.loop.referee_max_reasks,
+                tau=cfg.loop.tau,
+                spent_usd=session.spent_usd(role),
+            )
+        from lion_ray.generation import ask_generator
+
+        return ask_generator(
+            _read_pool(input_uri),
+            kind,
+            endpoint,
+            cache_dir=cache_dir,
+            spent_usd=session.spent_usd(role),
+        )
+
+
+def _read_table(uri: str):
+    import pyarrow.parquet as pq
+
+    from lion_ray import storage
+
+    if not storage.exists(uri):
+        raise LionError(f"{uri}: no such file")
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
 def main() -> None:
     app()
 

@@ -42,3 +42,32 @@ def openai_client(sandbox):
     from openai import OpenAI
 
     return OpenAI(base_url=sandbox.base_url, api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session (8 logical CPUs on any machine: DESIGN section 4)."""
+    import ray
+
+    from lion_ray.config import ClusterConfig
+    from lion_ray.engines.cluster import init_ray
+
+    init_ray(ClusterConfig(num_cpus=8), quiet=True)
+    yield ray
+    ray.shutdown()
+
+
+def sandbox_endpoint(server, **overrides):
+    """An EndpointConfig pointing at a sandbox server, fast retries for tests."""
+    from lion_ray.config import EndpointConfig
+
+    fields = {
+        "base_url": server.base_url,
+        "model": "sandbox",
+        "max_tokens": 64,
+        "num_actors": 2,
+        "concurrency": 8,
+        "requests_per_minute": 60_000,
+        "tokens_per_minute": 10_000_000,
+    }
+    return EndpointConfig(**(fields | overrides))

@@ -141,6 +141,8 @@ class Stats:
             "prompt_tokens": c["prompt_tokens"],
             "completion_tokens": c["completion_tokens"],
             "max_accepted_in_window": {"window_s": window_s, "requests": best},
+            # (accepted - 1) / span is the rate the provider saw while traffic flowed
+            "accepted_span_s": round(times[-1] - times[0], 6) if len(times) > 1 else 0.0,
         }
 
 

@@ -1,0 +1,46 @@
+"""Connecting to (or starting) Ray, the same way for the CLI, the driver and `ray job submit`."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from lion_ray.config import ClusterConfig
+
+log = logging.getLogger("lion_ray")
+
+
+def default_num_cpus() -> int:
+    # Ray Data needs CPU slots for read tasks beside the actors; on a 2-core machine a
+    # logical count equal to the physical one deadlocks (DESIGN section 4).
+    return max(8, 2 * (os.cpu_count() or 1))
+
+
+def init_ray(cluster: ClusterConfig | None = None, *, quiet: bool = False) -> str | None:
+    """Connect to the configured cluster, or start a local one. Returns the dashboard URL."""
+    cluster = cluster or ClusterConfig()
+    if ray.is_initialized():
+        node = getattr(ray._private.worker, "_global_node", None)
+        url = getattr(node, "webui_url", None)
+    else:
+        address = cluster.address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict = {"log_to_driver": not quiet, "logging_level": logging.WARNING}
+        if address:
+            ctx = ray.init(address=address, **kwargs)
+        else:
+            ctx = ray.init(
+                num_cpus=cluster.num_cpus or default_num_cpus(), include_dashboard=True, **kwargs
+            )
+        url = ctx.dashboard_url
+    data_context_quiet()
+    return f"http://{url}" if url and not str(url).startswith("http") else url
+
+
+def data_context_quiet() -> None:
+    """lion-ray draws its own progress bars; Ray Data's would interleave with them."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = False

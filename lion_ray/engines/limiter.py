@@ -1,0 +1,182 @@
+"""One rate limit per endpoint for the whole cluster.
+
+``RateLimit`` (plain Python) schedules every request against requests-per-minute and
+tokens-per-minute with the generic cell rate algorithm: each request reserves a send time,
+so callers sleep locally instead of holding a lock. It also keeps the spending budget.
+``LimiterActor`` is a thin Ray actor around it; every API actor on every node asks the
+same one, which is what makes the limit global (``ray.data.llm``'s HTTP processor limits
+``qps`` per actor instead).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import ray
+
+# Pace a little under the provider's limit: requests leave on time but arrive with jitter.
+DEFAULT_HEADROOM = 0.97
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in an ``x-ratelimit-reset-*`` value: '20ms', '1.5s', '6m0s', '1h2m3s', '2'."""
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    total, number = 0.0, ""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isdigit() or ch == ".":
+            number += ch
+            i += 1
+            continue
+        unit = "ms" if text.startswith("ms", i) else ch
+        if unit not in units or not number:
+            return None
+        total += float(number) * units[unit]
+        number = ""
+        i += len(unit)
+    return total if not number else None
+
+
+@dataclass
+class LimitStats:
+    reserved: int = 0
+    refused_budget: int = 0
+    pauses: int = 0
+    adapted_rpm: float | None = None
+    adapted_tpm: float | None = None
+
+
+class RateLimit:
+    """Send-time reservations under rpm and tpm, pauses on Retry-After, and a budget."""
+
+    def __init__(
+        self,
+        rpm: float,
+        tpm: float,
+        *,
+        burst_s: float = 0.25,
+        headroom: float = DEFAULT_HEADROOM,
+        budget_usd: float | None = None,
+        spent_usd: float = 0.0,
+        clock=time.monotonic,
+    ):
+        self.clock = clock
+        self.headroom = headroom
+        self.burst_s = burst_s
+        self.configured = (float(rpm), float(tpm))
+        self.rpm, self.tpm = rpm * headroom, tpm * headroom
+        now = clock()
+        self.tat_requests = now  # theoretical arrival times (GCRA)
+        self.tat_tokens = now
+        self.paused_until = now
+        self.budget_usd = budget_usd
+        self.spent_usd = spent_usd
+        self.reserved_usd = 0.0
+        self.stats = LimitStats()
+
+    def reserve(self, tokens: int, cost_usd: float = 0.0) -> float:
+        """Seconds the caller must wait before sending; -1 when the budget would be exceeded."""
+        if (
+            self.budget_usd is not None
+            and self.spent_usd + self.reserved_usd + cost_usd > self.budget_usd
+        ):
+            self.stats.refused_budget += 1
+            return -1.0
+        now = self.clock()
+        request_interval = 60.0 / self.rpm
+        token_interval = 60.0 * tokens / self.tpm
+        send = max(
+            now,
+            self.paused_until,
+            self.tat_requests - self.burst_s,
+            self.tat_tokens - self.burst_s,
+        )
+        self.tat_requests = max(self.tat_requests, send) + request_interval
+        self.tat_tokens = max(self.tat_tokens, send) + token_interval
+        self.reserved_usd += cost_usd
+        self.stats.reserved += 1
+        return send - now
+
+    def settle(self, reserved_cost: float, actual_cost: float) -> None:
+        """A request finished (or gave up): replace its estimated cost with the real one."""
+        self.reserved_usd = max(0.0, self.reserved_usd - reserved_cost)
+        self.spent_usd += actual_cost
+
+    def pause(self, seconds: float) -> None:
+        """The provider said Retry-After: nobody sends before then, and the schedule restarts."""
+        until = self.clock() + seconds
+        if until > self.paused_until:
+            self.paused_until = until
+            self.stats.pauses += 1
+        self.tat_requests = max(self.tat_requests, until)
+        self.tat_tokens = max(self.tat_tokens, until)
+
+    def observe(self, headers: dict[str, str]) -> None:
+        """Adapt to ``x-ratelimit-*`` headers: a lower limit than configured, or none left."""
+        for kind, configured in (("requests", self.configured[0]), ("tokens", self.configured[1])):
+            limit = headers.get(f"x-ratelimit-limit-{kind}")
+            if limit and limit.isdigit() and 0 < int(limit) < configured:
+                if kind == "requests":
+                    self.rpm = int(limit) * self.headroom
+                    self.stats.adapted_rpm = self.rpm
+                else:
+                    self.tpm = int(limit) * self.headroom
+                    self.stats.adapted_tpm = self.tpm
+            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+            if remaining == "0":
+                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
+                if reset:
+                    self.pause(reset)
+
+    def snapshot(self) -> dict:
+        return {
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "spent_usd": self.spent_usd,
+            "reserved_usd": self.reserved_usd,
+            "reserved": self.stats.reserved,
+            "refused_budget": self.stats.refused_budget,
+            "pauses": self.stats.pauses,
+            "adapted_rpm": self.stats.adapted_rpm,
+            "adapted_tpm": self.stats.adapted_tpm,
+        }
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class LimiterActor:
+    """The cluster-wide home of one endpoint's ``RateLimit`` (async: calls never queue
+    behind a sleeping caller, because callers sleep on their own side)."""
+
+    def __init__(self, **kwargs):
+        self.limit = RateLimit(**kwargs)
+
+    async def reserve(self, tokens: int, cost_usd: float = 0.0) -> float:
+        return self.limit.reserve(tokens, cost_usd)
+
+    async def report(
+        self,
+        reserved_cost: float,
+        actual_cost: float,
+        headers: dict[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.limit.settle(reserved_cost, actual_cost)
+        if headers:
+            self.limit.observe(headers)
+        if retry_after:
+            self.limit.pause(retry_after)
+
+    async def pause(self, seconds: float) -> None:
+        self.limit.pause(seconds)
+
+    async def snapshot(self) -> dict:
+        return self.limit.snapshot()

@@ -1,0 +1,256 @@
+"""The API engine against the sandbox over real HTTP, on a local Ray cluster."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from openai import AsyncOpenAI
+
+from lion_ray.engines import cache as response_cache
+from lion_ray.engines.api import (
+    BudgetExceeded,
+    ChatCaller,
+    FatalApiError,
+    make_requests,
+    preflight,
+    run_chat_requests,
+)
+from lion_ray.logic import prompts
+from lion_ray.sandbox.server import SandboxProcess, ServerOptions
+from lion_ray.sandbox.tasks import generate_tasks
+
+from ..conftest import ROOT, sandbox_endpoint
+
+
+def _requests(n, seed=0, prefix=""):
+    tasks = generate_tasks(n, seed=seed)
+    reqs = make_requests(
+        [
+            (f"{prefix}{i}", prompts.teacher_messages(t.instruction), None)
+            for i, t in enumerate(tasks)
+        ]
+    )
+    return reqs, tasks
+
+
+class RecordingLimiter:
+    def __init__(self):
+        self.pauses, self.reports = [], 0
+
+    async def reserve(self, tokens, cost):
+        return 0.0
+
+    async def report(self, reserved, actual, headers, retry_after):
+        self.reports += 1
+        if retry_after:
+            self.pauses.append(retry_after)
+
+
+def test_caller_retries_then_marks_failed():
+    with SandboxProcess(ServerOptions(error_rate=1.0)) as sb:
+        ep = sandbox_endpoint(sb, max_retries=2)
+
+        async def go():
+            caller = ChatCaller(
+                ep,
+                AsyncOpenAI(base_url=ep.base_url, api_key="x", max_retries=0),
+                RecordingLimiter(),
+                None,
+                backoff_base_s=0.01,
+            )
+            return await caller.call(prompts.teacher_messages("What is 1 + 1?"), None)
+
+        res = asyncio.run(go())
+        assert res.status == "failed" and res.attempts == 3 and res.text == ""
+        assert res.error.startswith(("500", "503"))
+        assert sb.stats()["rejected"]["server_error"] == 3
+
+
+def test_caller_honours_retry_after():
+    with SandboxProcess(ServerOptions(rpm=60, burst_s=1.0)) as sb:  # one request per second
+        ep = sandbox_endpoint(sb)
+        limiter = RecordingLimiter()
+
+        async def go():
+            caller = ChatCaller(
+                ep, AsyncOpenAI(base_url=ep.base_url, api_key="x", max_retries=0), limiter, None
+            )
+            t = time.perf_counter()
+            a = await caller.call(prompts.teacher_messages("What is 1 + 1?"), None)
+            b = await caller.call(prompts.teacher_messages("What is 2 + 2?"), None)
+            return a, b, time.perf_counter() - t
+
+        a, b, elapsed = asyncio.run(go())
+        assert (a.text, b.text) == ("2", "4") and b.attempts == 2
+        assert limiter.pauses and limiter.pauses[0] > 0.5  # Retry-After reached the limiter
+        assert elapsed >= 0.5
+
+
+def test_one_global_limit_across_actors(ray_local, tmp_path):
+    # three actors, each could alone exceed the server's limit; together they must not
+    with SandboxProcess(ServerOptions(rpm=1200, burst_s=1.0)) as sb:
+        ep = sandbox_endpoint(sb, requests_per_minute=1200, num_actors=3, concurrency=16)
+        reqs, tasks = _requests(160)
+        t = time.perf_counter()
+        res, summary = run_chat_requests(
+            reqs, ep, role="teacher", cache_dir=str(tmp_path / "c"), show_progress=False
+        )
+        assert summary["ok"] == 160 and [r["text"] for r in res.to_pylist()] == [
+            t.answer for t in tasks
+        ]
+        stats = sb.stats()
+        assert stats["rejected_429"] <= 2
+        assert stats["max_accepted_in_window"]["requests"] <= 1200
+        assert time.perf_counter() - t > 160 / 20 * 0.8  # paced near 20/s, not faster
+
+
+def test_limiter_adapts_to_a_lower_provider_limit(ray_local, tmp_path):
+    # configured 10x too high: the 429s' headers teach the limiter the real limit
+    with SandboxProcess(ServerOptions(rpm=300, burst_s=1.0)) as sb:
+        ep = sandbox_endpoint(sb, requests_per_minute=3000, num_actors=2, concurrency=8)
+        reqs, _ = _requests(40)
+        res, summary = run_chat_requests(
+            reqs, ep, role="teacher", cache_dir=str(tmp_path / "c"), show_progress=False
+        )
+        assert summary["ok"] == 40
+        assert sb.stats()["rejected_429"] < 40
+
+
+def test_failed_rows_are_kept_and_marked(ray_local, tmp_path):
+    with SandboxProcess(ServerOptions(error_rate=1.0)) as sb:
+        ep = sandbox_endpoint(sb, max_retries=1)
+        reqs, _ = _requests(12)
+        res, summary = run_chat_requests(
+            reqs, ep, role="teacher", cache_dir=str(tmp_path / "c"), show_progress=False
+        )
+        rows = res.to_pylist()
+        assert len(rows) == 12 and summary["failed"] == 12
+        assert all(r["status"] == "failed" and r["text"] == "" and r["attempts"] == 2 for r in rows)
+        assert response_cache.load(str(tmp_path / "c")) == {}  # failures are never cached
+
+
+def test_cache_makes_reruns_free_and_identical(ray_local, tmp_path, sandbox):
+    ep = sandbox_endpoint(sandbox)
+    reqs, _ = _requests(30, seed=11, prefix="c")
+    before = sandbox.stats()["served"]
+    first, s1 = run_chat_requests(
+        reqs, ep, role="teacher", cache_dir=str(tmp_path / "c"), show_progress=False
+    )
+    second, s2 = run_chat_requests(
+        reqs, ep, role="teacher", cache_dir=str(tmp_path / "c"), show_progress=False
+    )
+    assert sandbox.stats()["served"] - before == 30
+    assert s2["cached"] == 30 and s2["requests"] == 0
+    assert first.column("text").to_pylist() == second.column("text").to_pylist()
+
+
+def test_budget_cap_stops_cleanly_and_rerun_continues(ray_local, tmp_path):
+    with SandboxProcess(ServerOptions()) as sb:
+        # each request's worst case ~ (prompt + 64 tokens) at $1/1K: a $0.9 cap allows ~10
+        ep = sandbox_endpoint(
+            sb, price_per_1k_input=1.0, price_per_1k_output=1.0, budget_usd=0.9, concurrency=2
+        )
+        reqs, _ = _requests(40, seed=12)
+        cache_dir = str(tmp_path / "c")
+        with pytest.raises(BudgetExceeded, match=r"budget_usd \$0.9 reached after \d+ of 40 rows"):
+            run_chat_requests(reqs, ep, role="teacher", cache_dir=cache_dir, show_progress=False)
+        paid = sb.stats()["served"]
+        assert 0 < paid < 40
+        spent = sum(e["cost_usd"] for e in response_cache.load(cache_dir).values())
+        assert spent <= 0.9
+        unlimited = ep.model_copy(update={"budget_usd": None})
+        res, summary = run_chat_requests(
+            reqs, unlimited, role="teacher", cache_dir=cache_dir, show_progress=False
+        )
+        assert summary["ok"] == 40 and summary["cached"] == paid
+        assert sb.stats()["served"] == 40  # nothing paid twice
+
+
+def test_fatal_errors_stop_at_once(sandbox, monkeypatch):
+    ep = sandbox_endpoint(sandbox, api_key_env="LION_TEST_MISSING_KEY")
+    monkeypatch.delenv("LION_TEST_MISSING_KEY", raising=False)
+    with pytest.raises(FatalApiError, match="LION_TEST_MISSING_KEY is not set"):
+        preflight(ep, "teacher")
+    t = time.perf_counter()
+    with pytest.raises(FatalApiError, match=r"cannot reach http://127.0.0.1:9/v1"):
+        preflight(sandbox_endpoint(sandbox, base_url="http://127.0.0.1:9/v1"), "teacher")
+    assert time.perf_counter() - t < 15
+    monkeypatch.setenv("LION_TEST_KEY", "right")
+    with SandboxProcess(ServerOptions(api_key_env="LION_TEST_KEY")) as sb:
+        monkeypatch.setenv("LION_TEST_KEY", "wrong")
+        with pytest.raises(
+            FatalApiError, match=r"rejected the API key from \$LION_TEST_KEY \(401\)"
+        ) as err:
+            preflight(sandbox_endpoint(sb, api_key_env="LION_TEST_KEY"), "teacher")
+        assert "wrong" not in str(err.value) and "right" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage_then_rerun_pays_only_the_window(tmp_path):
+    """A subprocess `lion-ray answer` killed with SIGKILL mid-stage, then rerun."""
+    from lion_ray import storage
+    from lion_ray.logic.pools import load_pool_bytes
+
+    n = 240
+    pool_path = tmp_path / "pool.jsonl"
+    pool_path.write_text(
+        "".join(json.dumps(t.as_record()) + "\n" for t in generate_tasks(n, seed=21))
+    )
+    with SandboxProcess(ServerOptions(latency_ms=50)) as sb:
+        cmd = [
+            sys.executable,
+            "-m",
+            "lion_ray",
+            "answer",
+            "--role",
+            "teacher",
+            "--config",
+            "configs/demo.yaml",
+            "--input",
+            str(pool_path),
+            "--output",
+            str(tmp_path / "out.parquet"),
+            "--set",
+            f"teacher.base_url={sb.base_url}",
+            "--set",
+            f"storage.run_dir={tmp_path / 'run'}",
+            "--set",
+            "teacher.requests_per_minute=900",
+            "--set",
+            "teacher.concurrency=8",
+        ]
+        env = {**os.environ, "RAY_ADDRESS": ""}
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        cache_dir = tmp_path / "run" / "cache" / "teacher"
+        deadline = time.time() + 120
+        while time.time() < deadline and sb.stats()["served"] < n // 3:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-stage
+        proc.wait()
+        time.sleep(2)  # let anything still in flight land
+        paid_before = sb.stats()["served"]
+        cached = len(response_cache.load(str(cache_dir)))
+        assert n // 3 <= paid_before < n and 0 < cached <= paid_before
+        rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        out = pq.read_table(tmp_path / "out.parquet").to_pylist()
+        assert len(out) == n and all(r["status"] == "ok" for r in out)
+        pool, _ = load_pool_bytes(pool_path.read_bytes(), str(pool_path))
+        assert [r["id"] for r in out] == pool.column("id").to_pylist()
+        paid_twice = sb.stats()["served"] - n
+        # only the responses of the last flush window (1 s) and those in flight were lost
+        assert 0 <= paid_twice <= 900 / 60 * 3 + 2 * 8
+        assert storage.exists(str(tmp_path / "out.parquet"))
