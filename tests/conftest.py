@@ -71,3 +71,49 @@ def sandbox_endpoint(server, **overrides):
         "tokens_per_minute": 10_000_000,
     }
     return EndpointConfig(**(fields | overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory):
+    """A freshly initialised tiny student (random weights) in Hugging Face format."""
+    from lion_ray.config import TinyStudentConfig
+    from lion_ray.student import init_student
+
+    out = tmp_path_factory.mktemp("students") / "tiny"
+    init_student(
+        str(out),
+        TinyStudentConfig(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=1,
+            intermediate_size=128,
+            max_position_embeddings=256,
+        ),
+    )
+    return out
+
+
+MEMORIZED = [("Reverse 'kato'.", "otak"), ("What is 17 + 25?", "42"), ("Uppercase 'mixo'.", "MIXO")]
+
+
+@pytest.fixture(scope="session")
+def taught_student(tmp_path_factory):
+    """A tiny student that answers MEMORIZED exactly and then stops (EOS)."""
+    from lion_ray.config import TinyStudentConfig
+    from lion_ray.student import init_student
+
+    from .helpers import memorize
+
+    out = tmp_path_factory.mktemp("students") / "taught"
+    init_student(
+        str(out),
+        TinyStudentConfig(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=1,
+            intermediate_size=128,
+            max_position_embeddings=256,
+        ),
+    )
+    memorize(out, MEMORIZED)
+    return out

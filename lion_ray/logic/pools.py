@@ -35,6 +35,23 @@ POOL_SCHEMA = pa.schema(
 )
 KINDS = ("seed", "hard", "easy")
 
+# One answer per pool row, from the teacher (API) or the student (inference).
+ANSWER_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("instruction", pa.string()),
+        ("input", pa.string()),
+        ("answer", pa.string()),
+        ("status", pa.string()),  # ok | failed (failed rows are kept, never given invented text)
+        ("error", pa.string()),
+        ("finish_reason", pa.string()),  # stop | length
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("cost_usd", pa.float64()),
+        ("cached", pa.bool_()),
+    ]
+)
+
 
 class PoolFormatError(LionError, ValueError):
     """Input that cannot be read as a pool; the message names the file and line or record."""

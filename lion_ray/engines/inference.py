@@ -1,0 +1,341 @@
+"""Student answers: batched inference over a pool on Ray Data.
+
+Two backends behind one function, :func:`student_answers`, chosen by ``student.backend``:
+
+* ``hf``: ``HFGenerator`` (plain class) runs batched ``generate`` with left padding on CPU
+  or GPU; ``HFPredictor`` is the thin Ray Data actor around it.
+* ``vllm``: ``ray.data.llm``'s vLLM engine processor, one engine per ``num_engines`` with
+  ``tensor_parallel_size`` GPUs each.
+
+Both build the prompt with exactly the training template and decode only the new tokens
+(the original cut answers out of the decoded text at a marker that answers can contain).
+Every row comes back: ``ok`` or ``failed`` with the error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+import warnings
+
+import pyarrow as pa
+
+from lion_ray import storage
+from lion_ray.config import StudentConfig
+from lion_ray.logic.pools import ANSWER_SCHEMA
+from lion_ray.logic.prompts import build_prompt
+
+INPUT_SCHEMA = pa.schema(
+    [("id", pa.string()), ("instruction", pa.string()), ("input", pa.string())]
+)
+
+
+def local_model_dir(model_uri: str) -> str:
+    """A local directory holding the model (downloaded once per process from a remote URI)."""
+    if storage.is_local(model_uri):
+        path = storage.resolve(model_uri)[1]
+        if not os.path.exists(os.path.join(path, "config.json")):
+            from lion_ray.errors import LionError
+
+            raise LionError(f"{model_uri}: not a Hugging Face model directory (no config.json)")
+        return path
+    target = os.path.join(
+        tempfile.gettempdir(),
+        "lion-ray-models",
+        hashlib.sha256(model_uri.encode()).hexdigest()[:16],
+    )
+    if not os.path.exists(os.path.join(target, "config.json")):
+        storage.download_dir(model_uri, target)
+    return target
+
+
+class HFGenerator:
+    """Batched transformers generation with the training template.
+
+    Prompts are sorted by length before batching (less padding), left-padded, and only
+    the generated tokens are decoded. ``finish_reason`` is ``stop`` when EOS was produced.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        template: str = "alpaca",
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        batch_size: int = 32,
+        device: str | None = None,
+        seed: int = 0,
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        self.tokenizer.truncation_side = "left"  # keep the response marker at the end
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        )
+        self.template = template
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.batch_size = batch_size
+        self.seed = seed
+        limit = getattr(self.model.config, "max_position_embeddings", 2048)
+        self.max_prompt_tokens = max(8, limit - max_new_tokens)
+
+    def prompt(self, instruction: str, input_text: str) -> str:
+        return build_prompt(instruction, input_text, self.template)
+
+    def generate(self, items: list[tuple[str, str]]) -> list[dict]:
+        """One result per (instruction, input): answer, finish_reason, token counts."""
+        prompts = [self.prompt(i, x) for i, x in items]
+        encoded = [
+            self.tokenizer(p, add_special_tokens=False).input_ids[-self.max_prompt_tokens :]
+            for p in prompts
+        ]
+        order = sorted(range(len(prompts)), key=lambda k: len(encoded[k]))
+        results: list[dict | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            for k, res in zip(idx, self._generate_batch([encoded[k] for k in idx]), strict=True):
+                results[k] = res
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, batch_ids: list[list[int]]) -> list[dict]:
+        torch = self.torch
+        tok = self.tokenizer
+        width = max(len(x) for x in batch_ids)
+        input_ids = torch.full((len(batch_ids), width), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for row, ids in enumerate(batch_ids):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        sample = self.temperature > 0
+        if sample:  # reproducible per batch content, whatever the batch order
+            torch.manual_seed(
+                self.seed + int(hashlib.sha256(repr(batch_ids).encode()).hexdigest()[:8], 16)
+            )
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=sample,
+                temperature=self.temperature if sample else None,
+                top_p=self.top_p if sample else None,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        new_tokens = out[:, width:].tolist()
+        results = []
+        for ids, gen in zip(batch_ids, new_tokens, strict=True):
+            if tok.eos_token_id in gen:
+                gen = gen[: gen.index(tok.eos_token_id) + 1]
+                finish = "stop"
+            else:
+                finish = "length"
+            text = tok.decode(gen, skip_special_tokens=True)
+            results.append(
+                {
+                    "answer": text.strip(),
+                    "finish_reason": finish,
+                    "prompt_tokens": len(ids),
+                    "completion_tokens": len(gen),
+                }
+            )
+        return results
+
+
+class HFPredictor:
+    """Ray Data actor: loads the student once, answers batches; a failing batch is retried,
+    then its rows are marked failed (never dropped)."""
+
+    max_batch_retries = 2
+
+    def __init__(self, model_uri: str, student: dict):
+        cfg = StudentConfig.model_validate(student)
+        self.generator = HFGenerator(
+            local_model_dir(model_uri),
+            template=cfg.prompt_template,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        error = ""
+        for _ in range(self.max_batch_retries + 1):
+            try:
+                outs = self.generator.generate([(r["instruction"], r["input"]) for r in rows])
+                return _answers_table(rows, outs)
+            except Exception as exc:  # a bad batch must not take the stage down
+                error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        return _answers_table(rows, [None] * len(rows), error)
+
+
+def _answers_table(rows: list[dict], outs: list[dict | None], error: str = "") -> pa.Table:
+    table = []
+    for r, o in zip(rows, outs, strict=True):
+        table.append(
+            {
+                "id": r["id"],
+                "instruction": r["instruction"],
+                "input": r["input"],
+                "answer": o["answer"] if o else "",
+                "status": "ok" if o else "failed",
+                "error": "" if o else error,
+                "finish_reason": o["finish_reason"] if o else "",
+                "prompt_tokens": o["prompt_tokens"] if o else 0,
+                "completion_tokens": o["completion_tokens"] if o else 0,
+                "cost_usd": 0.0,
+                "cached": False,
+            }
+        )
+    return pa.Table.from_pylist(table, schema=ANSWER_SCHEMA)
+
+
+def _vllm_dataset(ds, cfg: StudentConfig, model_uri: str):
+    """The pool through ray.data.llm's vLLM processor, mapped back to the answers schema."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    engine_kwargs = {"tensor_parallel_size": cfg.tensor_parallel_size, **cfg.engine_kwargs}
+    config = vLLMEngineProcessorConfig(
+        model_source=model_uri,
+        engine_kwargs=engine_kwargs,
+        concurrency=cfg.num_engines,
+        batch_size=cfg.batch_size,
+        chat_template_stage=False,  # the student's own template, exactly as in training
+        tokenize_stage=False,
+        detokenize_stage=False,
+        should_continue_on_error=True,
+    )
+    template, max_tokens = cfg.prompt_template, cfg.max_new_tokens
+    sampling = {
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "max_tokens": max_tokens,
+        "seed": cfg.seed,
+    }
+
+    def pre(row: dict) -> dict:
+        return {
+            **row,
+            "prompt": build_prompt(row["instruction"], row["input"], template),
+            "sampling_params": sampling,
+        }
+
+    def post(row: dict) -> dict:
+        error = str(row.get("__inference_error__") or "")
+        n = int(row.get("num_generated_tokens") or 0)
+        return {
+            "id": row["id"],
+            "instruction": row["instruction"],
+            "input": row["input"],
+            "answer": "" if error else (row.get("generated_text") or "").strip(),
+            "status": "failed" if error else "ok",
+            "error": error[:300],
+            "finish_reason": "" if error else ("length" if n >= max_tokens else "stop"),
+            "prompt_tokens": int(row.get("num_input_tokens") or 0),
+            "completion_tokens": n,
+            "cost_usd": 0.0,
+            "cached": False,
+        }
+
+    return build_processor(config, preprocess=pre, postprocess=post)(ds)
+
+
+# A dead actor is restarted and its rows redone, a bounded number of times, then the stage
+# fails loudly (Ray Data's default retries forever: a batch that kills its actor every time
+# would hang the run).
+BOUNDED_RESTARTS = {"max_restarts": 3, "max_task_retries": 3}
+
+
+def student_answers(
+    pool: pa.Table,
+    student: StudentConfig,
+    *,
+    model_uri: str | None = None,
+    label: str = "student answers",
+    show_progress: bool = True,
+    predictor_cls: type = HFPredictor,
+) -> tuple[pa.Table, dict]:
+    """One student answer per pool row, in pool order."""
+    import ray
+
+    from lion_ray.engines.cluster import data_context_quiet
+    from lion_ray.progress import StageProgress
+
+    model_uri = model_uri or student.model_path
+    if not model_uri:
+        from lion_ray.errors import LionError
+
+        raise LionError("no student model: set student.model_path or pass --model DIR")
+    rows = pool.select(INPUT_SCHEMA.names).cast(INPUT_SCHEMA).to_pylist()
+    if student.backend == "hf":
+        local_model_dir(model_uri)  # fail here, with the path, rather than inside an actor
+    per_block = student.batch_size
+    chunks = [
+        pa.Table.from_pylist(rows[i : i + per_block], schema=INPUT_SCHEMA)
+        for i in range(0, len(rows), per_block)
+    ]
+    data_context_quiet()
+    results: dict[str, dict] = {}
+    started = time.monotonic()
+    with StageProgress(label, total=len(rows), enabled=show_progress, unit="rows") as bar:
+        if rows:
+            ds = ray.data.from_arrow(chunks)
+            if student.backend == "vllm":
+                ds = _vllm_dataset(ds, student, model_uri)
+            else:
+                with warnings.catch_warnings():
+                    # Ray 2.60 deprecates remote args on map_batches (removal in 2.64, and we
+                    # pin <2.61) without offering another way to bound actor restarts.
+                    warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                    ds = ds.map_batches(
+                        predictor_cls,
+                        batch_format="pyarrow",
+                        batch_size=None,
+                        fn_constructor_kwargs={
+                            "model_uri": model_uri,
+                            "student": student.model_dump(),
+                        },
+                        compute=ray.data.ActorPoolStrategy(size=student.num_engines),
+                        num_cpus=student.cpus_per_engine,
+                        num_gpus=student.gpus_per_engine or None,
+                        **BOUNDED_RESTARTS,
+                    )
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for row in batch.to_pylist():
+                    results[row["id"]] = row
+                    bar.advance(1, failed=row["status"] == "failed")
+    missing = [r["id"] for r in rows if r["id"] not in results]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} rows came back from inference without an answer: {missing[:5]}"
+        )
+    table = pa.Table.from_pylist([results[r["id"]] for r in rows], schema=ANSWER_SCHEMA)
+    elapsed = time.monotonic() - started
+    completion = sum(table.column("completion_tokens").to_pylist())
+    summary = {
+        "rows": len(rows),
+        "ok": sum(s == "ok" for s in table.column("status").to_pylist()),
+        "failed": sum(s == "failed" for s in table.column("status").to_pylist()),
+        "completion_tokens": completion,
+        "wall_s": round(elapsed, 2),
+        "tokens_per_s": round(completion / elapsed, 1) if elapsed else 0.0,
+        "backend": student.backend,
+    }
+    return table, summary
