@@ -388,6 +388,129 @@ def _answer(cfg, role: str | None, kind: str, input_uri: str):
         )
 
 
+@app.command("discriminate")
+def discriminate_cmd(
+    pool: Annotated[str, typer.Option(help="Cache Pool the answers belong to.")],
+    teacher: Annotated[
+        str, typer.Option(help="Teacher answers (Parquet from `answer --role teacher`).")
+    ],
+    student: Annotated[str, typer.Option(help="Student answers (Parquet from `answer --model`).")],
+    out: Annotated[str, typer.Option("--out", help="Judged rows (Parquet).")],
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Run config (referee, loop.tau).")
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Judge every (teacher, student) pair in both orders and split hard from easy."""
+    from lion_ray import storage
+    from lion_ray.discrimination import judge, pair_answers
+    from lion_ray.session import Session
+
+    with user_errors():
+        cfg = _load(config, set_)
+        pairs = pair_answers(_read_pool(pool), _read_table(teacher), _read_table(student))
+        with Session(cfg) as session:
+            judged, info = judge(
+                pairs,
+                session.endpoint("referee"),
+                cache_dir=session.run.cache_dir("referee"),
+                tau=cfg.loop.tau,
+                max_reasks=cfg.loop.referee_max_reasks,
+                spent_usd=session.spent_usd("referee"),
+            )
+        storage.write_parquet(out, judged)
+    console.print(f"wrote {judged.num_rows} judged rows -> {out}")
+    console.print_json(json.dumps(info))
+
+
+@app.command("generate")
+def generate_cmd(
+    judged: Annotated[str, typer.Option(help="Judged rows (from `discriminate`).")],
+    pool: Annotated[str, typer.Option(help="Cache Pool to deduplicate against.")],
+    out: Annotated[str, typer.Option("--out", help="New instructions (pool Parquet).")],
+    round_no: Annotated[
+        int, typer.Option("--round", min=1, help="Round number recorded as provenance.")
+    ] = 1,
+    candidates: Annotated[
+        str | None, typer.Option(help="Also write every candidate with its fate.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Run config (generator, loop targets).")
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Write new instructions from the hard and easy ones: filtered and ROUGE-L deduplicated."""
+    from lion_ray import storage
+    from lion_ray.generation import generate
+    from lion_ray.session import Session
+
+    with user_errors():
+        cfg = _load(config, set_)
+        with Session(cfg) as session:
+            new, cands, info = generate(
+                _read_table(judged),
+                _read_pool(pool),
+                cfg.loop,
+                session.endpoint("generator"),
+                round_no=round_no,
+                cache_dir=session.run.cache_dir("generator"),
+                spent_usd=session.spent_usd("generator"),
+            )
+        storage.write_parquet(out, new)
+        if candidates:
+            storage.write_parquet(candidates, cands)
+    console.print(f"wrote {new.num_rows} new instructions -> {out}")
+    console.print_json(json.dumps(info))
+
+
+@app.command("dedup")
+def dedup_cmd(
+    pool: Annotated[str, typer.Option(help="Reference pool (any pool format).")],
+    candidates: Annotated[
+        str, typer.Option(help="Candidate instructions (any pool format), in order.")
+    ],
+    out: Annotated[str, typer.Option("--out", help="Accepted candidates (pool Parquet).")],
+    threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Reject when ROUGE-L F is above this.")
+    ] = 0.7,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Ray workers for the pool check (0: in process).")
+    ] = 0,
+) -> None:
+    """Drop candidates whose ROUGE-L F against the pool or an earlier accepted candidate is above
+    the threshold: the same decisions as rouge-score over all pairs, much faster."""
+    import time
+
+    from lion_ray import storage
+    from lion_ray.engines.dedup import offer_all
+    from lion_ray.logic.dedup import Deduper
+
+    with user_errors():
+        ref, cands = _read_pool(pool), _read_pool(candidates)
+        if workers > 1:
+            from lion_ray.engines.cluster import init_ray
+
+            init_ray(quiet=True)
+        t = time.perf_counter()
+        keep = offer_all(
+            Deduper(ref.column("instruction").to_pylist(), threshold),
+            cands.column("instruction").to_pylist(),
+            workers,
+        )
+        elapsed = time.perf_counter() - t
+        storage.write_parquet(out, cands.filter(pa_mask(keep)))
+    console.print(
+        f"kept {sum(keep)} of {len(keep)} candidates ({len(keep) - sum(keep)} too similar, ROUGE-L F > "
+        f"{threshold}) against {ref.num_rows} pool instructions in {elapsed:.2f}s -> {out}"
+    )
+
+
+def pa_mask(values: list[bool]):
+    import pyarrow as pa
+
+    return pa.array(values, type=pa.bool_())
+
+
 def _read_table(uri: str):
     import pyarrow.parquet as pq
 

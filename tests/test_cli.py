@@ -1,7 +1,10 @@
 """The console script, run as a user runs it."""
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from .conftest import ROOT
 
@@ -60,3 +63,90 @@ def test_sandbox_tasks_deterministic(tmp_path):
 
     rows = [json.loads(x) for x in a.read_text().splitlines()]
     assert len(rows) == 50 and {"instruction", "output", "family", "difficulty"} <= set(rows[0])
+
+
+def test_dedup_command(tmp_path, seed_tasks_path):
+    import json
+
+    lines = [json.loads(x) for x in seed_tasks_path.read_text().splitlines()]
+    cands = tmp_path / "cands.jsonl"
+    new = [{"instruction": "Compose a limerick about a cat who learns to code in Rust."}]
+    cands.write_text(
+        "".join(json.dumps({"instruction": r["instruction"]}) + "\n" for r in lines[:5] + new)
+    )
+    out = tmp_path / "kept.parquet"
+    res = lion(
+        "dedup", "--pool", str(seed_tasks_path), "--candidates", str(cands), "--out", str(out)
+    )
+    assert res.returncode == 0, res.stderr
+    assert "kept 1 of 6 candidates" in res.stdout
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out).column("instruction").to_pylist() == [new[0]["instruction"]]
+
+
+@pytest.mark.slow
+def test_cli_chain_teacher_student_discriminate_generate(tmp_path, taught_student):
+    """One round's API stages by hand, as a user would run them from the shell."""
+    import pyarrow.parquet as pq
+
+    pool = tmp_path / "pool.jsonl"
+    res = lion(
+        "sandbox", "tasks", "--n", "40", "--seed", "4", "--max-difficulty", "2", "--out", str(pool)
+    )
+    assert res.returncode == 0
+    common = ["--config", "configs/demo.yaml", "--set", f"storage.run_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    steps = [
+        [
+            "answer",
+            "--role",
+            "teacher",
+            "--input",
+            str(pool),
+            "--output",
+            str(tmp_path / "t.parquet"),
+        ],
+        [
+            "answer",
+            "--model",
+            str(taught_student),
+            "--input",
+            str(pool),
+            "--output",
+            str(tmp_path / "s.parquet"),
+        ],
+        [
+            "discriminate",
+            "--pool",
+            str(pool),
+            "--teacher",
+            str(tmp_path / "t.parquet"),
+            "--student",
+            str(tmp_path / "s.parquet"),
+            "--out",
+            str(tmp_path / "j.parquet"),
+        ],
+        [
+            "generate",
+            "--judged",
+            str(tmp_path / "j.parquet"),
+            "--pool",
+            str(pool),
+            "--out",
+            str(tmp_path / "new.parquet"),
+            "--set",
+            "loop.hard_per_round=10",
+            "--set",
+            "loop.easy_per_round=0",
+        ],
+    ]
+    for step in steps:
+        res = lion(*step, *common, env=env, timeout=300)
+        assert res.returncode == 0, (step, res.stderr[-2000:])
+    judged = pq.read_table(tmp_path / "j.parquet").to_pylist()
+    assert len(judged) == 40 and all(r["status"] == "ok" for r in judged)
+    assert (
+        sum(r["label"] == "hard" for r in judged) >= 30
+    )  # the taught student knows 3 tasks at most
+    assert pq.read_table(tmp_path / "new.parquet").num_rows == 10

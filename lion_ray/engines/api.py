@@ -349,6 +349,20 @@ def summarize(results: pa.Table, endpoint: EndpointConfig) -> dict:
     }
 
 
+def merge_summaries(*summaries: dict) -> dict:
+    """API accounting of several engine runs added up."""
+    total: dict = {}
+    for s in summaries:
+        for k, v in s.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+            else:
+                total.setdefault(k, v)
+    if "cost_usd" in total:
+        total["cost_usd"] = round(total["cost_usd"], 6)
+    return total
+
+
 def _from_cache(entry: dict) -> dict:
     return {
         "text": entry["text"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import ray
 
@@ -40,6 +41,9 @@ def init_ray(cluster: ClusterConfig | None = None, *, quiet: bool = False) -> st
 
 def data_context_quiet() -> None:
     """lion-ray draws its own progress bars; Ray Data's would interleave with them."""
+    # Small waves (a few re-asks, the last generator wave) have fewer blocks than actors;
+    # Ray Data warns about the idle actors, which is expected and harmless here.
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

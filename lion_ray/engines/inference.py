@@ -312,7 +312,9 @@ def student_answers(
                             "model_uri": model_uri,
                             "student": student.model_dump(),
                         },
-                        compute=ray.data.ActorPoolStrategy(size=student.num_engines),
+                        compute=ray.data.ActorPoolStrategy(
+                            size=min(student.num_engines, len(chunks))
+                        ),
                         num_cpus=student.cpus_per_engine,
                         num_gpus=student.gpus_per_engine or None,
                         **BOUNDED_RESTARTS,

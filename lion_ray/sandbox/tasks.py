@@ -124,7 +124,7 @@ FAMILIES: tuple[Family, ...] = (
         "uppercase",
         3.0,
         "text",
-        ("Uppercase '{w}'.", "All caps: '{w}'", "'{w}' in uppercase?"),
+        ("Uppercase '{w}'.", "All caps: '{w}'", "In uppercase: '{w}'"),
         lambda rng, d: {"w": _word(rng, d + 2)},
         lambda p: p["w"].upper(),
         lambda p: _clamp(len(p["w"]) - 2),

@@ -1,0 +1,189 @@
+"""Stage 2 of a Lion round, discrimination: teacher and student both answer every Cache Pool
+instruction, the referee scores each pair in both orders, and the instruction is labelled
+hard (``teacher - student >= tau``) or easy.
+
+A review whose score lines cannot be read is asked again (with a new ``seed``, so the cache
+does not hand back the same text) up to ``max_reasks`` times; rows still unreadable are
+``unparsed``, left out of the split and counted. Rows whose teacher or student answer
+failed are ``failed``. Nothing is ever scored -1.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from lion_ray.config import EndpointConfig
+from lion_ray.logic.prompts import referee_messages
+from lion_ray.logic.referee import UnparseableReview, parse_scores, split_metrics, verdict
+
+JUDGED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("instruction", pa.string()),
+        ("input", pa.string()),
+        ("teacher_answer", pa.string()),
+        ("student_answer", pa.string()),
+        ("review_a", pa.string()),  # order A: the teacher's answer shown first
+        ("review_b", pa.string()),  # order B: the student's answer shown first
+        ("a_teacher", pa.float64()),
+        ("a_student", pa.float64()),
+        ("b_student", pa.float64()),
+        ("b_teacher", pa.float64()),
+        ("teacher_score", pa.float64()),
+        ("student_score", pa.float64()),
+        ("gap", pa.float64()),
+        ("label", pa.string()),  # hard | easy | null when not judged
+        ("status", pa.string()),  # ok | unparsed | failed
+        ("consistent", pa.bool_()),
+        ("referee_calls", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
+ORDERS = ("a", "b")
+
+
+def judge(
+    table: pa.Table,
+    endpoint: EndpointConfig,
+    *,
+    cache_dir: str,
+    tau: float = 1.0,
+    max_reasks: int = 2,
+    spent_usd: float = 0.0,
+    show_progress: bool = True,
+) -> tuple[pa.Table, dict]:
+    """Judge (teacher_answer, student_answer) pairs in both orders; returns rows + metrics.
+
+    ``table`` needs id, instruction, input, teacher_answer, student_answer; an optional
+    ``upstream_error`` column marks rows whose answers failed (judged ``failed``).
+    """
+    from lion_ray.engines.api import make_requests, merge_summaries, run_chat_requests
+
+    rows = table.to_pylist()
+    if (
+        "id" not in table.column_names
+    ):  # e.g. a hand-made table for `lion-ray answer --role referee`
+        for i, r in enumerate(rows):
+            r["id"] = str(i)
+    for r in rows:
+        r.setdefault("teacher_answer", r.get("answer_1", ""))
+        r.setdefault("student_answer", r.get("answer_2", ""))
+        r.setdefault("input", "")
+    state = {
+        r["id"]: {"scores": {}, "reviews": {}, "calls": 0, "error": r.get("upstream_error") or ""}
+        for r in rows
+    }
+    pending = [(r, order) for r in rows if not state[r["id"]]["error"] for order in ORDERS]
+    summaries = []
+    for attempt in range(max_reasks + 1):
+        if not pending:
+            break
+        requests = []
+        for r, order in pending:
+            first, second = (
+                (r["teacher_answer"], r["student_answer"])
+                if order == "a"
+                else (r["student_answer"], r["teacher_answer"])
+            )
+            requests.append(
+                (
+                    f"{r['id']}:{order}",
+                    referee_messages(r["instruction"], r["input"], first, second),
+                    attempt or None,
+                )
+            )
+        label = "referee" if attempt == 0 else f"referee re-ask {attempt}"
+        results, summary = run_chat_requests(
+            make_requests(requests),
+            endpoint,
+            role="referee",
+            cache_dir=cache_dir,
+            spent_usd=spent_usd + sum(s["cost_usd"] for s in summaries),
+            progress_label=label,
+            show_progress=show_progress,
+        )
+        summaries.append(summary)
+        by_request = {x["request_id"]: x for x in results.to_pylist()}
+        still = []
+        for r, order in pending:
+            res = by_request[f"{r['id']}:{order}"]
+            st = state[r["id"]]
+            st["calls"] += 1
+            st["reviews"][order] = res["text"]
+            if res["status"] != "ok":
+                st["error"] = f"referee call failed: {res['error']}"
+                continue
+            try:
+                st["scores"][order] = parse_scores(res["text"])
+            except UnparseableReview as exc:
+                st["parse_error"] = str(exc)
+                still.append((r, order))
+        pending = still
+
+    out, verdicts = [], []
+    for r in rows:
+        st = state[r["id"]]
+        a, b = st["scores"].get("a"), st["scores"].get("b")
+        status = "failed" if st["error"] else "ok" if a and b else "unparsed"
+        v = verdict(a, b, tau, status=status)
+        verdicts.append(v)
+        out.append(
+            {
+                "id": r["id"],
+                "instruction": r["instruction"],
+                "input": r["input"],
+                "teacher_answer": r["teacher_answer"],
+                "student_answer": r["student_answer"],
+                "review_a": st["reviews"].get("a", ""),
+                "review_b": st["reviews"].get("b", ""),
+                "a_teacher": a[0] if a else None,
+                "a_student": a[1] if a else None,
+                "b_student": b[0] if b else None,
+                "b_teacher": b[1] if b else None,
+                "teacher_score": v.teacher_score,
+                "student_score": v.student_score,
+                "gap": v.gap,
+                "label": v.label,
+                "status": v.status,
+                "consistent": v.consistent,
+                "referee_calls": st["calls"],
+                "error": st["error"]
+                or (st.get("parse_error", "") if v.status == "unparsed" else ""),
+            }
+        )
+    metrics = split_metrics(verdicts) | {
+        "referee_reasks": sum(max(0, s["calls"] - 2) for s in state.values())
+    }
+    return pa.Table.from_pylist(out, schema=JUDGED_SCHEMA), {
+        "metrics": metrics,
+        "api": merge_summaries(*summaries),
+    }
+
+
+def pair_answers(pool: pa.Table, teacher: pa.Table, student: pa.Table) -> pa.Table:
+    """Pool rows with both answers, and why a row cannot be judged when an answer failed."""
+    t = {r["id"]: r for r in teacher.to_pylist()}
+    s = {r["id"]: r for r in student.to_pylist()}
+    rows = []
+    for r in pool.to_pylist():
+        ta, sa = t.get(r["id"]), s.get(r["id"])
+        problems = []
+        if ta is None or ta["status"] != "ok":
+            problems.append(
+                f"teacher answer {'missing' if ta is None else 'failed: ' + ta['error']}"
+            )
+        if sa is None or sa["status"] != "ok":
+            problems.append(
+                f"student answer {'missing' if sa is None else 'failed: ' + sa['error']}"
+            )
+        rows.append(
+            {
+                "id": r["id"],
+                "instruction": r["instruction"],
+                "input": r["input"],
+                "teacher_answer": ta["answer"] if ta else "",
+                "student_answer": sa["answer"] if sa else "",
+                "upstream_error": "; ".join(problems),
+            }
+        )
+    return pa.Table.from_pylist(rows)

@@ -1,0 +1,202 @@
+"""Stage 3 of a Lion round, generation: new instructions from the hard ones (same domain,
+task type, length and difficulty) and from the easy ones (same domain, rarer).
+
+Parents are drawn in a seeded order and cycled with a new ``seed`` each time round, so
+every call is a distinct request (the cache would otherwise return the same text). Calls
+go out in waves until the target is met or the attempt budget (``factor x target``) is
+spent. Each candidate passes the filters (empty, cut off, too short, leading punctuation)
+and then the ROUGE-L dedup against the Cache Pool and every candidate accepted before it,
+in attempt order, so the result does not depend on which response arrived first.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+import pyarrow as pa
+
+from lion_ray.config import EndpointConfig, LoopConfig
+from lion_ray.engines.api import merge_summaries
+from lion_ray.logic.dedup import Deduper
+from lion_ray.logic.filters import rejection_reason
+from lion_ray.logic.pools import POOL_SCHEMA, build_pool, instruction_id, make_row
+from lion_ray.logic.prompts import clean_generated_instruction, generator_messages
+
+CANDIDATE_SCHEMA = pa.schema(
+    [
+        ("attempt", pa.int32()),
+        ("kind", pa.string()),
+        ("parent_id", pa.string()),
+        ("parent_instruction", pa.string()),
+        ("seed", pa.int64()),
+        ("instruction", pa.string()),
+        ("finish_reason", pa.string()),
+        ("accepted", pa.bool_()),
+        (
+            "reason",
+            pa.string(),
+        ),  # why not accepted: api_failed, a filter, similar, surplus; "" if accepted
+    ]
+)
+
+
+def ask_generator(
+    parents: pa.Table,
+    kind: str,
+    endpoint: EndpointConfig,
+    *,
+    cache_dir: str,
+    seeds: list[int | None] | None = None,
+    spent_usd: float = 0.0,
+    label: str | None = None,
+    show_progress: bool = True,
+) -> tuple[pa.Table, dict]:
+    """One generator call per parent row; returns (parent id, new text, finish reason, status)."""
+    from lion_ray.engines.api import make_requests, run_chat_requests
+
+    rows = parents.to_pylist()
+    seeds = seeds if seeds is not None else [None] * len(rows)
+    requests = make_requests(
+        [
+            (f"{i}", generator_messages(kind, r["instruction"], r.get("input", "")), s)
+            for i, (r, s) in enumerate(zip(rows, seeds, strict=True))
+        ]
+    )
+    results, summary = run_chat_requests(
+        requests,
+        endpoint,
+        role="generator",
+        cache_dir=cache_dir,
+        spent_usd=spent_usd,
+        progress_label=label or f"generator ({kind})",
+        show_progress=show_progress,
+    )
+    out = [
+        {
+            "parent_id": r["id"],
+            "instruction": clean_generated_instruction(res["text"]),
+            "finish_reason": res["finish_reason"],
+            "status": res["status"],
+            "error": res["error"],
+        }
+        for r, res in zip(rows, results.to_pylist(), strict=True)
+    ]
+    return pa.Table.from_pylist(out), summary
+
+
+def generate(
+    judged: pa.Table,
+    cache_pool: pa.Table,
+    loop: LoopConfig,
+    endpoint: EndpointConfig,
+    *,
+    round_no: int,
+    cache_dir: str,
+    spent_usd: float = 0.0,
+    dedup_workers: int = 0,
+    show_progress: bool = True,
+) -> tuple[pa.Table, pa.Table, dict]:
+    """(new instructions as a pool, every candidate with its fate, stats)."""
+    from lion_ray.engines.dedup import pool_flags
+
+    judged_rows = [r for r in judged.to_pylist() if r["status"] == "ok"]
+    deduper = Deduper(cache_pool.column("instruction").to_pylist(), loop.rouge_threshold)
+    known_ids = set(cache_pool.column("id").to_pylist())
+    new_rows, candidates, summaries = [], [], []
+    stats: dict = {}
+    for kind, target in (("hard", loop.hard_per_round), ("easy", loop.easy_per_round)):
+        parents = sorted((r for r in judged_rows if r["label"] == kind), key=lambda r: r["id"])
+        random.Random(f"{loop.seed}:{round_no}:{kind}").shuffle(parents)
+        budget = math.ceil(target * loop.generation_attempts_factor) if parents else 0
+        reasons: Counter = Counter()
+        accepted = attempt = 0
+        while accepted < target and attempt < budget:
+            wave = min(budget - attempt, max(8, math.ceil((target - accepted) * 1.25)))
+            plan = [(attempt + i, parents[(attempt + i) % len(parents)]) for i in range(wave)]
+            seeds = [(a // len(parents)) or None for a, _ in plan]
+            parent_table = pa.Table.from_pylist(
+                [
+                    {"id": p["id"], "instruction": p["instruction"], "input": p["input"]}
+                    for _, p in plan
+                ]
+            )
+            answers, summary = ask_generator(
+                parent_table,
+                kind,
+                endpoint,
+                cache_dir=cache_dir,
+                seeds=seeds,
+                spent_usd=spent_usd + sum(s["cost_usd"] for s in summaries),
+                label=f"generator ({kind}) {accepted}/{target}",
+                show_progress=show_progress,
+            )
+            summaries.append(summary)
+            results = answers.to_pylist()
+            passing = [
+                "api_failed"
+                if res["status"] != "ok"
+                else rejection_reason(res["instruction"], res["finish_reason"], loop.min_words)
+                for res in results
+            ]
+            texts = [
+                res["instruction"] for res, why in zip(results, passing, strict=True) if why is None
+            ]
+            flags = iter(pool_flags(deduper.pool_index, texts, dedup_workers))
+            for (a, parent), seed, res, why in zip(plan, seeds, results, passing, strict=True):
+                reason = why
+                if reason is None:
+                    similar = next(flags)
+                    if accepted >= target:
+                        reason = "surplus"
+                    elif instruction_id(res["instruction"]) in known_ids or not deduper.offer(
+                        res["instruction"], similar
+                    ):
+                        reason = "similar"
+                if reason is None:
+                    accepted += 1
+                    row = make_row(
+                        res["instruction"],
+                        source=f"generation:round_{round_no}",
+                        round_no=round_no,
+                        parent_id=parent["id"],
+                        kind=kind,
+                    )
+                    known_ids.add(row["id"])
+                    new_rows.append(row)
+                elif reason != "surplus":
+                    reasons[reason] += 1
+                candidates.append(
+                    {
+                        "attempt": a,
+                        "kind": kind,
+                        "parent_id": parent["id"],
+                        "parent_instruction": parent["instruction"],
+                        "seed": seed,
+                        "instruction": res["instruction"],
+                        "finish_reason": res["finish_reason"],
+                        "accepted": reason is None,
+                        "reason": reason or "",
+                    }
+                )
+            attempt += wave
+        stats[kind] = {
+            "target": target,
+            "parents": len(parents),
+            "attempts": attempt,
+            "accepted": accepted,
+            "shortfall": target - accepted,
+            "rejected": dict(reasons),
+        }
+    new_pool = build_pool(new_rows) if new_rows else POOL_SCHEMA.empty_table()
+    rejected = Counter()
+    for kind in ("hard", "easy"):
+        rejected.update(stats[kind]["rejected"])
+    stats["rejected"] = dict(rejected)
+    stats["new_instructions"] = new_pool.num_rows
+    return (
+        new_pool,
+        pa.Table.from_pylist(candidates, schema=CANDIDATE_SCHEMA),
+        {"metrics": stats, "api": merge_summaries(*summaries) if summaries else {}},
+    )
