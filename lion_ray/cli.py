@@ -348,7 +348,7 @@ def answer(
 def _answer(cfg, role: str | None, kind: str, input_uri: str):
     from lion_ray.session import Session
 
-    with Session(cfg) as session:
+    with Session(cfg, need_endpoints=role is not None) as session:
         if role is None:
             from lion_ray.engines.inference import student_answers
 
@@ -386,6 +386,71 @@ def _answer(cfg, role: str | None, kind: str, input_uri: str):
             cache_dir=cache_dir,
             spent_usd=session.spent_usd(role),
         )
+
+
+@app.command("train")
+def train_cmd(
+    data: Annotated[
+        str, typer.Option(help="Answers Parquet (instruction, input, answer, status).")
+    ],
+    model: Annotated[str, typer.Option(help="Base model directory (Hugging Face format) or URI.")],
+    out: Annotated[str, typer.Option("--out", help="Where the fine-tuned model is exported.")],
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Ray Train workers (default: config).")
+    ] = None,
+    gpus_per_worker: Annotated[
+        int | None, typer.Option(min=0, help="GPUs per worker; 0 trains on CPU.")
+    ] = None,
+    zero: Annotated[
+        int | None, typer.Option(min=2, max=3, help="DeepSpeed ZeRO stage: 2 or 3.")
+    ] = None,
+    checkpoints: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray Train storage (default: <out>.checkpoints); "
+            "rerunning with the same one resumes."
+        ),
+    ] = None,
+    placement: Annotated[
+        str, typer.Option(help="Worker placement: PACK, SPREAD or STRICT_SPREAD.")
+    ] = "PACK",
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Run config (train section, template).")
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Fine-tune a student on answers with Ray Train + DeepSpeed; resumes when rerun."""
+    from lion_ray.engines.training import train_student
+    from lion_ray.session import Session
+
+    overrides = list(set_ or [])
+    for key, value in (
+        ("workers", workers),
+        ("gpus_per_worker", gpus_per_worker),
+        ("zero_stage", zero),
+    ):
+        if value is not None:
+            overrides.append(f"train.{key}={value}")
+    if placement not in ("PACK", "SPREAD", "STRICT_SPREAD"):
+        err_console.print(
+            f"[bold red]error:[/bold red] --placement must be PACK, SPREAD or STRICT_SPREAD, got {placement!r}"
+        )
+        raise typer.Exit(2)
+    with user_errors():
+        cfg = _load(config, overrides)
+        answers = _read_table(data)
+        with Session(cfg, need_endpoints=False):
+            metrics = train_student(
+                answers,
+                cfg.train,
+                base_model=model,
+                out_uri=out,
+                storage_path=checkpoints or f"{out.rstrip('/')}.checkpoints",
+                template=cfg.student.prompt_template,
+                placement_strategy=placement,
+            )
+    console.print(f"exported the fine-tuned student -> {out}")
+    console.print_json(json.dumps(metrics))
 
 
 @app.command("discriminate")

@@ -38,7 +38,8 @@ class StageProgress:
         self.cost = 0.0
         self.failed = 0
         self.cached = 0
-        self.rate_per_min: float | None = None
+        self.rate: float | None = None
+        self.rate_unit = "/min"
         self._progress: Progress | None = None
         self._task = None
         self._last_log = 0.0
@@ -64,8 +65,8 @@ class StageProgress:
 
     def _extra(self) -> str:
         parts = []
-        if self.rate_per_min is not None:
-            parts.append(f"{self.rate_per_min:,.0f}/min")
+        if self.rate is not None:
+            parts.append(f"{self.rate:,.0f}{self.rate_unit}")
         if self.cached:
             parts.append(f"cached {self.cached}")
         if self.failed:
@@ -83,8 +84,13 @@ class StageProgress:
         self.cached += cached
         self._refresh()
 
-    def set_rate(self, per_min: float) -> None:
-        self.rate_per_min = per_min
+    def set_rate(self, value: float, unit: str = "/min") -> None:
+        self.rate, self.rate_unit = value, unit
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self._progress is not None:
+            self._progress.update(self._task, total=total)
 
     def _refresh(self, final: bool = False) -> None:
         if not self.enabled:

@@ -14,16 +14,24 @@ from lion_ray.storage import RunDir
 
 
 class Session:
-    def __init__(self, cfg: LionConfig, *, need_ray: bool = True, quiet: bool = False):
+    def __init__(
+        self,
+        cfg: LionConfig,
+        *,
+        need_ray: bool = True,
+        need_endpoints: bool = True,
+        quiet: bool = False,
+    ):
         self.cfg = cfg
         self.need_ray = need_ray
+        self.need_endpoints = need_endpoints
         self.quiet = quiet
         self.run = RunDir(cfg.storage.run_dir)
         self.sandbox = None
         self.dashboard_url: str | None = None
 
     def __enter__(self) -> Session:
-        if any(e.is_sandbox for e in self.cfg.endpoints().values()):
+        if self.need_endpoints and any(e.is_sandbox for e in self.cfg.endpoints().values()):
             from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 
             sb = self.cfg.sandbox

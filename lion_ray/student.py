@@ -11,12 +11,15 @@ corpus. The default, 260, is character level, which suits the sandbox's characte
 
 from __future__ import annotations
 
+import hashlib
+import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from lion_ray import storage
 from lion_ray.config import TinyStudentConfig
+from lion_ray.errors import LionError
 from lion_ray.logic.prompts import build_prompt
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -109,6 +112,23 @@ def init_student(out_uri: str, cfg: TinyStudentConfig, texts: Iterable[str] | No
         else:
             storage.upload_dir(tmp, out_uri)
     return {"path": out_uri, "parameters": count_parameters(model), "vocab_size": len(tokenizer)}
+
+
+def local_model_dir(model_uri: str) -> str:
+    """A local directory holding the model (downloaded once per process from a remote URI)."""
+    if storage.is_local(model_uri):
+        path = storage.resolve(model_uri)[1]
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise LionError(f"{model_uri}: not a Hugging Face model directory (no config.json)")
+        return path
+    target = os.path.join(
+        tempfile.gettempdir(),
+        "lion-ray-models",
+        hashlib.sha256(model_uri.encode()).hexdigest()[:16],
+    )
+    if not os.path.exists(os.path.join(target, "config.json")):
+        storage.download_dir(model_uri, target)
+    return target
 
 
 def count_parameters(model) -> int:

@@ -15,40 +15,19 @@ Every row comes back: ``ok`` or ``failed`` with the error.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 import warnings
 
 import pyarrow as pa
 
-from lion_ray import storage
 from lion_ray.config import StudentConfig
 from lion_ray.logic.pools import ANSWER_SCHEMA
 from lion_ray.logic.prompts import build_prompt
+from lion_ray.student import local_model_dir
 
 INPUT_SCHEMA = pa.schema(
     [("id", pa.string()), ("instruction", pa.string()), ("input", pa.string())]
 )
-
-
-def local_model_dir(model_uri: str) -> str:
-    """A local directory holding the model (downloaded once per process from a remote URI)."""
-    if storage.is_local(model_uri):
-        path = storage.resolve(model_uri)[1]
-        if not os.path.exists(os.path.join(path, "config.json")):
-            from lion_ray.errors import LionError
-
-            raise LionError(f"{model_uri}: not a Hugging Face model directory (no config.json)")
-        return path
-    target = os.path.join(
-        tempfile.gettempdir(),
-        "lion-ray-models",
-        hashlib.sha256(model_uri.encode()).hexdigest()[:16],
-    )
-    if not os.path.exists(os.path.join(target, "config.json")):
-        storage.download_dir(model_uri, target)
-    return target
 
 
 class HFGenerator:

@@ -1,0 +1,276 @@
+"""Imitation fine-tuning: Ray Train + DeepSpeed (gloo) on CPU with two workers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lion_ray.config import TrainConfig
+from lion_ray.engines.training import (
+    build_sequences,
+    cosine_with_warmup,
+    deepspeed_config,
+    train_student,
+)
+from lion_ray.logic.examples import IGNORE
+from lion_ray.logic.pools import ANSWER_SCHEMA
+from lion_ray.logic.prompts import build_prompt
+from lion_ray.sandbox.tasks import generate_tasks
+
+from ..conftest import ROOT
+
+
+def _answers(n=48, failed=0, seed=0):
+    rows = []
+    for i, t in enumerate(generate_tasks(n + failed, seed=seed, max_difficulty=1)):
+        bad = i < failed
+        rows.append(
+            {
+                "id": f"{i:04d}",
+                "instruction": t.instruction,
+                "input": "",
+                "answer": "" if bad else t.answer,
+                "status": "failed" if bad else "ok",
+                "error": "500" if bad else "",
+                "finish_reason": "stop",
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "cost_usd": 0.0,
+                "cached": False,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA)
+
+
+def _cfg(**kw):
+    base = dict(
+        zero_stage=2,
+        lr=3e-3,
+        epochs=2,
+        max_length=96,
+        micro_batch_size=4,
+        effective_batch_size=8,
+        workers=2,
+        checkpoint_every_steps=3,
+        warmup_ratio=0.1,
+    )
+    return TrainConfig(**(base | kw))
+
+
+def test_deepspeed_config_follows_train_config():
+    cfg = deepspeed_config(
+        _cfg(zero_stage=3, offload_optimizer=True, offload_params=True, effective_batch_size=16),
+        use_gpu=False,
+    )
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert cfg["gradient_accumulation_steps"] == 2 and cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["bf16"]["enabled"] is False and cfg["gradient_clipping"] == 1.0
+    assert deepspeed_config(_cfg(), use_gpu=True)["bf16"]["enabled"] is True
+
+
+def test_cosine_schedule_with_warmup():
+    f = cosine_with_warmup(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-9)
+    assert all(f(s) >= f(s + 1) for s in range(10, 100))
+
+
+def test_loss_covers_only_response_tokens(tiny_student):
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    rows = [{"instruction": "Reverse 'kato'.", "input": "", "answer": "otak"}]
+    seqs, stats = build_sequences(rows, tok, "compact", 96, packing=False)
+    prompt_ids = tok(
+        build_prompt("Reverse 'kato'.", "", "compact"), add_special_tokens=False
+    ).input_ids
+    seq = seqs[0]
+    assert seq.labels[: len(prompt_ids)] == [IGNORE] * len(prompt_ids)
+    assert seq.labels[len(prompt_ids) :] == tok("otak", add_special_tokens=False).input_ids + [
+        tok.eos_token_id
+    ]
+    assert stats["target_tokens"] == 5
+    # the model's loss is exactly cross-entropy over those target positions, prompt excluded
+    model = AutoModelForCausalLM.from_pretrained(tiny_student)
+    ids, labels = torch.tensor([seq.input_ids]), torch.tensor([seq.labels])
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+        logits = out.logits[0, :-1]
+        targets = labels[0, 1:]
+        keep = targets != IGNORE
+        manual = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    assert out.loss.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_packing_keeps_attention_inside_examples(tiny_student):
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    rows = [
+        {"instruction": t.instruction, "input": "", "answer": t.answer}
+        for t in generate_tasks(6, seed=1)
+    ]
+    packed, _ = build_sequences(rows, tok, "compact", 200, packing=True)
+    single, _ = build_sequences(rows, tok, "compact", 200, packing=False)
+    assert len(packed) < len(single)
+    model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
+    model.config.use_cache = False
+    with torch.no_grad():
+        p = packed[0]
+        packed_loss = model(
+            input_ids=torch.tensor([p.input_ids]),
+            labels=torch.tensor([p.labels]),
+            position_ids=torch.tensor([p.position_ids]),
+        ).logits
+        start, logits = 0, []
+        for s in single:
+            if start >= len(p):
+                break
+            logits.append(model(input_ids=torch.tensor([s.input_ids])).logits[0])
+            start += len(s)
+    alone = torch.cat(logits)[: len(p)]
+    assert torch.allclose(packed_loss[0], alone, atol=1e-4)
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_workers_train_and_export(ray_local, tiny_student, tmp_path, stage):
+    metrics = train_student(
+        _answers(48, failed=3),
+        _cfg(zero_stage=stage, epochs=3),
+        base_model=str(tiny_student),
+        out_uri=str(tmp_path / "model"),
+        storage_path=str(tmp_path / "ckpt"),
+        template="compact",
+        show_progress=False,
+    )
+    assert (
+        metrics["skipped_failed_rows"] == 3 and metrics["rows"] == 48 and metrics["examples"] == 48
+    )
+    assert metrics["loss_last"] < metrics["loss_first"]
+    assert (
+        metrics["step"] == metrics["total_steps"] == 18
+    )  # 3 epochs x 6 micro-batches per worker / 1 accum
+    assert len(set(metrics["worker_nodes"])) == 1 and len(metrics["worker_nodes"]) == 2
+    model, tok = _load(tmp_path / "model")
+    base, _ = _load(tiny_student)
+    assert (tmp_path / "model" / "model.safetensors").exists() and tok.eos_token == "</s>"
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), base.state_dict().values(), strict=True)
+    ]
+    assert all(changed)  # ZeRO-3 gathered every partition before exporting
+
+
+@pytest.mark.slow
+def test_worker_failure_resumes_from_checkpoint(ray_local, tiny_student, tmp_path):
+    metrics = train_student(
+        _answers(48),
+        _cfg(epochs=3, checkpoint_every_steps=4),
+        base_model=str(tiny_student),
+        out_uri=str(tmp_path / "model"),
+        storage_path=str(tmp_path / "ckpt"),
+        template="compact",
+        show_progress=False,
+        crash_at_step=10,
+    )
+    # a checkpoint from before the crash at step 10 (Train V2 registers a checkpoint when its
+    # controller next polls the workers, so the newest one may not have been registered yet)
+    assert metrics["resumed_from_step"] in (4, 8)
+    assert metrics["step"] == metrics["total_steps"]
+    _load(tmp_path / "model")
+
+
+@pytest.mark.slow
+def test_rerun_after_driver_crash_resumes(tiny_student, tmp_path):
+    data = tmp_path / "answers.parquet"
+    pq.write_table(_answers(64), data)
+    cmd = [
+        sys.executable,
+        "-m",
+        "lion_ray",
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        str(tiny_student),
+        "--out",
+        str(tmp_path / "model"),
+        "--config",
+        "configs/demo.yaml",
+        "--set",
+        "train.epochs=12",
+        "--set",
+        "train.micro_batch_size=4",
+        "--set",
+        "train.effective_batch_size=8",
+        "--set",
+        "train.checkpoint_every_steps=5",
+        "--set",
+        "train.max_length=96",
+        "--set",
+        "student.tiny.max_position_embeddings=256",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    store = tmp_path / "model.checkpoints" / "train"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(store.glob("checkpoint_*")):
+        time.sleep(0.5)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(store.glob("checkpoint_*")) and not (tmp_path / "model").exists()
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    final = json.loads((store / "final.json").read_text())
+    assert final["resumed_from_step"] and final["resumed_from_step"] % 5 == 0
+    assert final["step"] == final["total_steps"] == 96
+    _load(tmp_path / "model")
+
+
+@pytest.mark.slow
+def test_multinode_placement_and_node_loss(tiny_student, tmp_path):
+    data = tmp_path / "answers.parquet"
+    pq.write_table(_answers(48), data)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "engines" / "multinode_train.py"),
+            str(tiny_student),
+            str(data),
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=800,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, res.stderr[-3000:]
+    out = json.loads(line[len("RESULT ") :])
+    assert len(set(out["spread_worker_nodes"])) == 2  # the two workers landed on different nodes
+    assert set(out["spread_worker_nodes"]) == set(out["node_ids"])
+    assert out["checkpoint_seen_before_loss"] and out["finished"] and out["exported"]
+    assert out["resumed_from_step"] and out["final_step"] == out["total_steps"]
+    assert (
+        out["node_ids"][0] not in out["node_loss_worker_nodes"]
+    )  # the lost node is gone from the final run
