@@ -22,8 +22,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lion-ray config validate configs/demo.yaml
-	$(BIN)/lion-ray student init --config configs/demo.yaml --out runs/demo/student_init
+	$(BIN)/lion-ray run --config configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -412,8 +412,8 @@ def train_cmd(
         ),
     ] = None,
     placement: Annotated[
-        str, typer.Option(help="Worker placement: PACK, SPREAD or STRICT_SPREAD.")
-    ] = "PACK",
+        str | None, typer.Option(help="Worker placement: PACK, SPREAD or STRICT_SPREAD.")
+    ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="Run config (train section, template).")
     ] = None,
@@ -428,14 +428,10 @@ def train_cmd(
         ("workers", workers),
         ("gpus_per_worker", gpus_per_worker),
         ("zero_stage", zero),
+        ("placement", placement),
     ):
         if value is not None:
             overrides.append(f"train.{key}={value}")
-    if placement not in ("PACK", "SPREAD", "STRICT_SPREAD"):
-        err_console.print(
-            f"[bold red]error:[/bold red] --placement must be PACK, SPREAD or STRICT_SPREAD, got {placement!r}"
-        )
-        raise typer.Exit(2)
     with user_errors():
         cfg = _load(config, overrides)
         answers = _read_table(data)
@@ -447,7 +443,6 @@ def train_cmd(
                 out_uri=out,
                 storage_path=checkpoints or f"{out.rstrip('/')}.checkpoints",
                 template=cfg.student.prompt_template,
-                placement_strategy=placement,
             )
     console.print(f"exported the fine-tuned student -> {out}")
     console.print_json(json.dumps(metrics))
@@ -585,6 +580,46 @@ def _read_table(uri: str):
         raise LionError(f"{uri}: no such file")
     fs, path = storage.resolve(uri)
     return pq.read_table(path, filesystem=fs)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+@app.command("run")
+def run_cmd(
+    config: Annotated[Path, typer.Option("--config", help="Run config (YAML).")] = Path(
+        "configs/demo.yaml"
+    ),
+    set_: SetOption = None,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="Plain log lines instead of bars.")
+    ] = False,
+) -> None:
+    """Run the Lion loop: rounds of imitation, discrimination, generation. Rerun to resume."""
+    from lion_ray.driver import run
+
+    with user_errors():
+        cfg = _load(config, set_)
+        run(cfg, show_progress=not no_progress, console=console)
+
+
+@app.command("status")
+def status_cmd(
+    run_dir: Annotated[str, typer.Option("--run", help="Run directory (path or URI).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Rounds, stages, row counts, failures, tokens and cost of a run."""
+    from lion_ray import storage
+    from lion_ray.status import status_table
+
+    with user_errors():
+        if not storage.exists(storage.join(run_dir, "manifest.json")):
+            raise LionError(f"{run_dir}: no manifest.json; is this a lion-ray run directory?")
+        table, manifest = status_table(run_dir)
+    if as_json:
+        console.print_json(json.dumps(manifest))
+    else:
+        console.print(table)
 
 
 def main() -> None:

@@ -188,6 +188,10 @@ class TrainConfig(_Strict):
     workers: int = Field(2, gt=0, description="Ray Train workers (one process each).")
     gpus_per_worker: int = Field(0, ge=0, description="0 trains on CPU (gloo, fp32), else bf16.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Worker placement: PACK (fewest nodes), SPREAD, STRICT_SPREAD (one per node).",
+    )
     checkpoint_every_steps: int = Field(50, gt=0, description="Checkpoint interval (steps).")
     keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept.")
     max_failures: int = Field(3, ge=0, description="Worker failures survived by restoring.")
@@ -374,28 +378,34 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LionConfig:
-    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
-    source = str(path) if path else "<defaults>"
-    data: dict = {}
-    if path:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+def parse_config(
+    text: str, source: str = "<text>", overrides: list[str] | None = None
+) -> LionConfig:
+    """A validated config from YAML text (``source`` names it in error messages)."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}{where}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])
     try:
         return LionConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LionConfig:
+    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    if not path:
+        return parse_config("", "<defaults>", overrides)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    return parse_config(text, str(path), overrides)
 
 
 def dump_config(config: LionConfig) -> str:

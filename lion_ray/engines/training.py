@@ -320,7 +320,7 @@ def train_student(
     storage_path: str,
     template: str,
     name: str = "train",
-    placement_strategy: str = "PACK",
+    placement_strategy: str | None = None,
     show_progress: bool = True,
     crash_at_step: int | None = None,
 ) -> dict:
@@ -370,7 +370,7 @@ def train_student(
             num_workers=train.workers,
             use_gpu=use_gpu,
             resources_per_worker=resources,
-            placement_strategy=placement_strategy,
+            placement_strategy=placement_strategy or train.placement,
         ),
         run_config=RunConfig(
             name=name,

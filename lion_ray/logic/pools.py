@@ -277,3 +277,18 @@ def load_pool_bytes(
             return table, ImportStats(records=table.num_rows, imported=table.num_rows)
     label = source or name.rsplit("/", 1)[-1]
     return import_records(iter_records(data, name), source=label)
+
+
+def next_pools(
+    train: pa.Table, cache: pa.Table, new: pa.Table, policy: str = "paper"
+) -> tuple[pa.Table, pa.Table]:
+    """The next round's (Train Pool, Cache Pool) after generation.
+
+    'paper': the Train Pool is exactly the new instructions; 'accumulate': the old Train
+    Pool plus the new ones. The Cache Pool always becomes the old one plus the new ones.
+    """
+    if policy not in ("paper", "accumulate"):
+        raise ValueError(f"unknown pool policy {policy!r}; use 'paper' or 'accumulate'")
+    next_cache = concat_pools(cache, new)
+    next_train = concat_pools(train, new) if policy == "accumulate" else concat_pools(new)
+    return next_train, next_cache

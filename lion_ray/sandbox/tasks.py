@@ -329,3 +329,20 @@ def rarer_families(name: str) -> list[Family]:
         return rarer
     lowest = min(f.weight for f in FAMILIES if f.name != name)
     return [f for f in FAMILIES if f.name != name and f.weight == lowest]
+
+
+def heldout_accuracy(tasks: list[dict], answers: dict[str, str]) -> dict:
+    """Exact-answer accuracy on held-out records (instruction, output, family), overall and
+    per family; ``answers`` maps instruction to the student's answer."""
+    per: dict[str, list[int]] = {}
+    for rec in tasks:
+        task = parse_instruction(rec["instruction"])
+        got = answers.get(rec["instruction"], "")
+        ok = task is not None and is_correct(task, got)
+        per.setdefault(rec["family"], []).append(int(ok))
+    total = [x for xs in per.values() for x in xs]
+    return {
+        "accuracy": round(sum(total) / len(total), 4) if total else 0.0,
+        "n": len(total),
+        "by_family": {f: round(sum(xs) / len(xs), 4) for f, xs in sorted(per.items())},
+    }

@@ -121,3 +121,36 @@ def test_concat_keeps_first_and_stats():
 def test_iter_records_refuses_non_utf8():
     with pytest.raises(PoolFormatError, match="not UTF-8"):
         list(iter_records(b"\xff\xfe{", "x.jsonl"))
+
+
+def _rows(texts, kind="seed", round_no=0):
+    return pa.Table.from_pylist(
+        [make_row(t, source="s", kind=kind, round_no=round_no) for t in texts], schema=POOL_SCHEMA
+    )
+
+
+def test_next_pools_paper_policy():
+    from lion_ray.logic.pools import next_pools
+
+    seed = _rows([f"seed {i} a b" for i in range(5)])
+    new = _rows(["new one a b c", "new two a b c"], kind="hard", round_no=1)
+    train, cache = next_pools(seed, seed, new, "paper")
+    assert train.column("instruction").to_pylist() == ["new one a b c", "new two a b c"]
+    assert (
+        cache.num_rows == 7 and cache.column("id").to_pylist()[:5] == seed.column("id").to_pylist()
+    )
+    train2, cache2 = next_pools(
+        train, cache, _rows(["third x y z"], kind="easy", round_no=2), "paper"
+    )
+    assert train2.num_rows == 1 and cache2.num_rows == 8  # 5 -> 7 -> 8: the Cache Pool only grows
+
+
+def test_next_pools_accumulate_policy():
+    from lion_ray.logic.pools import next_pools
+
+    seed = _rows(["a b c d", "e f g h"])
+    new = _rows(["i j k l"], kind="hard", round_no=1)
+    train, cache = next_pools(seed, seed, new, "accumulate")
+    assert train.num_rows == 3 and cache.num_rows == 3
+    with pytest.raises(ValueError, match="unknown pool policy"):
+        next_pools(seed, seed, new, "other")

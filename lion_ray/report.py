@@ -1,0 +1,272 @@
+"""Per-round report: JSON plus a static HTML page with PNG plots.
+
+Everything is read back from the run directory (the manifest and the stages' Parquet
+files), so a report can be rebuilt for any finished round, and it shows exactly what the
+stages wrote. Written to ``round_<r>/report/`` and mirrored to ``report/`` at the run's top
+level (the latest round).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+
+from lion_ray import storage
+from lion_ray.storage import RunDir
+
+STAGE_ORDER = (
+    "imitation.teacher",
+    "imitation.train",
+    "discrimination.teacher",
+    "discrimination.student",
+    "discrimination.referee",
+    "eval.heldout",
+    "generation",
+    "pools",
+)
+
+
+def collect(run: RunDir, upto: int) -> dict:
+    """Per-round figures for rounds 1..upto from the manifest and the stages' outputs."""
+    stages = run.manifest.stages
+    rounds = []
+    for r in range(1, upto + 1):
+
+        def info(stage: str, r: int = r) -> dict:
+            return stages.get(f"round_{r}/{stage}", {})
+
+        judged_uri = run.round_path(r, "discrimination", "judged.parquet")
+        teacher_scores, student_scores = [], []
+        if storage.exists(judged_uri):
+            table = storage.read_parquet(judged_uri)
+            teacher_scores = [x for x in table.column("teacher_score").to_pylist() if x is not None]
+            student_scores = [x for x in table.column("student_score").to_pylist() if x is not None]
+        api: dict[str, dict] = {}
+        for stage in STAGE_ORDER:
+            for role, summary in info(stage).get("api", {}).items():
+                acc = api.setdefault(
+                    role,
+                    {
+                        "prompt_tokens": 0,
+                        "completion_tokens": 0,
+                        "cost_usd": 0.0,
+                        "requests": 0,
+                        "cached": 0,
+                    },
+                )
+                for k in acc:
+                    acc[k] += summary.get(k, 0)
+        rounds.append(
+            {
+                "round": r,
+                "pools": info("pools").get("sizes")
+                or {
+                    "train": info("imitation.teacher").get("rows"),
+                    "cache": info("discrimination.teacher").get("rows"),
+                },
+                "next_pools": info("pools").get("next"),
+                "train": info("imitation.train").get("metrics", {}),
+                "split": info("discrimination.referee").get("metrics", {}),
+                "generation": info("generation").get("metrics", {}),
+                "heldout": info("eval.heldout").get("metrics"),
+                "api": api,
+                "seconds": {
+                    s: round(info(s).get("seconds", 0.0), 1) for s in STAGE_ORDER if info(s)
+                },
+                "teacher_scores": teacher_scores,
+                "student_scores": student_scores,
+            }
+        )
+    return {"run_dir": run.uri, "rounds": rounds}
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plots(data: dict) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = data["rounds"]
+    xs = [r["round"] for r in rounds]
+    out: dict[str, bytes] = {}
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    width = 0.38
+    ax.bar(
+        [x - width / 2 for x in xs],
+        [r["pools"].get("train") or 0 for r in rounds],
+        width,
+        label="Train Pool",
+    )
+    ax.bar(
+        [x + width / 2 for x in xs],
+        [r["pools"].get("cache") or 0 for r in rounds],
+        width,
+        label="Cache Pool",
+    )
+    ax.set(title="Pool sizes", xlabel="round", ylabel="instructions", xticks=xs)
+    ax.legend()
+    out["pools.png"] = _png(fig)
+
+    last = rounds[-1]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    bins = [i / 2 for i in range(2, 21)]
+    ax.hist(last["teacher_scores"], bins=bins, alpha=0.6, label="teacher")
+    ax.hist(last["student_scores"], bins=bins, alpha=0.6, label="student")
+    ax.set(
+        title=f"Referee scores, round {last['round']}",
+        xlabel="mean of both orders",
+        ylabel="instructions",
+    )
+    ax.legend()
+    out["scores.png"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for key, label in (
+        ("hard_ratio", "hard ratio"),
+        ("order_consistency", "order consistency"),
+        ("parse_failure_rate", "parse failures"),
+    ):
+        ax.plot(xs, [r["split"].get(key, 0) for r in rounds], marker="o", label=label)
+    ax.set(title="Discrimination", xlabel="round", ylim=(0, 1.05), xticks=xs)
+    ax.legend()
+    out["split.png"] = _png(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3))
+    roles = sorted({role for r in rounds for role in r["api"]})
+    bottom_t = [0.0] * len(xs)
+    bottom_c = [0.0] * len(xs)
+    for role in roles:
+        tokens = [
+            r["api"].get(role, {}).get("prompt_tokens", 0)
+            + r["api"].get(role, {}).get("completion_tokens", 0)
+            for r in rounds
+        ]
+        cost = [r["api"].get(role, {}).get("cost_usd", 0.0) for r in rounds]
+        ax1.bar(xs, tokens, bottom=bottom_t, label=role)
+        ax2.bar(xs, cost, bottom=bottom_c, label=role)
+        bottom_t = [a + b for a, b in zip(bottom_t, tokens, strict=True)]
+        bottom_c = [a + b for a, b in zip(bottom_c, cost, strict=True)]
+    ax1.set(title="API tokens (paid calls)", xlabel="round", xticks=xs)
+    ax2.set(title="API cost (USD)", xlabel="round", xticks=xs)
+    ax1.legend()
+    out["cost.png"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    bottom = [0.0] * len(xs)
+    for stage in STAGE_ORDER:
+        secs = [r["seconds"].get(stage, 0.0) for r in rounds]
+        if any(secs):
+            ax.bar(xs, secs, bottom=bottom, label=stage)
+            bottom = [a + b for a, b in zip(bottom, secs, strict=True)]
+    ax.set(title="Time per stage", xlabel="round", ylabel="seconds", xticks=xs)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    out["time.png"] = _png(fig)
+
+    if any(r["heldout"] for r in rounds):
+        families = sorted({f for r in rounds if r["heldout"] for f in r["heldout"]["by_family"]})
+        fig, ax = plt.subplots(figsize=(8, 3))
+        width = 0.8 / max(1, len(rounds))
+        for i, r in enumerate(rounds):
+            if r["heldout"]:
+                vals = [r["heldout"]["by_family"].get(f, 0.0) for f in families]
+                ax.bar(
+                    [j + i * width for j in range(len(families))],
+                    vals,
+                    width,
+                    label=f"round {r['round']} ({r['heldout']['accuracy']:.0%})",
+                )
+        ax.set_xticks(
+            [j + width * (len(rounds) - 1) / 2 for j in range(len(families))], families, rotation=30
+        )
+        ax.set(
+            title="Held-out sandbox accuracy by task family", ylabel="exact answers", ylim=(0, 1)
+        )
+        ax.legend()
+        out["heldout.png"] = _png(fig)
+    plt.close("all")
+    return out
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    cells = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    return f"<table>{cells}</table>"
+
+
+def round_summary(r: dict) -> dict:
+    """The figures the per-round console table and the HTML page show (short keys: they are
+    column headers)."""
+    split, gen, api = r["split"], r["generation"], r["api"]
+    return {
+        "round": r["round"],
+        "train": r["pools"].get("train"),
+        "cache": r["pools"].get("cache"),
+        "loss": r["train"].get("loss_last"),
+        "hard": split.get("hard_ratio"),
+        "t.score": split.get("mean_teacher_score"),
+        "s.score": split.get("mean_student_score"),
+        "agree": split.get("order_consistency"),
+        "unparsed": split.get("unparsed"),
+        "new": gen.get("new_instructions"),
+        "held-out": r["heldout"]["accuracy"] if r["heldout"] else None,
+        "cost $": round(sum(a.get("cost_usd", 0.0) for a in api.values()), 4),
+        "s": round(sum(r["seconds"].values())),
+    }
+
+
+def write_report(run: RunDir, round_no: int, name: str = "lion") -> str:
+    """Build and write the report for rounds 1..round_no; returns the HTML page's URI."""
+    data = collect(run, round_no)
+    images = plots(data)
+    summaries = [round_summary(r) for r in data["rounds"]]
+    body = [
+        f"<h1>{html.escape(name)}: Lion distillation report, round {round_no}</h1>",
+        f"<p>Run directory: <code>{html.escape(run.uri)}</code></p>",
+    ]
+    head = list(summaries[0])
+    body.append(
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        + "</tr>"
+        + "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(s[h]))}</td>" for h in head) + "</tr>"
+            for s in summaries
+        )
+        + "</table>"
+    )
+    for img, title in (
+        ("pools.png", "Pool sizes"),
+        ("scores.png", "Score distributions"),
+        ("split.png", "Hard ratio, order consistency, parse failures"),
+        ("heldout.png", "Held-out accuracy"),
+        ("cost.png", "Tokens and cost"),
+        ("time.png", "Time per stage"),
+    ):
+        if img in images:
+            body.append(f"<h2>{title}</h2><img src='{img}' alt='{title}'>")
+    last = data["rounds"][-1]
+    body.append(
+        "<h2>Generation</h2>" + _table([(k, json.dumps(v)) for k, v in last["generation"].items()])
+    )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>lion-ray report</title><style>"
+        "body{font-family:sans-serif;margin:2em;max-width:70em} table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:.25em .6em;font-size:.9em} img{max-width:100%}"
+        "</style></head><body>" + "".join(body) + "</body></html>"
+    )
+    report = {"summary": summaries, **data}
+    for folder in (run.round_path(round_no, "report"), run.path("report")):
+        for img, data_png in images.items():
+            storage.write_bytes(storage.join(folder, img), data_png)
+        storage.write_json(storage.join(folder, "report.json"), report)
+        storage.write_text(storage.join(folder, "index.html"), page)
+    return storage.join(run.round_path(round_no, "report"), "index.html")

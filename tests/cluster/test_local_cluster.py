@@ -1,0 +1,144 @@
+"""A real local cluster: `ray start` head + worker via cluster/local/, then `ray job submit`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ..conftest import DATA, ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """Head + workers started with the project's scripts; stopped by killing only the
+    processes of this cluster (`ray stop` would also stop the test session's own Ray)."""
+
+    def __init__(self, workers: int = 1, cpus: int = 4):
+        # short paths: Ray's unix sockets live under the temp dir (107-byte limit)
+        base = Path(tempfile.mkdtemp(prefix="lr-", dir="/tmp"))
+        self.port, self.dashboard = free_port(), free_port()
+        self.dirs = [base / "h"] + [base / f"w{i}" for i in range(workers)]
+        self.base = base
+        self.cpus = cpus
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_ADDRESS": "",
+        }
+
+    def sh(self, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        res = subprocess.run(
+            cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        assert res.returncode == 0, f"{cmd}: {res.stdout[-1500:]} {res.stderr[-1500:]}"
+        return res
+
+    def __enter__(self) -> LocalCluster:
+        self.sh(
+            "cluster/local/start-head.sh",
+            "--port",
+            str(self.port),
+            "--dashboard-port",
+            str(self.dashboard),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--num-cpus",
+            str(self.cpus),
+            "--temp-dir",
+            str(self.dirs[0]),
+        )
+        for d in self.dirs[1:]:
+            self.sh(
+                "cluster/local/start-worker.sh",
+                f"127.0.0.1:{self.port}",
+                "--num-cpus",
+                str(self.cpus),
+                "--temp-dir",
+                str(d),
+            )
+        return self
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard}"
+
+    def node_ids(self) -> set[str]:
+        code = (
+            "import ray, json; ray.init(address='auto'); "
+            "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
+        )
+        out = self.sh(sys.executable, "-c", code, timeout=60).stdout.strip().splitlines()[-1]
+        return set(json.loads(out))
+
+    def __exit__(self, *exc) -> None:
+        marks = [str(d) for d in self.dirs] + [f":{self.port}"]
+        victims = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if any(m in cmd for m in marks) and p.pid != os.getpid():
+                victims.append(p)
+        for p in victims:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGKILL)
+        psutil.wait_procs(victims, timeout=10)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_on_a_head_and_a_worker(tmp_path):
+    run_dir = tmp_path / "run"
+    with LocalCluster() as cluster:
+        cluster.env["RAY_ADDRESS"] = f"127.0.0.1:{cluster.port}"
+        nodes = cluster.node_ids()
+        assert len(nodes) == 2
+        job = subprocess.run(
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                cluster.dashboard_url,
+                "--working-dir",
+                ".",
+                "--",
+                "python",
+                "jobs/distill.py",
+                "--config",
+                str(DATA / "mini.yaml"),
+                "--set",
+                f"storage.run_dir={run_dir}",
+                "--set",
+                "train.placement=STRICT_SPREAD",
+            ],
+            cwd=ROOT,
+            env={**cluster.env, "RAY_ADDRESS": ""},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
+        assert "succeeded" in job.stdout + job.stderr
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["finished_rounds"] == 1
+    workers = manifest["stages"]["round_1/imitation.train"]["metrics"]["worker_nodes"]
+    assert set(workers) == nodes  # work ran on both nodes, one training worker each
+    assert (run_dir / "round_2" / "pools" / "cache.parquet").exists()
