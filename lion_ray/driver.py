@@ -62,11 +62,9 @@ class Driver:
     def check_config(self) -> None:
         """A run directory belongs to one config: resuming with another would mix results."""
         uri = self.run.path("config.yaml")
-        ours = self.cfg.model_dump(mode="json", exclude={"cluster"})
+        ours = _results_config(self.cfg)
         if storage.exists(uri):
-            theirs = parse_config(storage.read_text(uri), uri).model_dump(
-                mode="json", exclude={"cluster"}
-            )
+            theirs = _results_config(parse_config(storage.read_text(uri), uri))
             if theirs != ours:
                 diffs = sorted(_diff(theirs, ours))
                 raise LionError(
@@ -387,6 +385,28 @@ def _cell(key: str, value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if key == "cost $" else f"{value:.2f}"
     return str(value)
+
+
+# Fields that change how fast or where the work runs, never what it produces: a resumed run
+# may change them (a new provider limit, a raised budget, a bigger cluster).
+OPERATIONAL_ENDPOINT_FIELDS = {
+    "api_key_env",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "num_actors",
+    "concurrency",
+    "timeout_s",
+    "max_retries",
+    "budget_usd",
+}
+
+
+def _results_config(cfg: LionConfig) -> dict:
+    """The part of a config that decides a run's results."""
+    exclude = {"cluster": True, "serve": True}
+    for name in ("teacher", "referee", "generator"):
+        exclude[name] = OPERATIONAL_ENDPOINT_FIELDS
+    return cfg.model_dump(mode="json", exclude=exclude)
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -158,23 +158,28 @@ def test_sigkill_in_any_stage_then_rerun_gives_the_same_pools(reference_run, tmp
     reference, _ = reference_run
     run_dir = tmp_path / "killed"
     r1 = run_dir / "round_1"
+    # API stages get a low rate limit for the attempt that is killed, so that a fast machine
+    # cannot finish them between two polls (a resumed run may change operational fields).
     kills = [
         (
             "round_1/imitation.teacher",
             lambda: any((run_dir / "cache" / "teacher").glob("*.jsonl")),
+            ["--set", "teacher.requests_per_minute=120"],
         ),  # API stage
         (
             "round_1/imitation.train",
             lambda: any((r1 / "imitation" / "train").glob("checkpoint_*")),
+            [],
         ),  # training
-        ("round_1/discrimination.student", lambda: True),  # inference
+        ("round_1/discrimination.student", lambda: True, []),  # inference
         (
             "round_1/generation",
             lambda: any((run_dir / "cache" / "generator").glob("*.jsonl")),
+            ["--set", "generator.requests_per_minute=60"],
         ),  # generation
     ]
-    for stage, ready in kills:
-        _kill_during(lion_run(run_dir), run_dir, stage, ready)
+    for stage, ready, slow in kills:
+        _kill_during(lion_run(run_dir, *slow), run_dir, stage, ready)
     final = lion_run(run_dir)
     out, _ = final.communicate(timeout=600)
     assert final.returncode == 0, out[-3000:]
@@ -197,6 +202,10 @@ def test_a_run_dir_keeps_its_config(tmp_path):
         cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"num_cpus": 4})}),
         FakeSession(),
     ).check_config()  # where Ray runs may change between attempts
+    Driver(
+        load_config(MINI, ["generator.requests_per_minute=60", "teacher.budget_usd=5"]),
+        FakeSession(),
+    ).check_config()  # and so may how fast and how far the API stages go
     changed = load_config(MINI, ["train.lr=0.1", "loop.tau=2"])
     with pytest.raises(
         LionError, match=r"different config \(loop.tau: 1.0 -> 2.0, train.lr: 0.003 -> 0.1\)"
