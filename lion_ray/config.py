@@ -244,6 +244,12 @@ class LoopConfig(_Strict):
         description="'paper': next Train Pool = new instructions only; 'accumulate': old Train "
         "Pool + new. The Cache Pool always grows by the new instructions.",
     )
+    parent_selection: Literal["lion", "random"] = Field(
+        "lion",
+        description="'lion': hard-rule instructions come from hard parents and easy-rule ones from "
+        "easy parents (the method); 'random': parents drawn from the whole judged Cache Pool "
+        "regardless of label (the control arm of bench/hard_mining).",
+    )
     seed: int = Field(0, description="Seed for parent sampling and ordering.")
 
     @model_validator(mode="after")
@@ -273,6 +279,41 @@ class SandboxConfig(_Strict):
     error_rate: float = Field(0.0, ge=0, le=1, description="Fraction of random 500/503 answers.")
     latency_ms: float = Field(0.0, ge=0, description="Mean added latency per response.")
     malformed_rate: float = Field(0.0, ge=0, le=1, description="Fraction of malformed reviews.")
+
+
+class ServeConfig(_Strict):
+    """The student behind a Ray Serve OpenAI-compatible endpoint."""
+
+    host: str = Field("127.0.0.1", description="HTTP host the Serve proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="'hf' (transformers, CPU or GPU, dynamic batching) or 'vllm' (GPU)."
+    )
+    model_name: str = Field("lion-student", description="Model id reported by /v1/models.")
+    api_keys_env: str | None = Field(
+        None,
+        description="Environment variable holding comma-separated bearer keys; when set, every "
+        "/v1 route answers 401 without one. The keys never appear in configs or logs.",
+    )
+    num_replicas: int = Field(1, gt=0, description="Serve replicas.")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs per replica.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica.")
+    max_batch_size: int = Field(
+        16, gt=0, description="Requests per dynamic batch (1: no batching)."
+    )
+    batch_wait_ms: float = Field(10.0, ge=0, description="How long a batch waits to fill.")
+    max_ongoing_requests: int = Field(32, gt=0, description="Requests a replica works on at once.")
+    max_queued_requests: int = Field(
+        64, ge=0, description="Requests queued beyond that; more are answered 503 (backpressure)."
+    )
+    max_prompt_tokens: int = Field(1024, gt=0, description="Longest prompt accepted (tokens).")
+    max_tokens_cap: int = Field(512, gt=0, description="Largest max_tokens a request may ask for.")
+    max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted.")
+    watch_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="With --run: how often to look for a newer round's student (0: never).",
+    )
 
 
 class ClusterConfig(_Strict):
@@ -320,6 +361,7 @@ class LionConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 

@@ -107,7 +107,10 @@ def generate(
     new_rows, candidates, summaries = [], [], []
     stats: dict = {}
     for kind, target in (("hard", loop.hard_per_round), ("easy", loop.easy_per_round)):
-        parents = sorted((r for r in judged_rows if r["label"] == kind), key=lambda r: r["id"])
+        mined = loop.parent_selection == "lion"
+        parents = sorted(
+            (r for r in judged_rows if not mined or r["label"] == kind), key=lambda r: r["id"]
+        )
         random.Random(f"{loop.seed}:{round_no}:{kind}").shuffle(parents)
         budget = math.ceil(target * loop.generation_attempts_factor) if parents else 0
         reasons: Counter = Counter()

@@ -159,3 +159,20 @@ def test_deterministic_and_cached_and_shortfall(ray_local, sandbox, tmp_path):
         "shortfall": 5,
         "rejected": {},
     }
+
+
+def test_random_parent_selection_ignores_labels(ray_local, sandbox, tmp_path):
+    pool = _pool(40, seed=9)
+    judged = _judged(pool, hard_fraction=1.0)  # every instruction labelled hard
+    loop = LoopConfig(hard_per_round=5, easy_per_round=5, min_words=2, parent_selection="random")
+    new, cands, info = generate(
+        judged,
+        pool,
+        loop,
+        sandbox_endpoint(sandbox),
+        round_no=1,
+        cache_dir=str(tmp_path / "c"),
+        show_progress=False,
+    )
+    # with lion mining there would be no easy parents; random draws them from everything
+    assert info["metrics"]["easy"]["parents"] == 40 and info["metrics"]["easy"]["accepted"] == 5
