@@ -622,6 +622,197 @@ def status_cmd(
         console.print(table)
 
 
+# --- evaluation and weights ----------------------------------------------------------------------
+
+
+def _endpoint_override(cfg, role: str, spec: str):
+    """'teacher'/'referee' keep the config's endpoint; 'sandbox' or a URL replace its base_url."""
+    if spec in ("teacher", "referee", "generator"):
+        return cfg.endpoints()[spec]
+    if spec == "sandbox" or spec.startswith(("http://", "https://")):
+        return cfg.endpoints()[role].model_copy(update={"base_url": spec})
+    raise LionError(
+        f"{spec!r} is not an endpoint: use teacher, referee, sandbox or an http(s):// URL"
+    )
+
+
+@app.command("eval")
+def eval_cmd(
+    questions: Annotated[
+        str, typer.Option(help="Questions: Vicuna JSONL (question_id, text, category) or a pool.")
+    ],
+    candidate: Annotated[str, typer.Option(help="Student model directory, or an answers file.")],
+    out: Annotated[
+        str, typer.Option("--out", help="Output directory (eval.md, eval.json, by_category.png).")
+    ],
+    reference: Annotated[
+        str, typer.Option(help="Answers file, or an endpoint: teacher, sandbox or a URL.")
+    ] = "teacher",
+    judge: Annotated[
+        str, typer.Option(help="Judge endpoint: referee, sandbox or a URL.")
+    ] = "referee",
+    title: Annotated[str | None, typer.Option(help="Title of the table.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Run config (endpoints, student template).")
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Relative score of a candidate against a reference, judged in both orders, per category."""
+    from lion_ray import evaluation, storage
+    from lion_ray.session import Session
+
+    with user_errors():
+        cfg = _load(config, set_)
+        qs = evaluation.load_questions(questions)
+        reference_is_file = storage.exists(reference) and not reference.startswith("http")
+        teacher = (
+            cfg.teacher if reference_is_file else _endpoint_override(cfg, "teacher", reference)
+        )
+        cfg = cfg.model_copy(
+            update={"teacher": teacher, "referee": _endpoint_override(cfg, "referee", judge)}
+        )
+        with Session(cfg) as session:
+            if storage.exists(storage.join(candidate, "config.json")):
+                cand = evaluation.answer_with_student(qs, candidate, cfg.student)
+            else:
+                cand = evaluation.load_answers(candidate, qs)
+            if reference_is_file:
+                ref = evaluation.load_answers(reference, qs)
+            else:
+                ref = evaluation.answer_with_endpoint(
+                    qs,
+                    session.endpoint("teacher"),
+                    cfg.student.prompt_template,
+                    storage.join(out, "cache", "teacher"),
+                )
+            judged, result = evaluation.judge_pairs(
+                qs,
+                cand,
+                ref,
+                session.endpoint("referee"),
+                storage.join(out, "cache", "referee"),
+                cfg.loop.referee_max_reasks,
+            )
+        name = title or f"{candidate} vs {reference}"
+        table = evaluation.write_outputs(out, name, result, judged, cand, ref)
+    console.print(table, markup=False, highlight=False)
+    console.print(f"wrote {out}/eval.md, eval.json, by_category.png")
+
+
+weights_app = typer.Typer(
+    help="Release a student as delta weights against its base, and recover it.",
+    no_args_is_help=True,
+)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("diff")
+def weights_diff(
+    base: Annotated[str, typer.Option(help="Base model directory (Hugging Face format).")],
+    tuned: Annotated[str, typer.Option(help="Fine-tuned model directory.")],
+    out: Annotated[str, typer.Option("--out", help="Delta directory to write.")],
+) -> None:
+    """Write the delta of a fine-tuned model against its base (bit-exact, with checksums)."""
+    from lion_ray import weights
+
+    with user_errors():
+        info = weights.diff(weights.local(base), weights.local(tuned), weights.local(out))
+    console.print(
+        f"delta of {info['tensors']} tensors ({info['added_rows']} added embedding rows) -> {out}"
+    )
+
+
+@weights_app.command("recover")
+def weights_recover(
+    base: Annotated[str, typer.Option(help="The base model the delta was made against.")],
+    diff: Annotated[str, typer.Option(help="Delta directory from `weights diff`.")],
+    out: Annotated[str, typer.Option("--out", help="Where to write the recovered model.")],
+) -> None:
+    """Rebuild the fine-tuned model from its base and a delta; refuses a mismatched base."""
+    from lion_ray import weights
+
+    with user_errors():
+        info = weights.recover(weights.local(base), weights.local(diff), weights.local(out))
+    console.print(
+        f"recovered {info['tensors']} tensors (sha256 {info['tuned_sha256'][:12]}..., verified) -> {out}"
+    )
+
+
+# --- serving -----------------------------------------------------------------------------------
+
+
+@app.command("serve")
+def serve_cmd(
+    run_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--run",
+            help="Serve the newest round's student of this run, "
+            "swapping in newer rounds as they finish.",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Serve this exported student.")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="HTTP host (default: serve.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: serve.port).")] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="hf or vllm (default: serve.backend).")
+    ] = None,
+    api_keys_env: Annotated[
+        str | None, typer.Option(help="Variable with comma-separated bearer keys.")
+    ] = None,
+    detach: Annotated[
+        bool, typer.Option(help="Deploy and return (needs a running cluster: RAY_ADDRESS).")
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Run config (serve section, template).")
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Serve the student behind an OpenAI-compatible Ray Serve endpoint with a chat page at /."""
+    import time
+
+    from ray import serve
+
+    from lion_ray.engines.serving import deploy, run_template
+    from lion_ray.session import Session
+
+    if (run_dir is None) == (model is None):
+        err_console.print(
+            "[bold red]error:[/bold red] give exactly one of --run DIR or --model DIR"
+        )
+        raise typer.Exit(2)
+    overrides = list(set_ or [])
+    for key, value in (
+        ("host", host),
+        ("port", port),
+        ("backend", backend),
+        ("api_keys_env", api_keys_env),
+    ):
+        if value is not None:
+            overrides.append(f"serve.{key}={value}")
+    with user_errors():
+        cfg = _load(config, overrides)
+        template = cfg.student.prompt_template
+        if run_dir:  # the run knows its own template
+            template = run_template(run_dir, template)
+        with Session(cfg, need_endpoints=False, quiet=True):
+            url = deploy(cfg.serve, template=template, model_dir=model, run_dir=run_dir)
+            console.print(
+                f"serving {model or 'the newest student of ' + run_dir} at {url} "
+                f"(OpenAI API under {url}/v1, chat page at {url}/)"
+            )
+            if detach:
+                return
+            console.print("Ctrl-C to stop")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                serve.shutdown()
+
+
 def main() -> None:
     app()
 

@@ -14,6 +14,10 @@ SEED_TASKS = DATA / "alpaca_seed_tasks.jsonl"  # the 175 self-instruct seed task
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Serve replicas read their bearer keys from the environment they inherit from the Ray node,
+# so the keys are set before the session's Ray starts (never passed in a runtime env).
+SERVE_KEYS_ENV = "LION_TEST_SERVE_KEYS"
+os.environ[SERVE_KEYS_ENV] = "test-key-1,test-key-2"
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +98,11 @@ def tiny_student(tmp_path_factory):
 
 
 MEMORIZED = [("Reverse 'kato'.", "otak"), ("What is 17 + 25?", "42"), ("Uppercase 'mixo'.", "MIXO")]
+MEMORIZED_B = [
+    ("Reverse 'kato'.", "bbbb"),
+    ("What is 17 + 25?", "99"),
+    ("Uppercase 'mixo'.", "BBBB"),
+]
 
 
 @pytest.fixture(scope="session")
@@ -116,4 +125,27 @@ def taught_student(tmp_path_factory):
         ),
     )
     memorize(out, MEMORIZED)
+    return out
+
+
+@pytest.fixture(scope="session")
+def taught_student_b(tmp_path_factory):
+    """A second student with different answers: tells which model served a request."""
+    from lion_ray.config import TinyStudentConfig
+    from lion_ray.student import init_student
+
+    from .helpers import memorize
+
+    out = tmp_path_factory.mktemp("students") / "taught_b"
+    init_student(
+        str(out),
+        TinyStudentConfig(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=1,
+            intermediate_size=128,
+            max_position_embeddings=256,
+        ),
+    )
+    memorize(out, MEMORIZED_B)
     return out

@@ -38,3 +38,11 @@ def memorize(
         opt.step()
         opt.zero_grad()
     model.save_pretrained(model_dir)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -150,3 +150,44 @@ def test_cli_chain_teacher_student_discriminate_generate(tmp_path, taught_studen
         sum(r["label"] == "hard" for r in judged) >= 30
     )  # the taught student knows 3 tasks at most
     assert pq.read_table(tmp_path / "new.parquet").num_rows == 10
+
+
+def test_serve_command_until_ctrl_c(tmp_path, taught_student):
+    """`lion-ray serve --model DIR` in the foreground: answers, then stops on Ctrl-C."""
+    import signal
+    import time
+
+    from openai import OpenAI
+
+    from .conftest import MEMORIZED
+    from .helpers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lion_ray", "serve", "--model", str(taught_student)]
+        + ["--port", str(port), "--set", "student.prompt_template=compact"],
+        cwd=ROOT,
+        env={**os.environ, "RAY_ADDRESS": "", "COLUMNS": "200"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        deadline = time.time() + 180
+        while time.time() < deadline and not any("Ctrl-C" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "".join(lines)[-3000:]
+            lines.append(line)
+        assert any(f"http://127.0.0.1:{port}/v1" in line for line in lines), "".join(lines)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        question, answer = MEMORIZED[1]
+        reply = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": question}], max_tokens=12
+        )
+        assert reply.choices[0].message.content == answer
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

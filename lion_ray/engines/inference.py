@@ -15,8 +15,10 @@ Every row comes back: ``ok`` or ``failed`` with the error.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 
 import pyarrow as pa
 
@@ -69,38 +71,80 @@ class HFGenerator:
         self.top_p = top_p
         self.batch_size = batch_size
         self.seed = seed
-        limit = getattr(self.model.config, "max_position_embeddings", 2048)
-        self.max_prompt_tokens = max(8, limit - max_new_tokens)
+        self.position_limit = getattr(self.model.config, "max_position_embeddings", 2048)
 
     def prompt(self, instruction: str, input_text: str) -> str:
         return build_prompt(instruction, input_text, self.template)
 
-    def generate(self, items: list[tuple[str, str]]) -> list[dict]:
+    def encode(self, prompt: str, max_new_tokens: int | None = None) -> list[int]:
+        """Prompt token ids, cut from the left to leave room for the answer."""
+        room = max(8, self.position_limit - (max_new_tokens or self.max_new_tokens))
+        return self.tokenizer(prompt, add_special_tokens=False).input_ids[-room:]
+
+    def generate(self, items: list[tuple[str, str]], **sampling) -> list[dict]:
         """One result per (instruction, input): answer, finish_reason, token counts."""
-        prompts = [self.prompt(i, x) for i, x in items]
-        encoded = [
-            self.tokenizer(p, add_special_tokens=False).input_ids[-self.max_prompt_tokens :]
-            for p in prompts
-        ]
+        return self.generate_prompts([self.prompt(i, x) for i, x in items], **sampling)
+
+    def generate_prompts(
+        self,
+        prompts: list[str],
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+    ) -> list[dict]:
+        """Like :meth:`generate` for prompts already in the template; sampling overrides the
+        defaults given at construction."""
+        encoded = [self.encode(p, max_new_tokens) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda k: len(encoded[k]))
         results: list[dict | None] = [None] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            for k, res in zip(idx, self._generate_batch([encoded[k] for k in idx]), strict=True):
+            batch = self._generate_batch(
+                [encoded[k] for k in idx], max_new_tokens, temperature, top_p
+            )
+            for k, res in zip(idx, batch, strict=True):
                 results[k] = res
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, batch_ids: list[list[int]]) -> list[dict]:
+    def _sampling(self, max_new_tokens, temperature, top_p) -> dict:
+        temperature = self.temperature if temperature is None else temperature
+        sample = temperature > 0
+        return {
+            "max_new_tokens": max_new_tokens or self.max_new_tokens,
+            "do_sample": sample,
+            "temperature": temperature if sample else None,
+            "top_p": (self.top_p if top_p is None else top_p) if sample else None,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+
+    def _finish(self, ids: list[int], gen: list[int]) -> dict:
+        eos = self.tokenizer.eos_token_id
+        finish = "stop" if eos in gen else "length"
+        if finish == "stop":
+            gen = gen[: gen.index(eos) + 1]
+        text = self.tokenizer.decode(gen, skip_special_tokens=True)
+        return {
+            "answer": text.strip(),
+            "finish_reason": finish,
+            "prompt_tokens": len(ids),
+            "completion_tokens": len(gen),
+        }
+
+    def _generate_batch(
+        self, batch_ids: list[list[int]], max_new_tokens=None, temperature=None, top_p=None
+    ) -> list[dict]:
         torch = self.torch
-        tok = self.tokenizer
         width = max(len(x) for x in batch_ids)
-        input_ids = torch.full((len(batch_ids), width), tok.pad_token_id, dtype=torch.long)
+        input_ids = torch.full(
+            (len(batch_ids), width), self.tokenizer.pad_token_id, dtype=torch.long
+        )
         attention = torch.zeros_like(input_ids)
         for row, ids in enumerate(batch_ids):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
-        sample = self.temperature > 0
-        if sample:  # reproducible per batch content, whatever the batch order
+        sampling = self._sampling(max_new_tokens, temperature, top_p)
+        if sampling["do_sample"]:  # reproducible per batch content, whatever the batch order
             torch.manual_seed(
                 self.seed + int(hashlib.sha256(repr(batch_ids).encode()).hexdigest()[:8], 16)
             )
@@ -108,31 +152,42 @@ class HFGenerator:
             out = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
-                max_new_tokens=self.max_new_tokens,
-                do_sample=sample,
-                temperature=self.temperature if sample else None,
-                top_p=self.top_p if sample else None,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
+                **sampling,
             )
-        new_tokens = out[:, width:].tolist()
-        results = []
-        for ids, gen in zip(batch_ids, new_tokens, strict=True):
-            if tok.eos_token_id in gen:
-                gen = gen[: gen.index(tok.eos_token_id) + 1]
-                finish = "stop"
-            else:
-                finish = "length"
-            text = tok.decode(gen, skip_special_tokens=True)
-            results.append(
-                {
-                    "answer": text.strip(),
-                    "finish_reason": finish,
-                    "prompt_tokens": len(ids),
-                    "completion_tokens": len(gen),
-                }
-            )
-        return results
+        return [
+            self._finish(ids, gen)
+            for ids, gen in zip(batch_ids, out[:, width:].tolist(), strict=True)
+        ]
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+    ) -> Iterator[dict]:
+        """Text deltas as they are generated ({"delta": str}), then one final {"finish": ...}."""
+        from transformers import TextIteratorStreamer
+
+        ids = self.encode(prompt, max_new_tokens)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        output: dict = {}
+
+        def run() -> None:
+            with self.torch.no_grad():
+                output["ids"] = self.model.generate(
+                    input_ids=self.torch.tensor([ids], device=self.device),
+                    streamer=streamer,
+                    **self._sampling(max_new_tokens, temperature, top_p),
+                )[0, len(ids) :].tolist()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        for text in streamer:
+            if text:
+                yield {"delta": text}
+        thread.join()
+        yield {"finish": self._finish(ids, output.get("ids", []))}
 
 
 class HFPredictor:

@@ -1,0 +1,678 @@
+"""The student behind a Ray Serve OpenAI-compatible endpoint.
+
+    lion-ray serve --run runs/demo          # the newest round's student, swapped as rounds finish
+    lion-ray serve --model runs/demo/round_3/imitation/model
+    serve run lion_ray.engines.serving:build_app model_dir=...   # Serve config / RayService
+
+Routes: ``/v1/chat/completions`` and ``/v1/completions`` (both wrap the prompt in the training
+template; SSE streaming or not), ``/v1/models``, ``/v1/admin/reload``, and a chat page at
+``/``. Non-streaming requests are batched dynamically (``serve.batch``). The deployment swaps
+to a new checkpoint without dropping in-flight requests: a request keeps the model object it
+started with while the new one loads beside it (``reconfigure``, the reload route, or a
+watcher that sees a newer round in the run directory).
+"""
+
+# No `from __future__ import annotations`: Serve re-wraps the route methods, and FastAPI
+# would then fail to resolve string annotations such as `body: ChatRequest`.
+
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from importlib import resources
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from lion_ray import storage
+from lion_ray.config import ServeConfig
+from lion_ray.logic.prompts import build_prompt
+from lion_ray.storage import RunDir
+
+
+class ServeError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = (
+            status,
+            message,
+            type_,
+            code,
+            param,
+        )
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str = Field(pattern="^(system|user|assistant|developer)$")
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0)
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stream: bool = False
+    stream_options: dict | None = None
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int | None = Field(None, gt=0)
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stream: bool = False
+
+
+def chat_to_instruction(messages: list[ChatMessage]) -> tuple[str, str]:
+    """(instruction, input) for the training template: the last user message is the
+    instruction; earlier turns, if any, become the input block as a transcript."""
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
+    if last_user is None:
+        raise ServeError(400, "messages must contain a user message", param="messages")
+    history = [
+        f"{m.role}: {m.content}" for m in messages[:last_user] if m.role in ("user", "assistant")
+    ]
+    return messages[last_user].content, "\n".join(history)
+
+
+def run_template(run_uri: str, default: str) -> str:
+    """The prompt template a run trained with (its saved config), else ``default``."""
+    from lion_ray.config import parse_config
+
+    saved = storage.join(run_uri, "config.yaml")
+    if not storage.exists(saved):
+        return default
+    return parse_config(storage.read_text(saved), saved).student.prompt_template
+
+
+def newest_model(run_uri: str) -> str | None:
+    """The newest round's exported student in a run directory, if any."""
+    run = RunDir(run_uri)
+    rounds = run.rounds_done()
+    return run.model_dir(rounds[-1]) if rounds else None
+
+
+# What the middleware and the key check need from the replica's settings. One replica per
+# process, so module state is the replica's. The deployment class is pickled by value (so
+# its methods see copies of this module's globals); `configure_replica` is pickled by
+# reference and so writes to the module the middleware reads.
+REPLICA: dict = {"max_body_bytes": ServeConfig().max_body_bytes, "keys": set()}
+
+
+def configure_replica(settings: ServeConfig) -> None:
+    env = settings.api_keys_env
+    keys = os.environ.get(env, "") if env else ""
+    REPLICA["max_body_bytes"] = settings.max_body_bytes
+    REPLICA["keys"] = {k.strip() for k in keys.split(",") if k.strip()}
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over the replica's limit (declared or streamed) with 413.
+
+    The limit is read from ``REPLICA`` at request time, which each replica's constructor sets
+    through ``configure_replica``."""
+
+    def __init__(self, app):
+        self.app = app
+
+    @property
+    def limit(self) -> int:
+        return REPLICA["max_body_bytes"]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and int(declared) > self.limit:
+            return await self._too_large(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            return await self.app(scope, limited, send)
+        except _TooLarge:
+            return await self._too_large(send)
+
+    async def _too_large(self, send):
+        body = json.dumps(
+            error_body(
+                f"request body is larger than {self.limit} bytes",
+                "invalid_request_error",
+                "request_too_large",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _page() -> str:
+    return resources.files("lion_ray").joinpath("serving_static/index.html").read_text()
+
+
+api = FastAPI(title="lion-ray student", docs_url=None, redoc_url=None)
+api.add_middleware(BodyLimit)
+
+
+@api.exception_handler(ServeError)
+async def _serve_error(request: Request, exc: ServeError):
+    return JSONResponse(
+        error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status
+    )
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError):
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in first["loc"] if p != "body")
+    return JSONResponse(
+        error_body(f"{param}: {first['msg']}", "invalid_request_error", "invalid_value", param),
+        status_code=422,
+    )
+
+
+def _check_key(request: Request) -> None:
+    keys = REPLICA["keys"]
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    if not header.startswith("Bearer ") or header[len("Bearer ") :] not in keys:
+        raise ServeError(
+            401,
+            "missing or invalid API key: send 'Authorization: Bearer <key>'",
+            "invalid_request_error",
+            "invalid_api_key",
+        )
+
+
+def _load_generator(model_dir: str, template: str, backend: str):
+    from lion_ray.student import local_model_dir
+
+    if backend == "vllm":
+        return VLLMGenerator(local_model_dir(model_dir), template=template)
+    from lion_ray.engines.inference import HFGenerator
+
+    return HFGenerator(local_model_dir(model_dir), template=template, batch_size=64)
+
+
+class VLLMGenerator:
+    """The same interface as HFGenerator (generate_prompts, stream, encode) on vLLM's async
+    engine, for GPU replicas. Imported only when the vllm backend is chosen."""
+
+    def __init__(self, model_dir: str, template: str, **engine_kwargs: Any):
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        self.template = template
+        self.engine = AsyncLLMEngine.from_engine_args(
+            AsyncEngineArgs(model=model_dir, **engine_kwargs)
+        )
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.position_limit = engine_kwargs.get("max_model_len") or getattr(
+            AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 2048
+        )
+
+    def encode(self, prompt: str, max_new_tokens: int | None = None) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False).input_ids
+
+    async def _run(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float):
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+            yield out
+
+    async def agenerate(self, prompts, max_new_tokens, temperature, top_p) -> list[dict]:
+        async def one(p):
+            final = None
+            async for out in self._run(p, max_new_tokens, temperature, top_p):
+                final = out
+            o = final.outputs[0]
+            return {
+                "answer": o.text.strip(),
+                "finish_reason": "length" if o.finish_reason == "length" else "stop",
+                "prompt_tokens": len(final.prompt_token_ids),
+                "completion_tokens": len(o.token_ids),
+            }
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def _usage(r: dict) -> dict:
+    return {
+        "prompt_tokens": r["prompt_tokens"],
+        "completion_tokens": r["completion_tokens"],
+        "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
+    }
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+# Helpers the routes call are defined above the class: `serve.ingress` pickles the app
+# when the class is decorated, capturing only the globals that exist by then.
+@serve.deployment
+@serve.ingress(api)
+class StudentServer:
+    """One replica: a loaded student, dynamic batching, streaming, hot swap."""
+
+    def __init__(self, settings: dict):
+        self.settings = ServeConfig.model_validate(settings["serve"])
+        self.template = settings["template"]
+        self.run_dir: str | None = settings.get("run_dir")
+        self.model_dir: str | None = None
+        self.model = None
+        self.swaps = 0
+        self._swap_lock = threading.Lock()
+        configure_replica(self.settings)
+        self._batched.set_max_batch_size(self.settings.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
+        self.swap_to(
+            settings.get("model_dir") or (newest_model(self.run_dir) if self.run_dir else None)
+        )
+        if self.run_dir and self.settings.watch_interval_s:
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    # --- hot swap ---------------------------------------------------------------------
+
+    def swap_to(self, model_dir: str | None) -> bool:
+        """Load ``model_dir`` beside the current model, then switch; in-flight requests keep
+        the model object they started with."""
+        if not model_dir:
+            raise ValueError(
+                "no student to serve: the run has no finished round yet, or pass model_dir"
+            )
+        with self._swap_lock:
+            if model_dir == self.model_dir:
+                return False
+            fresh = _load_generator(model_dir, self.template, self.settings.backend)
+            self.model, self.model_dir = fresh, model_dir
+            self.swaps += 1
+            return True
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this when the app's user_config changes (a rolling update in place)."""
+        target = user_config.get("model_dir") or (
+            newest_model(self.run_dir) if self.run_dir else None
+        )
+        if target:
+            self.swap_to(target)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.settings.watch_interval_s)
+            try:
+                newest = newest_model(self.run_dir)
+                if newest and newest != self.model_dir:
+                    self.swap_to(newest)
+            except Exception:  # a half-written manifest or a missing file: try again later
+                continue
+
+    # --- generation -------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _batched(self, jobs: list[tuple]) -> list[dict]:
+        model = self.model
+        out: list[dict | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, max_tokens, temperature, top_p) in enumerate(jobs):
+            groups.setdefault((max_tokens, temperature, top_p), []).append(i)
+        for (max_tokens, temperature, top_p), idx in groups.items():
+            prompts = [jobs[i][0] for i in idx]
+            if isinstance(model, VLLMGenerator):
+                results = await model.agenerate(prompts, max_tokens, temperature, top_p)
+            else:
+                results = await asyncio.to_thread(
+                    model.generate_prompts, prompts, max_tokens, temperature, top_p
+                )
+            for i, r in zip(idx, results, strict=True):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    def _prepare(
+        self, instruction: str, input_text: str, max_tokens: int | None
+    ) -> tuple[str, int]:
+        s = self.settings
+        if max_tokens and max_tokens > s.max_tokens_cap:
+            raise ServeError(
+                400,
+                f"max_tokens {max_tokens} is above this server's cap of {s.max_tokens_cap}",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
+        prompt = build_prompt(instruction, input_text, self.template)
+        n = len(self.model.tokenizer(prompt, add_special_tokens=False).input_ids)
+        if n > s.max_prompt_tokens:
+            raise ServeError(
+                400,
+                f"the prompt is {n} tokens; this server accepts at most {s.max_prompt_tokens}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        # The answer must fit in the model's context after the prompt (never cut the prompt).
+        room = self.model.position_limit - n
+        if max_tokens and max_tokens > room:
+            raise ServeError(
+                400,
+                f"this model's context is {self.model.position_limit} tokens: the prompt takes "
+                f"{n}, so max_tokens may be at most {room}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if room < 1:
+            raise ServeError(
+                400,
+                f"the prompt ({n} tokens) fills this model's context",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return prompt, max_tokens or min(256, s.max_tokens_cap, room)
+
+    async def _stream(self, prompt: str, max_tokens: int, temperature: float, top_p: float):
+        model = self.model
+        if isinstance(model, VLLMGenerator):
+            seen = ""
+            async for out in model._run(prompt, max_tokens, temperature, top_p):
+                text = out.outputs[0].text
+                if len(text) > len(seen):
+                    yield {"delta": text[len(seen) :]}
+                    seen = text
+            o = out.outputs[0]
+            yield {
+                "finish": {
+                    "finish_reason": "length" if o.finish_reason == "length" else "stop",
+                    "prompt_tokens": len(out.prompt_token_ids),
+                    "completion_tokens": len(o.token_ids),
+                }
+            }
+            return
+        it = model.stream(prompt, max_tokens, temperature, top_p)
+        while True:
+            item = await asyncio.to_thread(next, it, None)
+            if item is None:
+                return
+            yield item
+
+    # --- routes -----------------------------------------------------------------------
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self) -> str:
+        return _page()
+
+    @api.get("/v1/models", dependencies=[Depends(_check_key)])
+    async def models(self) -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.settings.model_name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "lion-ray",
+                    "root": self.model_dir,
+                }
+            ],
+        }
+
+    @api.post("/v1/admin/reload", dependencies=[Depends(_check_key)])
+    async def reload(self, request: Request) -> dict:
+        body = await request.json() if await request.body() else {}
+        target = body.get("model_dir") or (newest_model(self.run_dir) if self.run_dir else None)
+        if not target or not storage.exists(storage.join(target, "config.json")):
+            raise ServeError(400, f"no exported student at {target!r}", param="model_dir")
+        swapped = await asyncio.to_thread(self.swap_to, target)
+        return {"model_dir": self.model_dir, "swapped": swapped, "swaps": self.swaps}
+
+    @api.post("/v1/chat/completions", dependencies=[Depends(_check_key)])
+    async def chat(self, body: ChatRequest):
+        instruction, history = chat_to_instruction(body.messages)
+        prompt, max_tokens = self._prepare(
+            instruction, history, body.max_completion_tokens or body.max_tokens
+        )
+        rid, created, name = (
+            f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            int(time.time()),
+            self.settings.model_name,
+        )
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(
+                self._chat_events(prompt, max_tokens, body, rid, created, name, include_usage),
+                media_type="text/event-stream",
+            )
+        r = await self._batched((prompt, max_tokens, body.temperature, body.top_p))
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": r["answer"]},
+                    "finish_reason": r["finish_reason"],
+                }
+            ],
+            "usage": _usage(r),
+        }
+
+    async def _chat_events(self, prompt, max_tokens, body, rid, created, name, include_usage):
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name}
+        yield _sse(
+            base
+            | {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None,
+                    }
+                ]
+            }
+        )
+        async for item in self._stream(prompt, max_tokens, body.temperature, body.top_p):
+            if "delta" in item:
+                yield _sse(
+                    base
+                    | {
+                        "choices": [
+                            {"index": 0, "delta": {"content": item["delta"]}, "finish_reason": None}
+                        ]
+                    }
+                )
+            else:
+                fin = item["finish"]
+                yield _sse(
+                    base
+                    | {
+                        "choices": [
+                            {"index": 0, "delta": {}, "finish_reason": fin["finish_reason"]}
+                        ]
+                    }
+                )
+                if include_usage:
+                    yield _sse(base | {"choices": [], "usage": _usage(fin)})
+        yield "data: [DONE]\n\n"
+
+    @api.post("/v1/completions", dependencies=[Depends(_check_key)])
+    async def completions(self, body: CompletionRequest):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise ServeError(400, "prompt must not be empty", param="prompt")
+        prepared = [self._prepare(p, "", body.max_tokens) for p in prompts]
+        rid, created, name = (
+            f"cmpl-{uuid.uuid4().hex[:24]}",
+            int(time.time()),
+            self.settings.model_name,
+        )
+        if body.stream:
+            if len(prepared) > 1:
+                raise ServeError(400, "streaming supports one prompt per request", param="prompt")
+            return StreamingResponse(
+                self._completion_events(prepared[0], body, rid, created, name),
+                media_type="text/event-stream",
+            )
+        results = await asyncio.gather(
+            *(self._batched((p, m, body.temperature, body.top_p)) for p, m in prepared)
+        )
+        usage = {
+            k: sum(_usage(r)[k] for r in results)
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        }
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": name,
+            "choices": [
+                {
+                    "index": i,
+                    "text": r["answer"],
+                    "logprobs": None,
+                    "finish_reason": r["finish_reason"],
+                }
+                for i, r in enumerate(results)
+            ],
+            "usage": usage,
+        }
+
+    async def _completion_events(self, prepared, body, rid, created, name):
+        prompt, max_tokens = prepared
+        base = {"id": rid, "object": "text_completion", "created": created, "model": name}
+        async for item in self._stream(prompt, max_tokens, body.temperature, body.top_p):
+            if "delta" in item:
+                yield _sse(
+                    base | {"choices": [{"index": 0, "text": item["delta"], "finish_reason": None}]}
+                )
+            else:
+                yield _sse(
+                    base
+                    | {
+                        "choices": [
+                            {
+                                "index": 0,
+                                "text": "",
+                                "finish_reason": item["finish"]["finish_reason"],
+                            }
+                        ]
+                    }
+                )
+        yield "data: [DONE]\n\n"
+
+
+def build_app(args: dict):
+    """A Serve application for ``serve run``/RayService: args are model_dir or run_dir, and
+    optionally template and any ServeConfig field (strings, as Serve passes them)."""
+    fields = set(ServeConfig.model_fields)
+    settings = ServeConfig.model_validate({k: v for k, v in args.items() if k in fields})
+    return student_app(
+        settings,
+        template=args.get("template", "alpaca"),
+        model_dir=args.get("model_dir"),
+        run_dir=args.get("run_dir"),
+    )
+
+
+def student_app(
+    settings: ServeConfig,
+    *,
+    template: str,
+    model_dir: str | None = None,
+    run_dir: str | None = None,
+):
+    """The bound Serve application (with body-size limit, replicas and backpressure)."""
+    if not model_dir and not run_dir:
+        raise ValueError("give model_dir (one student) or run_dir (the newest round's student)")
+    if run_dir and not model_dir and not newest_model(run_dir):
+        from lion_ray.errors import LionError
+
+        raise LionError(f"{run_dir}: no round has finished training yet; nothing to serve")
+    resources_ = {"num_cpus": settings.cpus_per_replica}
+    if settings.gpus_per_replica:
+        resources_["num_gpus"] = settings.gpus_per_replica
+    deployment = StudentServer.options(
+        num_replicas=settings.num_replicas,
+        max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
+        ray_actor_options=resources_,
+        user_config={"model_dir": model_dir} if model_dir else {},
+    )
+    return deployment.bind(
+        {
+            "serve": settings.model_dump(),
+            "template": template,
+            "model_dir": model_dir,
+            "run_dir": run_dir,
+        }
+    )
+
+
+APP_NAME = "lion-student"
+
+
+def deploy(
+    settings: ServeConfig,
+    *,
+    template: str,
+    model_dir: str | None = None,
+    run_dir: str | None = None,
+    name: str = APP_NAME,
+    route_prefix: str = "/",
+) -> str:
+    """Start (or update in place) the student app on the connected Ray cluster; returns its URL.
+
+    Deploying again with another model_dir is a hot swap: Serve passes the new user_config to
+    the running replicas (``reconfigure``), which load the new student beside the old one.
+    """
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(
+        student_app(settings, template=template, model_dir=model_dir, run_dir=run_dir),
+        name=name,
+        route_prefix=route_prefix,
+    )
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}{route_prefix.rstrip('/')}"

@@ -1,0 +1,335 @@
+"""The student behind Ray Serve, driven by the real `openai` client and by a browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from openai import OpenAI
+
+from lion_ray.config import ServeConfig
+from lion_ray.engines.serving import deploy
+
+from ..conftest import MEMORIZED, MEMORIZED_B, ROOT, SERVE_KEYS_ENV
+from ..helpers import free_port
+
+KEY = "test-key-1"
+
+
+@pytest.fixture(scope="module")
+def serve_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, taught_student, serve_port):
+    from ray import serve
+
+    settings = ServeConfig(
+        port=serve_port,
+        api_keys_env=SERVE_KEYS_ENV,
+        max_tokens_cap=64,
+        max_prompt_tokens=200,
+        max_body_bytes=20_000,
+        max_batch_size=8,
+    )
+    url = deploy(settings, template="compact", model_dir=str(taught_student))
+    yield url, settings
+    serve.shutdown()
+
+
+def client(url: str, key: str | None = KEY) -> OpenAI:
+    return OpenAI(base_url=f"{url}/v1", api_key=key or "none", max_retries=0, timeout=60)
+
+
+def test_chat_and_completions_with_the_openai_client(served):
+    url, _ = served
+    c = client(url)
+    for question, answer in MEMORIZED:
+        r = c.chat.completions.create(
+            model="lion-student", messages=[{"role": "user", "content": question}], max_tokens=12
+        )
+        assert r.choices[0].message.content == answer and r.choices[0].finish_reason == "stop"
+        assert r.usage.completion_tokens == len(answer) + 1  # character tokens + EOS
+    done = c.completions.create(
+        model="lion-student", prompt=[q for q, _ in MEMORIZED], max_tokens=12
+    )
+    assert [ch.text for ch in done.choices] == [a for _, a in MEMORIZED]
+    assert [m.id for m in c.models.list()] == ["lion-student"]
+
+
+def test_streaming_by_sse(served):
+    url, _ = served
+    c = client(url)
+    stream = c.chat.completions.create(
+        model="lion-student",
+        messages=[{"role": "user", "content": MEMORIZED[0][0]}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    deltas = [
+        ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content
+    ]
+    assert "".join(deltas) == MEMORIZED[0][1] and len(deltas) >= 2  # arrived in pieces
+    assert chunks[-1].usage.completion_tokens == len(MEMORIZED[0][1]) + 1
+    text = "".join(
+        ch.choices[0].text
+        for ch in c.completions.create(
+            model="lion-student", prompt=MEMORIZED[1][0], max_tokens=12, stream=True
+        )
+    )
+    assert text == MEMORIZED[1][1]
+
+
+def test_bearer_keys(served):
+    url, _ = served
+    for key in (None, "wrong"):
+        with pytest.raises(openai.AuthenticationError) as err:
+            client(url, key).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert err.value.body["code"] == "invalid_api_key"
+    assert client(url, "test-key-2").models.list().data  # every configured key works
+    page = urllib.request.urlopen(f"{url}/").read().decode()  # the page itself is public
+    assert "lion-ray student" in page
+
+
+def _post(url: str, body: bytes, key: str = KEY) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_validation_and_caps(served):
+    url, settings = served
+    c = client(url)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=1000
+        )
+    assert (
+        err.value.body["code"] == "max_tokens_too_large" and err.value.body["param"] == "max_tokens"
+    )
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "long " * 100}])
+    assert err.value.body["code"] == "context_length_exceeded"
+    status, body = _post(url, json.dumps({"messages": []}).encode())
+    assert (
+        status == 422
+        and body["error"]["param"] == "messages"
+        and body["error"]["type"] == "invalid_request_error"
+    )
+    status, body = _post(
+        url, json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode()
+    )
+    assert status == 422
+    status, body = _post(url, b"{" + b" " * 30_000 + b"}")
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, body = _post(
+        url, json.dumps({"messages": [{"role": "system", "content": "only system"}]}).encode()
+    )
+    assert status == 400 and "user message" in body["error"]["message"]
+
+
+def test_backpressure_answers_503_not_collapse(ray_local, served, tiny_student):
+    url, _ = served
+    settings = ServeConfig(
+        port=int(url.rsplit(":", 1)[1]),
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        max_batch_size=1,
+        max_tokens_cap=256,
+    )
+    bp = deploy(
+        settings,
+        template="compact",
+        model_dir=str(tiny_student),
+        name="backpressure",
+        route_prefix="/bp",
+    )
+    codes: list[int] = []
+
+    def one():
+        req = urllib.request.Request(
+            f"{bp}/v1/chat/completions",
+            method="POST",
+            data=json.dumps(
+                {"messages": [{"role": "user", "content": "x"}], "max_tokens": 200}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            codes.append(urllib.request.urlopen(req, timeout=120).status)
+        except urllib.error.HTTPError as exc:
+            codes.append(exc.code)
+
+    threads = [threading.Thread(target=one) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes.count(503) >= 3 and codes.count(200) >= 1 and set(codes) <= {200, 503}
+    one()  # still healthy after the burst
+    assert codes[-1] == 200
+    from ray import serve
+
+    serve.delete("backpressure")
+
+
+def test_hot_swap_under_concurrent_requests(served, taught_student, taught_student_b):
+    url, settings = served
+    question = MEMORIZED[0][0]
+    seen: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def hammer():
+        c = client(url)
+        while not stop.is_set():
+            try:
+                r = c.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": question}], max_tokens=12
+                )
+                seen.append(r.choices[0].message.content)
+            except Exception as exc:  # any failed request fails the test
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    deploy(settings, template="compact", model_dir=str(taught_student_b))  # rolling update in place
+    deadline = time.time() + 60
+    while time.time() < deadline and (not seen or seen[-1] != MEMORIZED_B[0][1]):
+        time.sleep(0.5)
+    time.sleep(1)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+    assert seen[0] == MEMORIZED[0][1] and seen[-1] == MEMORIZED_B[0][1]
+    assert set(seen) == {MEMORIZED[0][1], MEMORIZED_B[0][1]}
+    # and back, through the admin route this time
+    req = urllib.request.Request(
+        f"{url}/v1/admin/reload",
+        method="POST",
+        data=json.dumps({"model_dir": str(taught_student)}).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    assert json.loads(urllib.request.urlopen(req).read())["swapped"] is True
+    assert (
+        client(url)
+        .chat.completions.create(model="m", messages=[{"role": "user", "content": question}])
+        .choices[0]
+        .message.content
+        == MEMORIZED[0][1]
+    )
+
+
+def test_run_dir_follows_new_rounds(ray_local, served, taught_student, taught_student_b, tmp_path):
+    from lion_ray.storage import RunDir
+
+    url, _ = served
+    run = RunDir(str(tmp_path / "run"))
+    shutil.copytree(taught_student, run.model_dir(1))
+    run.manifest.mark_done("round_1/imitation.train", rows=1)
+    settings = ServeConfig(port=int(url.rsplit(":", 1)[1]), watch_interval_s=0.5)
+    follow = deploy(
+        settings, template="compact", run_dir=run.uri, name="follow", route_prefix="/follow"
+    )
+    c = client(follow, None)
+    ask = {"model": "m", "messages": [{"role": "user", "content": MEMORIZED[0][0]}]}
+    # no max_tokens: the answer gets the context the prompt leaves; too many is refused
+    assert c.chat.completions.create(**ask).choices[0].message.content == MEMORIZED[0][1]
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(**ask, max_tokens=250)
+    assert err.value.body["code"] == "context_length_exceeded" and "at most" in str(err.value)
+    shutil.copytree(taught_student_b, run.model_dir(2))  # round 2 finishes
+    run.manifest.mark_done("round_2/imitation.train", rows=1)
+    deadline = time.time() + 30
+    while (
+        time.time() < deadline
+        and c.chat.completions.create(**ask).choices[0].message.content != MEMORIZED_B[0][1]
+    ):
+        time.sleep(0.5)
+    assert c.chat.completions.create(**ask).choices[0].message.content == MEMORIZED_B[0][1]
+    assert c.models.list().data[0].root.endswith("round_2/imitation/model")
+    from ray import serve
+
+    serve.delete("follow")
+
+
+def _chromium() -> str:
+    """Debian's chromium (installed here if missing: the test needs a real browser)."""
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(path):
+        res = subprocess.run(
+            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+            "--no-install-recommends chromium",
+            shell=True,
+            capture_output=True,
+            text=True,
+        )
+        if res.returncode != 0 or not os.path.exists(path):
+            pytest.fail(f"could not install Debian's chromium: {res.stderr[-1000:]}")
+    return path
+
+
+@pytest.mark.slow
+def test_chat_page_streams_a_reply_in_headless_chromium(served):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = served
+    shots = ROOT / "test-artifacts"
+    shots.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=_chromium(),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        page = browser.new_page()
+        page.goto(f"{url}/")
+        page.click("summary")  # the key lives under the collapsed settings
+        page.fill("#key", KEY)
+        page.fill("#prompt", MEMORIZED[0][0])
+        page.click("#send")
+        reply = page.locator(".assistant").last
+        page.wait_for_function(
+            "() => { const m = document.querySelectorAll('.assistant');"
+            " return m.length && m[m.length - 1].dataset.streaming === 'false'; }",
+            timeout=60_000,
+        )
+        assert reply.inner_text() == f"student: {MEMORIZED[0][1]}"
+        assert (
+            int(reply.get_attribute("data-chunks")) >= 2
+        )  # the reply arrived streamed, piece by piece
+        page.screenshot(path=str(shots / "chat-page.png"), full_page=True)
+        browser.close()
+    assert (shots / "chat-page.png").stat().st_size > 5_000
