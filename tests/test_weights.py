@@ -1,0 +1,133 @@
+"""Delta weights: bit-exact round trip on tiny models, an added pad token, a wrong base refused."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lion_ray.config import TinyStudentConfig
+from lion_ray.errors import LionError
+from lion_ray.student import init_student
+from lion_ray.weights import DELTA_FILE, diff, load_tensors, recover
+
+from .conftest import ROOT
+
+
+def _tuned_with_pad_token(base, out):
+    """A fine-tuned variant of ``base`` whose tokenizer gained a pad token (vocab + 1)."""
+    model = AutoModelForCausalLM.from_pretrained(base)
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    tok.add_special_tokens({"pad_token": "<extra_pad>"})
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _bits_equal(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(
+        a[k].dtype == b[k].dtype
+        and a[k].shape == b[k].shape
+        and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
+        for k in a
+    )
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weights")
+    cfg = TinyStudentConfig(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128)
+    init_student(str(root / "base"), cfg)
+    init_student(str(root / "other"), cfg.model_copy(update={"seed": 1}))
+    _tuned_with_pad_token(root / "base", root / "tuned")
+    return root
+
+
+def test_round_trip_is_bit_exact_with_an_added_pad_token(models, tmp_path):
+    info = diff(str(models / "base"), str(models / "tuned"), str(tmp_path / "delta"))
+    assert info["added_rows"] == 1
+    assert not list(
+        (tmp_path / "delta").glob("model*.safetensors")
+    )  # only the delta, not the weights
+    recover(str(models / "base"), str(tmp_path / "delta"), str(tmp_path / "recovered"))
+    assert _bits_equal(load_tensors(models / "tuned"), load_tensors(tmp_path / "recovered"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "recovered")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "recovered")
+    assert tok.pad_token == "<extra_pad>" and model.get_input_embeddings().weight.shape[0] == len(
+        tok
+    )
+
+
+def test_a_mismatched_base_is_refused(models, tmp_path):
+    diff(str(models / "base"), str(models / "tuned"), str(tmp_path / "delta"))
+    with pytest.raises(LionError, match="is not the base this delta was made against"):
+        recover(str(models / "other"), str(tmp_path / "delta"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupted_delta_fails_the_integrity_check(models, tmp_path):
+    diff(str(models / "base"), str(models / "tuned"), str(tmp_path / "delta"))
+    path = tmp_path / "delta" / DELTA_FILE
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte in the tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(LionError, match="integrity check failed"):
+        recover(str(models / "base"), str(tmp_path / "delta"), str(tmp_path / "out"))
+
+
+def test_different_architectures_cannot_be_diffed(models, tmp_path):
+    other = tmp_path / "wide"
+    init_student(
+        str(other),
+        TinyStudentConfig(hidden_size=32, num_layers=2, num_heads=1, intermediate_size=64),
+    )
+    with pytest.raises(LionError, match="shape"):
+        diff(str(models / "base"), str(other), str(tmp_path / "delta"))
+
+
+def test_cli_diff_and_recover(models, tmp_path):
+    def lion(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "lion_ray", "weights", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+
+    res = lion(
+        "diff",
+        "--base",
+        str(models / "base"),
+        "--tuned",
+        str(models / "tuned"),
+        "--out",
+        str(tmp_path / "d"),
+    )
+    assert res.returncode == 0 and "1 added embedding rows" in res.stdout
+    res = lion(
+        "recover",
+        "--base",
+        str(models / "base"),
+        "--diff",
+        str(tmp_path / "d"),
+        "--out",
+        str(tmp_path / "t"),
+    )
+    assert res.returncode == 0 and "verified" in res.stdout
+    bad = lion(
+        "recover",
+        "--base",
+        str(models / "other"),
+        "--diff",
+        str(tmp_path / "d"),
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert bad.returncode == 1 and "is not the base" in bad.stderr
+    shutil.rmtree(tmp_path / "t")
