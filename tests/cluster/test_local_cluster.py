@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,14 +16,9 @@ import psutil
 import pytest
 
 from ..conftest import DATA, ROOT
+from ..helpers import free_port
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalCluster:
@@ -137,6 +131,41 @@ def test_ray_job_submit_on_a_head_and_a_worker(tmp_path):
         )
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
         assert "succeeded" in job.stdout + job.stderr
+        # the trained student goes behind Serve by a second job; the app outlives the job
+        port = free_port()
+        served = subprocess.run(
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                cluster.dashboard_url,
+                "--working-dir",
+                ".",
+                "--",
+                "python",
+                "jobs/serve.py",
+                "--run",
+                str(run_dir),
+                "--set",
+                f"serve.port={port}",
+            ],
+            cwd=ROOT,
+            env={**cluster.env, "RAY_ADDRESS": ""},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-2000:]
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=3)
+        assert client.models.list().data[0].root.endswith("round_1/imitation/model")
+        reply = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Reverse 'kato'."}], max_tokens=8
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.usage.completion_tokens >= 1
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["finished_rounds"] == 1
     workers = manifest["stages"]["round_1/imitation.train"]["metrics"]["worker_nodes"]
