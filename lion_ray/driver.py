@@ -403,7 +403,7 @@ OPERATIONAL_ENDPOINT_FIELDS = {
 
 def _results_config(cfg: LionConfig) -> dict:
     """The part of a config that decides a run's results."""
-    exclude = {"cluster": True, "serve": True}
+    exclude = {"cluster": True, "serve": True, "storage": {"run_dir"}}  # a run may be moved
     for name in ("teacher", "referee", "generator"):
         exclude[name] = OPERATIONAL_ENDPOINT_FIELDS
     return cfg.model_dump(mode="json", exclude=exclude)

@@ -203,9 +203,12 @@ def test_a_run_dir_keeps_its_config(tmp_path):
         FakeSession(),
     ).check_config()  # where Ray runs may change between attempts
     Driver(
-        load_config(MINI, ["generator.requests_per_minute=60", "teacher.budget_usd=5"]),
+        load_config(
+            MINI,
+            ["generator.requests_per_minute=60", "teacher.budget_usd=5", "storage.run_dir=/moved"],
+        ),
         FakeSession(),
-    ).check_config()  # and so may how fast and how far the API stages go
+    ).check_config()  # and so may how fast and how far the API stages go, and where it lives
     changed = load_config(MINI, ["train.lr=0.1", "loop.tau=2"])
     with pytest.raises(
         LionError, match=r"different config \(loop.tau: 1.0 -> 2.0, train.lr: 0.003 -> 0.1\)"
