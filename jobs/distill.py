@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rich.console import Console
-
 from lion_ray.config import load_config
 from lion_ray.driver import run
 from lion_ray.errors import LionError
+from lion_ray.progress import make_console
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         "--set", dest="overrides", action="append", default=[], help="override, e.g. loop.rounds=1"
     )
     args = parser.parse_args(argv)
-    console = Console(stderr=False)
+    console = make_console()
     try:
         cfg = load_config(args.config, args.overrides)
         # init, build and run: the driver connects to the cluster and walks the rounds

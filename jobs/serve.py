@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rich.console import Console
-
 from lion_ray.config import load_config
 from lion_ray.engines.cluster import init_ray
 from lion_ray.engines.serving import deploy, run_template
 from lion_ray.errors import LionError
+from lion_ray.progress import make_console
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         help="override, e.g. serve.port=8000",
     )
     args = parser.parse_args(argv)
-    console = Console()
+    console = make_console()
     try:
         cfg = load_config(args.config, args.overrides)
         # init: join the cluster the job runs on

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from lion_ray.errors import LionError
+from lion_ray.progress import make_console
 
 app = typer.Typer(
     help="lion-ray: adversarial distillation (Lion) of a closed LLM into an open student, on Ray.",
@@ -33,8 +33,8 @@ sandbox_app = typer.Typer(
 app.add_typer(student_app, name="student")
 app.add_typer(sandbox_app, name="sandbox")
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 ConfigPath = Annotated[Path, typer.Argument(help="YAML run config.", exists=False)]
 SetOption = Annotated[

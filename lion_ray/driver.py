@@ -24,6 +24,7 @@ from lion_ray import storage
 from lion_ray.config import LionConfig, dump_config, parse_config
 from lion_ray.errors import LionError
 from lion_ray.logic.pools import import_records, load_pool_bytes, next_pools
+from lion_ray.progress import make_console
 from lion_ray.session import Session
 from lion_ray.storage import RunDir
 
@@ -41,7 +42,7 @@ class Driver:
         self.cfg = cfg
         self.session = session
         self.run: RunDir = session.run
-        self.console = console or Console()
+        self.console = console or make_console()
         self.show_progress = show_progress
 
     # --- bookkeeping ------------------------------------------------------------------
@@ -424,7 +425,7 @@ def run(
     cfg: LionConfig, *, show_progress: bool = True, console: Console | None = None
 ) -> list[dict]:
     """Run (or resume) the whole Lion loop for ``cfg``; returns per-round summaries."""
-    console = console or Console()
+    console = console or make_console()
     with Session(cfg) as session:
         if session.dashboard_url:
             console.print(f"Ray dashboard: {session.dashboard_url}")

@@ -6,6 +6,7 @@ plain status line every ``log_every_s`` seconds and once at the end.
 
 from __future__ import annotations
 
+import os
 import time
 
 from rich.console import Console
@@ -17,6 +18,17 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+LOG_WIDTH = 160
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console; off a terminal (``ray job logs``, CI, a pipe) it is 160 columns wide
+    instead of rich's 80, so the round tables are not cropped in logs read later."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = LOG_WIDTH
+    return console
 
 
 class StageProgress:
@@ -32,7 +44,7 @@ class StageProgress:
     ):
         self.label, self.total, self.unit = label, total, unit
         self.enabled = enabled
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console(stderr=True)
         self.log_every_s = log_every_s
         self.done = 0
         self.cost = 0.0

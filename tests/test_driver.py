@@ -117,6 +117,9 @@ def test_run_records_every_stage_and_updates_pools(reference_run):
     data = json.loads((report / "report.json").read_text())
     assert data["summary"][0]["train"] == 60 and data["rounds"][0]["heldout"]["n"] == 30
     assert "Ray dashboard: http" in out and "report:" in out and "round 1 done" in out
+    # off a terminal (ray job logs, CI) the round table is wide enough for every column
+    header = next(line for line in out.splitlines() if line.strip().startswith("round   train"))
+    assert "held-out" in header and header.split()[-2:] == ["$", "s"], header
 
 
 @pytest.mark.slow
