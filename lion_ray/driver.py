@@ -152,28 +152,36 @@ class Driver:
         template = cfg.student.prompt_template
         show = self.show_progress
 
+        def teacher_stage(pool, out_uri: str, label: str) -> Callable[[], dict]:
+            """The teacher answers ``pool`` (Train or Cache Pool), from the response cache
+            where it already has."""
+
+            def answer() -> dict:
+                from lion_ray.imitation import teacher_answers
+
+                table, summary = teacher_answers(
+                    pool,
+                    session.endpoint("teacher"),
+                    template=template,
+                    cache_dir=run.cache_dir("teacher"),
+                    spent_usd=session.spent_usd("teacher"),
+                    label=label,
+                    show_progress=show,
+                )
+                storage.write_parquet(out_uri, table)
+                return {
+                    "rows": table.num_rows,
+                    "failed": summary["failed"],
+                    "api": {"teacher": summary},
+                }
+
+            return answer
+
         # 1. imitation: the teacher answers the Train Pool, the student is fine-tuned on it
         teacher_train_uri = run.round_path(r, "imitation", "teacher.parquet")
-
-        def teacher_train() -> dict:
-            from lion_ray.imitation import teacher_answers
-
-            table, summary = teacher_answers(
-                train_pool,
-                session.endpoint("teacher"),
-                template=template,
-                cache_dir=run.cache_dir("teacher"),
-                spent_usd=session.spent_usd("teacher"),
-                label=f"round {r} teacher (Train Pool)",
-                show_progress=show,
-            )
-            storage.write_parquet(teacher_train_uri, table)
-            return {
-                "rows": table.num_rows,
-                "failed": summary["failed"],
-                "api": {"teacher": summary},
-            }
-
+        teacher_train = teacher_stage(
+            train_pool, teacher_train_uri, f"round {r} teacher (Train Pool)"
+        )
         self.stage(f"round_{r}/imitation.teacher", [teacher_train_uri], teacher_train)
 
         model_uri = run.model_dir(r)
@@ -201,26 +209,9 @@ class Driver:
 
         # 2. discrimination: teacher and student answer the Cache Pool, the referee judges
         teacher_cache_uri = run.round_path(r, "discrimination", "teacher.parquet")
-
-        def teacher_cache() -> dict:
-            from lion_ray.imitation import teacher_answers
-
-            table, summary = teacher_answers(
-                cache_pool,
-                session.endpoint("teacher"),
-                template=template,
-                cache_dir=run.cache_dir("teacher"),
-                spent_usd=session.spent_usd("teacher"),
-                label=f"round {r} teacher (Cache Pool)",
-                show_progress=show,
-            )
-            storage.write_parquet(teacher_cache_uri, table)
-            return {
-                "rows": table.num_rows,
-                "failed": summary["failed"],
-                "api": {"teacher": summary},
-            }
-
+        teacher_cache = teacher_stage(
+            cache_pool, teacher_cache_uri, f"round {r} teacher (Cache Pool)"
+        )
         self.stage(f"round_{r}/discrimination.teacher", [teacher_cache_uri], teacher_cache)
 
         student_uri = run.round_path(r, "discrimination", "student.parquet")

@@ -77,13 +77,11 @@ def sandbox_endpoint(server, **overrides):
     return EndpointConfig(**(fields | overrides))
 
 
-@pytest.fixture(scope="session")
-def tiny_student(tmp_path_factory):
-    """A freshly initialised tiny student (random weights) in Hugging Face format."""
+def _tiny(tmp_path_factory, name: str):
     from lion_ray.config import TinyStudentConfig
     from lion_ray.student import init_student
 
-    out = tmp_path_factory.mktemp("students") / "tiny"
+    out = tmp_path_factory.mktemp("students") / name
     init_student(
         str(out),
         TinyStudentConfig(
@@ -95,6 +93,12 @@ def tiny_student(tmp_path_factory):
         ),
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory):
+    """A freshly initialised tiny student (random weights) in Hugging Face format."""
+    return _tiny(tmp_path_factory, "tiny")
 
 
 MEMORIZED = [("Reverse 'kato'.", "otak"), ("What is 17 + 25?", "42"), ("Uppercase 'mixo'.", "MIXO")]
@@ -105,47 +109,21 @@ MEMORIZED_B = [
 ]
 
 
+def _taught(tmp_path_factory, name: str, pairs: list[tuple[str, str]]):
+    from .helpers import memorize
+
+    out = _tiny(tmp_path_factory, name)
+    memorize(out, pairs)
+    return out
+
+
 @pytest.fixture(scope="session")
 def taught_student(tmp_path_factory):
     """A tiny student that answers MEMORIZED exactly and then stops (EOS)."""
-    from lion_ray.config import TinyStudentConfig
-    from lion_ray.student import init_student
-
-    from .helpers import memorize
-
-    out = tmp_path_factory.mktemp("students") / "taught"
-    init_student(
-        str(out),
-        TinyStudentConfig(
-            hidden_size=64,
-            num_layers=2,
-            num_heads=1,
-            intermediate_size=128,
-            max_position_embeddings=256,
-        ),
-    )
-    memorize(out, MEMORIZED)
-    return out
+    return _taught(tmp_path_factory, "taught", MEMORIZED)
 
 
 @pytest.fixture(scope="session")
 def taught_student_b(tmp_path_factory):
     """A second student with different answers: tells which model served a request."""
-    from lion_ray.config import TinyStudentConfig
-    from lion_ray.student import init_student
-
-    from .helpers import memorize
-
-    out = tmp_path_factory.mktemp("students") / "taught_b"
-    init_student(
-        str(out),
-        TinyStudentConfig(
-            hidden_size=64,
-            num_layers=2,
-            num_heads=1,
-            intermediate_size=128,
-            max_position_embeddings=256,
-        ),
-    )
-    memorize(out, MEMORIZED_B)
-    return out
+    return _taught(tmp_path_factory, "taught_b", MEMORIZED_B)

@@ -75,6 +75,18 @@ class LocalCluster:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard}"
 
+    def submit(self, *entrypoint: str, timeout: float) -> subprocess.CompletedProcess:
+        """`ray job submit` of this working tree, as a user runs it against the dashboard."""
+        return subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url]
+            + ["--working-dir", ".", "--", "python", *entrypoint],
+            cwd=ROOT,
+            env={**self.env, "RAY_ADDRESS": ""},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
     def node_ids(self) -> set[str]:
         code = (
             "import ray, json; ray.init(address='auto'); "
@@ -104,57 +116,22 @@ def test_ray_job_submit_on_a_head_and_a_worker(tmp_path):
         cluster.env["RAY_ADDRESS"] = f"127.0.0.1:{cluster.port}"
         nodes = cluster.node_ids()
         assert len(nodes) == 2
-        job = subprocess.run(
-            [
-                str(BIN / "ray"),
-                "job",
-                "submit",
-                "--address",
-                cluster.dashboard_url,
-                "--working-dir",
-                ".",
-                "--",
-                "python",
-                "jobs/distill.py",
-                "--config",
-                str(DATA / "mini.yaml"),
-                "--set",
-                f"storage.run_dir={run_dir}",
-                "--set",
-                "train.placement=STRICT_SPREAD",
-            ],
-            cwd=ROOT,
-            env={**cluster.env, "RAY_ADDRESS": ""},
-            capture_output=True,
-            text=True,
+        job = cluster.submit(
+            "jobs/distill.py",
+            "--config",
+            str(DATA / "mini.yaml"),
+            "--set",
+            f"storage.run_dir={run_dir}",
+            "--set",
+            "train.placement=STRICT_SPREAD",
             timeout=600,
         )
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
         assert "succeeded" in job.stdout + job.stderr
         # the trained student goes behind Serve by a second job; the app outlives the job
         port = free_port()
-        served = subprocess.run(
-            [
-                str(BIN / "ray"),
-                "job",
-                "submit",
-                "--address",
-                cluster.dashboard_url,
-                "--working-dir",
-                ".",
-                "--",
-                "python",
-                "jobs/serve.py",
-                "--run",
-                str(run_dir),
-                "--set",
-                f"serve.port={port}",
-            ],
-            cwd=ROOT,
-            env={**cluster.env, "RAY_ADDRESS": ""},
-            capture_output=True,
-            text=True,
-            timeout=300,
+        served = cluster.submit(
+            "jobs/serve.py", "--run", str(run_dir), "--set", f"serve.port={port}", timeout=300
         )
         assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-2000:]
         from openai import OpenAI
