@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lion_ray.errors import LionError
 
 SANDBOX_URL = "sandbox"
+MAX_IN_FLIGHT = 10_000  # requests one endpoint's limiter can hold waiting for their send time
 
 
 class ConfigError(LionError, ValueError):
@@ -83,6 +84,15 @@ class EndpointConfig(_Strict):
                         "environment variable and set api_key_env to that variable's name."
                     )
         return data
+
+    @model_validator(mode="after")
+    def _callers_fit_the_limiter(self) -> EndpointConfig:
+        if self.num_actors * self.concurrency > MAX_IN_FLIGHT:
+            raise ValueError(
+                f"num_actors x concurrency ({self.num_actors} x {self.concurrency}) is above "
+                f"{MAX_IN_FLIGHT} requests in flight; lower one of them"
+            )
+        return self
 
     @field_validator("base_url")
     @classmethod

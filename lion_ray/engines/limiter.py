@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import ray
 
+from lion_ray.config import MAX_IN_FLIGHT
+
 # Pace a little under the provider's limit: requests leave on time but arrive with jitter.
 DEFAULT_HEADROOM = 0.97
 
@@ -151,32 +153,113 @@ class RateLimit:
         }
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=MAX_IN_FLIGHT)
 class LimiterActor:
-    """The cluster-wide home of one endpoint's ``RateLimit`` (async: calls never queue
-    behind a sleeping caller, because callers sleep on their own side)."""
+    """The cluster-wide home of one endpoint's ``RateLimit`` and spend ledger.
 
-    def __init__(self, **kwargs):
-        self.limit = RateLimit(**kwargs)
+    One per endpoint for a whole run, named after its ledger, so every stage, every wave of
+    a stage and every command that spends against the run (``lion-ray answer`` beside a
+    running driver) shares its schedule, its pauses and its budget. Async: calls never queue
+    behind a sleeping caller, because callers sleep on their own side.
+    """
 
-    async def reserve(self, tokens: int, cost_usd: float = 0.0) -> float:
-        return self.limit.reserve(tokens, cost_usd)
+    def __init__(
+        self,
+        *,
+        rpm: float,
+        tpm: float,
+        budget_usd: float | None = None,
+        ledger_dir: str | None = None,
+        legacy_usd: float = 0.0,
+    ):
+        import asyncio
+
+        from lion_ray.engines.ledger import SpendLedger
+
+        self.ledger = SpendLedger(ledger_dir) if ledger_dir else None
+        spent = self.ledger.open(legacy_usd).spent_usd if self.ledger else 0.0
+        self.limit = RateLimit(rpm, tpm, budget_usd=budget_usd, spent_usd=spent)
+        self.spent_at_start = spent
+        self.tickets = 0
+        self.lock = asyncio.Lock()
+        self.appended = self.committed = 0
+
+    async def configure(self, rpm: float, tpm: float, budget_usd: float | None) -> None:
+        """New limits or a new cap (a resumed run may change them); pauses and spend stay."""
+        lim = self.limit
+        lim.configured = (float(rpm), float(tpm))
+        lim.rpm, lim.tpm = rpm * lim.headroom, tpm * lim.headroom
+        lim.budget_usd = budget_usd
+
+    async def _durable(self) -> None:
+        """Group commit: one write covers every entry appended before it started."""
+        if self.ledger is None:
+            return
+        target = self.appended
+        async with self.lock:
+            if self.committed >= target:
+                return
+            lines, upto = self.ledger.take(), self.appended
+            if self.ledger.local:
+                self.ledger.write(lines)
+            else:
+                import asyncio
+
+                await asyncio.to_thread(self.ledger.write, lines)
+            self.committed = upto
+
+    def _append(self, entry: dict) -> None:
+        self.ledger.append(entry)
+        self.appended += 1
+
+    async def reserve(
+        self, tokens: int, cost_usd: float = 0.0, stage: str = ""
+    ) -> tuple[float, str | None]:
+        """Returns when the caller may send: (0, ticket), or (-1, None) when the budget would
+        be exceeded. The wait happens here, not at the caller, so the ledger's reservation is
+        written just before the request leaves: after a crash, the open reservations are the
+        requests that were really in flight, not every one that was queued."""
+        import asyncio
+
+        delay = self.limit.reserve(tokens, cost_usd)
+        if delay < 0:
+            return delay, None
+        if delay > 0:
+            await asyncio.sleep(delay)
+        while (held := self.limit.paused_until - self.limit.clock()) > 0:
+            await asyncio.sleep(held)  # a Retry-After that came while we waited holds us too
+        self.tickets += 1
+        ticket = f"{self.ledger.instance if self.ledger else 'x'}-{self.tickets}"
+        if self.ledger is not None:
+            self._append({"t": ticket, "w": cost_usd, "s": stage})
+            await self._durable()
+        return 0.0, ticket
 
     async def report(
         self,
+        ticket: str | None,
         reserved_cost: float,
         actual_cost: float,
         headers: dict[str, str] | None = None,
         retry_after: float | None = None,
+        stage: str = "",
     ) -> None:
         self.limit.settle(reserved_cost, actual_cost)
         if headers:
             self.limit.observe(headers)
         if retry_after:
             self.limit.pause(retry_after)
+        if self.ledger is not None and ticket:
+            self._append({"t": ticket, "a": actual_cost, "s": stage})
+            await self._durable()
 
     async def pause(self, seconds: float) -> None:
         self.limit.pause(seconds)
 
     async def snapshot(self) -> dict:
-        return self.limit.snapshot()
+        return self.limit.snapshot() | {
+            "paused_until_s": max(0.0, self.limit.paused_until - self.limit.clock()),
+            "spent_at_start_usd": self.spent_at_start,
+            "budget_usd": self.limit.budget_usd,
+            "instance": self.ledger.instance if self.ledger else None,
+        }

@@ -4,6 +4,7 @@ the sandbox server (its own limits and ``usage``), so the two agree."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators per chat message
@@ -21,3 +22,57 @@ def cost_usd(
     prompt_tokens: int, completion_tokens: int, price_in_1k: float, price_out_1k: float
 ) -> float:
     return prompt_tokens / 1000 * price_in_1k + completion_tokens / 1000 * price_out_1k
+
+
+# --- the spend ledger ---------------------------------------------------------------------
+#
+# A write-ahead journal per endpoint (``lion_ray.engines.ledger``): before a request is sent
+# its worst-case cost is recorded as a reservation, ``{"t": ticket, "w": usd, "s": stage}``;
+# when it finishes, the real cost, ``{"t": ticket, "a": usd, "s": stage}``. A snapshot line,
+# ``{"snapshot": true, "replaces": [files], "settled_usd": usd, "by_stage": {...}}``, stands
+# for the files it names. A reservation never settled (the process died with the request in
+# flight) counts at its worst case: the provider may have billed it.
+
+
+@dataclass
+class SpendTotals:
+    settled_usd: float = 0.0
+    open_usd: float = 0.0  # reservations with no settlement, at their worst-case cost
+    open_tickets: int = 0
+    by_stage: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def spent_usd(self) -> float:
+        return self.settled_usd + self.open_usd
+
+
+def fold_ledger(files: dict[str, list[dict]]) -> SpendTotals:
+    """Totals of a ledger given each file's entries (files a snapshot replaces are skipped)."""
+    replaced = {
+        name for entries in files.values() for e in entries for name in e.get("replaces", [])
+    }
+    totals = SpendTotals()
+    opened: dict[str, tuple[float, str]] = {}
+
+    def add(stage: str, usd: float) -> None:
+        totals.by_stage[stage] = totals.by_stage.get(stage, 0.0) + usd
+
+    for name in sorted(files):
+        if name in replaced:
+            continue
+        for e in files[name]:
+            if e.get("snapshot"):
+                totals.settled_usd += e.get("settled_usd", 0.0)
+                for stage, usd in e.get("by_stage", {}).items():
+                    add(stage, usd)
+            elif "w" in e:
+                opened[e["t"]] = (float(e["w"]), e.get("s", ""))
+            elif "a" in e:
+                opened.pop(e["t"], None)
+                totals.settled_usd += float(e["a"])
+                add(e.get("s", ""), float(e["a"]))
+    for usd, stage in opened.values():
+        totals.open_usd += usd
+        totals.open_tickets += 1
+        add(stage, usd)
+    return totals
