@@ -17,9 +17,10 @@ import time
 from openai import OpenAI
 
 from lion_ray.config import ClusterConfig, EndpointConfig
-from lion_ray.engines.api import make_requests, run_chat_requests
+from lion_ray.engines.api import ApiEngine
 from lion_ray.engines.cluster import init_ray
 from lion_ray.logic import prompts
+from lion_ray.logic.chat import ChatRequest
 from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 from lion_ray.sandbox.tasks import generate_tasks
 
@@ -47,19 +48,22 @@ def run_ours(sb: SandboxProcess, tasks, limit: int, tmp: str) -> dict:
         max_tokens=64,
         max_retries=8,
     )
-    reqs = make_requests(
-        [(str(i), prompts.teacher_messages(t.instruction), None) for i, t in enumerate(tasks)]
+    reqs = [
+        ChatRequest(str(i), prompts.teacher_messages(t.instruction)) for i, t in enumerate(tasks)
+    ]
+    engine = ApiEngine(
+        ep,
+        role="teacher",
+        cache_dir=f"{tmp}/cache",
+        ledger_dir=f"{tmp}/spend",
+        show_progress=False,
     )
     sb.reset_stats()
     t = time.perf_counter()
-    res, summary = run_chat_requests(
-        reqs, ep, role="teacher", cache_dir=f"{tmp}/cache", show_progress=False
-    )
+    results = engine.ask(reqs)
     elapsed = time.perf_counter() - t
-    rows = res.to_pylist()
     correct = sum(
-        r["status"] == "ok" and r["text"] == task.answer
-        for r, task in zip(rows, tasks, strict=True)
+        r.status == "ok" and r.text == task.answer for r, task in zip(results, tasks, strict=True)
     )
     stats = sb.stats()
     return {

@@ -353,39 +353,26 @@ def _answer(cfg, role: str | None, kind: str, input_uri: str):
             from lion_ray.engines.inference import student_answers
 
             return student_answers(_read_pool(input_uri), cfg.student)
-        endpoint = session.endpoint(role)
-        cache_dir = session.run.cache_dir(role)
+        session.bill_to(f"answer --role {role}")
+        client = session.client(role)
         if role == "teacher":
             from lion_ray.imitation import teacher_answers
 
             return teacher_answers(
-                _read_pool(input_uri),
-                endpoint,
-                template=cfg.student.prompt_template,
-                cache_dir=cache_dir,
-                spent_usd=session.spent_usd(role),
+                _read_pool(input_uri), client, template=cfg.student.prompt_template
             )
         if role == "referee":
             from lion_ray.discrimination import judge
 
-            table = _read_table(input_uri)
             return judge(
-                table,
-                endpoint,
-                cache_dir=cache_dir,
+                _read_table(input_uri),
+                client,
                 max_reasks=cfg.loop.referee_max_reasks,
                 tau=cfg.loop.tau,
-                spent_usd=session.spent_usd(role),
             )
         from lion_ray.generation import ask_generator
 
-        return ask_generator(
-            _read_pool(input_uri),
-            kind,
-            endpoint,
-            cache_dir=cache_dir,
-            spent_usd=session.spent_usd(role),
-        )
+        return ask_generator(_read_pool(input_uri), kind, client)
 
 
 @app.command("train")
@@ -470,13 +457,12 @@ def discriminate_cmd(
         cfg = _load(config, set_)
         pairs = pair_answers(_read_pool(pool), _read_table(teacher), _read_table(student))
         with Session(cfg) as session:
+            session.bill_to("discriminate")
             judged, info = judge(
                 pairs,
-                session.endpoint("referee"),
-                cache_dir=session.run.cache_dir("referee"),
+                session.client("referee"),
                 tau=cfg.loop.tau,
                 max_reasks=cfg.loop.referee_max_reasks,
-                spent_usd=session.spent_usd("referee"),
             )
         storage.write_parquet(out, judged)
     console.print(f"wrote {judged.num_rows} judged rows -> {out}")
@@ -507,14 +493,13 @@ def generate_cmd(
     with user_errors():
         cfg = _load(config, set_)
         with Session(cfg) as session:
+            session.bill_to("generate")
             new, cands, info = generate(
                 _read_table(judged),
                 _read_pool(pool),
                 cfg.loop,
-                session.endpoint("generator"),
+                session.client("generator"),
                 round_no=round_no,
-                cache_dir=session.run.cache_dir("generator"),
-                spent_usd=session.spent_usd("generator"),
             )
         storage.write_parquet(out, new)
         if candidates:
@@ -671,7 +656,8 @@ def eval_cmd(
         cfg = cfg.model_copy(
             update={"teacher": teacher, "referee": _endpoint_override(cfg, "referee", judge)}
         )
-        with Session(cfg) as session:
+        with Session(cfg) as session:  # calls are cached and billed in the config's run dir
+            session.bill_to(f"eval {out}")
             if storage.exists(storage.join(candidate, "config.json")):
                 cand = evaluation.answer_with_student(qs, candidate, cfg.student)
             else:
@@ -680,18 +666,10 @@ def eval_cmd(
                 ref = evaluation.load_answers(reference, qs)
             else:
                 ref = evaluation.answer_with_endpoint(
-                    qs,
-                    session.endpoint("teacher"),
-                    cfg.student.prompt_template,
-                    storage.join(out, "cache", "teacher"),
+                    qs, session.client("teacher"), cfg.student.prompt_template
                 )
             judged, result = evaluation.judge_pairs(
-                qs,
-                cand,
-                ref,
-                session.endpoint("referee"),
-                storage.join(out, "cache", "referee"),
-                cfg.loop.referee_max_reasks,
+                qs, cand, ref, session.client("referee"), cfg.loop.referee_max_reasks
             )
         name = title or f"{candidate} vs {reference}"
         table = evaluation.write_outputs(out, name, result, judged, cand, ref)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from lion_ray.config import EndpointConfig
+from lion_ray.logic.chat import ChatClient, ChatRequest, merge_usage, usage
 from lion_ray.logic.prompts import referee_messages
 from lion_ray.logic.referee import UnparseableReview, parse_scores, split_metrics, verdict
 
@@ -44,21 +44,17 @@ ORDERS = ("a", "b")
 
 def judge(
     table: pa.Table,
-    endpoint: EndpointConfig,
+    referee: ChatClient,
     *,
-    cache_dir: str,
     tau: float = 1.0,
     max_reasks: int = 2,
-    spent_usd: float = 0.0,
-    show_progress: bool = True,
+    label: str = "referee",
 ) -> tuple[pa.Table, dict]:
     """Judge (teacher_answer, student_answer) pairs in both orders; returns rows + metrics.
 
     ``table`` needs id, instruction, input, teacher_answer, student_answer; an optional
     ``upstream_error`` column marks rows whose answers failed (judged ``failed``).
     """
-    from lion_ray.engines.api import make_requests, merge_summaries, run_chat_requests
-
     rows = table.to_pylist()
     if (
         "id" not in table.column_names
@@ -74,7 +70,7 @@ def judge(
         for r in rows
     }
     pending = [(r, order) for r in rows if not state[r["id"]]["error"] for order in ORDERS]
-    summaries = []
+    usages = []
     for attempt in range(max_reasks + 1):
         if not pending:
             break
@@ -86,35 +82,26 @@ def judge(
                 else (r["student_answer"], r["teacher_answer"])
             )
             requests.append(
-                (
+                ChatRequest(
                     f"{r['id']}:{order}",
                     referee_messages(r["instruction"], r["input"], first, second),
-                    attempt or None,
+                    attempt or None,  # a re-ask is a new request, not the cached review again
                 )
             )
-        label = "referee" if attempt == 0 else f"referee re-ask {attempt}"
-        results, summary = run_chat_requests(
-            make_requests(requests),
-            endpoint,
-            role="referee",
-            cache_dir=cache_dir,
-            spent_usd=spent_usd + sum(s["cost_usd"] for s in summaries),
-            progress_label=label,
-            show_progress=show_progress,
+        results = referee.ask(
+            requests, label=label if attempt == 0 else f"{label} re-ask {attempt}"
         )
-        summaries.append(summary)
-        by_request = {x["request_id"]: x for x in results.to_pylist()}
+        usages.append(usage(results, referee.model))
         still = []
-        for r, order in pending:
-            res = by_request[f"{r['id']}:{order}"]
+        for (r, order), res in zip(pending, results, strict=True):
             st = state[r["id"]]
             st["calls"] += 1
-            st["reviews"][order] = res["text"]
-            if res["status"] != "ok":
-                st["error"] = f"referee call failed: {res['error']}"
+            st["reviews"][order] = res.text
+            if res.status != "ok":
+                st["error"] = f"referee call failed: {res.error}"
                 continue
             try:
-                st["scores"][order] = parse_scores(res["text"])
+                st["scores"][order] = parse_scores(res.text)
             except UnparseableReview as exc:
                 st["parse_error"] = str(exc)
                 still.append((r, order))
@@ -156,7 +143,7 @@ def judge(
     }
     return pa.Table.from_pylist(out, schema=JUDGED_SCHEMA), {
         "metrics": metrics,
-        "api": merge_summaries(*summaries),
+        "api": merge_usage(*usages),
     }
 
 

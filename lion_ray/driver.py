@@ -3,11 +3,13 @@
     lion-ray run --config configs/demo.yaml
     ray job submit --working-dir . -- python jobs/distill.py --config configs/demo.yaml
 
-Every stage reads its inputs from the run directory and writes its outputs there (atomic
-writes), then records itself in ``manifest.json``. A rerun skips recorded stages whose
-outputs exist and redoes the rest: API stages are answered from the response cache,
-training resumes from its latest checkpoint, inference and generation are deterministic.
-So a driver killed at any point finishes, when rerun, with the same pools.
+A round is a list of ``Stage``s, each naming the files it reads and writes in the run
+directory. A stage runs unless the manifest records it with the same input fingerprints
+and its outputs exist; when a stage is (re)done, every recorded stage that read its
+outputs is forgotten, so it is redone too when the walk reaches it. API stages are
+answered from the response cache, training resumes from its latest checkpoint, inference
+and generation are deterministic: a driver killed at any point finishes, when rerun, with
+the same pools, and spends nothing twice.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from rich import box
 from rich.console import Console
@@ -25,10 +28,38 @@ from lion_ray.config import LionConfig, dump_config, parse_config
 from lion_ray.errors import LionError
 from lion_ray.logic.pools import import_records, load_pool_bytes, next_pools
 from lion_ray.progress import make_console
+from lion_ray.rundir import ApiUsage, RunDir, StageInput, StageRecord
 from lion_ray.session import Session
-from lion_ray.storage import RunDir
 
 HELDOUT_SEED_OFFSET = 10_000  # held-out tasks come from a seed the seed pool never uses
+
+
+@dataclass
+class StageIO:
+    """What a stage function is handed: its record key, round and resolved paths."""
+
+    key: str
+    round: int | None
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+
+@dataclass
+class StageResult:
+    rows: int = 0
+    failed: int = 0
+    api: dict[str, dict] = field(default_factory=dict)  # role -> usage
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    """One step of the loop: what it reads, what it writes, and the function that does it."""
+
+    name: str  # e.g. "imitation.teacher"; recorded as "round_<r>/<name>"
+    work: Callable[[StageIO], StageResult]
+    inputs: dict[str, str]
+    outputs: dict[str, str]
 
 
 class Driver:
@@ -45,20 +76,186 @@ class Driver:
         self.console = console or make_console()
         self.show_progress = show_progress
 
-    # --- bookkeeping ------------------------------------------------------------------
+    # --- the loop -----------------------------------------------------------------------
 
-    def stage(self, key: str, outputs: list[str], work: Callable[[], dict]) -> dict:
-        """Run ``work`` unless the manifest records ``key`` and all its outputs exist."""
-        manifest = self.run.manifest
-        if manifest.is_done(key) and all(storage.exists(o) for o in outputs):
-            return manifest.get(key)
-        manifest.set("current_stage", key)
-        self.console.print(f"[bold cyan]>[/bold cyan] {key}")
+    def run_all(self) -> list[dict]:
+        from lion_ray.report import collect, round_summary, write_report
+
+        self.check_config()
+        self.run_stages(None, self.setup_stages())
+        model = self.cfg.student.model_path or self.run.path("student_init")
+        summaries = []
+        for r in range(1, self.cfg.loop.rounds + 1):
+            self.run_stages(r, self.round_stages(r, model))
+            model = self.run.model_dir(r)
+            report_uri = write_report(self.run, r, self.cfg.name)
+            summary = round_summary(collect(self.run, r)["rounds"][-1])
+            summaries.append(summary)
+            self.console.print(summary_table([summary], title=f"round {r} done"))
+            self.console.print(f"report: {report_uri}")
+        self.run.manifest.set_finished(self.cfg.loop.rounds)
+        return summaries
+
+    def setup_stages(self) -> list[Stage]:
+        run, cfg = self.run, self.cfg
+        stages = []
+        if not cfg.student.model_path:
+            stages.append(
+                Stage("setup.student", self.build_student, {}, {"model": run.path("student_init")})
+            )
+        seed_inputs = {} if cfg.loop.seed_pool == "sandbox" else {"seeds": cfg.loop.seed_pool}
+        stages.append(
+            Stage(
+                "round_1/pools.seed",
+                self.seed_pools,
+                seed_inputs,
+                {"train": run.pool(1, "train"), "cache": run.pool(1, "cache")},
+            )
+        )
+        if self.heldout_enabled:
+            stages.append(
+                Stage(
+                    "setup.heldout",
+                    self.heldout_tasks,
+                    {"cache_pool": run.pool(1, "cache")},
+                    {"tasks": run.path("heldout.jsonl")},
+                )
+            )
+        return stages
+
+    def round_stages(self, r: int, base_model: str) -> list[Stage]:
+        """One round, top to bottom."""
+        run = self.run
+        train_pool, cache_pool = run.pool(r, "train"), run.pool(r, "cache")
+        model = run.model_dir(r)
+        teacher_train = run.round_path(r, "imitation", "teacher.parquet")
+        teacher_cache = run.round_path(r, "discrimination", "teacher.parquet")
+        student_cache = run.round_path(r, "discrimination", "student.parquet")
+        judged = run.round_path(r, "discrimination", "judged.parquet")
+        new = run.round_path(r, "generation", "new.parquet")
+        return [
+            # 1. imitation: the teacher answers the Train Pool, the student is fine-tuned on it
+            Stage(
+                "imitation.teacher",
+                self.teacher_answers,
+                {"pool": train_pool},
+                {"answers": teacher_train},
+            ),
+            Stage(
+                "imitation.train",
+                self.fine_tune,
+                {"answers": teacher_train, "base_model": base_model},
+                {"model": model},
+            ),
+            # 2. discrimination: teacher and student answer the Cache Pool, the referee judges
+            Stage(
+                "discrimination.teacher",
+                self.teacher_answers,
+                {"pool": cache_pool},
+                {"answers": teacher_cache},
+            ),
+            Stage(
+                "discrimination.student",
+                self.student_answers,
+                {"pool": cache_pool, "model": model},
+                {"answers": student_cache},
+            ),
+            Stage(
+                "discrimination.referee",
+                self.referee,
+                {"pool": cache_pool, "teacher": teacher_cache, "student": student_cache},
+                {"judged": judged},
+            ),
+            # the held-out score of this round's student (sandbox runs), beside discrimination
+            *(
+                [
+                    Stage(
+                        "eval.heldout",
+                        self.heldout_eval,
+                        {"tasks": run.path("heldout.jsonl"), "model": model},
+                        {"answers": run.round_path(r, "eval", "heldout.parquet")},
+                    )
+                ]
+                if self.heldout_enabled
+                else []
+            ),
+            # 3. generation: new instructions from the hard and the easy ones
+            Stage(
+                "generation",
+                self.generation,
+                {"judged": judged, "cache_pool": cache_pool},
+                {"new": new, "candidates": run.round_path(r, "generation", "candidates.parquet")},
+            ),
+            # 4. the next round's pools
+            Stage(
+                "pools",
+                self.next_pools,
+                {"train_pool": train_pool, "cache_pool": cache_pool, "new": new},
+                {"train": run.pool(r + 1, "train"), "cache": run.pool(r + 1, "cache")},
+            ),
+        ]
+
+    # --- bookkeeping ----------------------------------------------------------------------
+
+    def run_stages(self, r: int | None, stages: list[Stage]) -> None:
+        """Walk ``stages`` in order (setup stages when ``r`` is None)."""
+        for stage in stages:
+            self.run_stage(stage.name if r is None else f"round_{r}/{stage.name}", r, stage)
+
+    def run_stage(self, key: str, r: int | None, stage: Stage) -> StageRecord:
+        """Run ``stage`` unless it is recorded with the inputs it has now and its outputs exist."""
+        run, manifest = self.run, self.run.manifest
+        inputs = {
+            name: StageInput(uri=run.relative(uri), fingerprint=storage.fingerprint(uri))
+            for name, uri in stage.inputs.items()
+        }
+        outputs = {name: run.relative(uri) for name, uri in stage.outputs.items()}
+        rec = manifest.get(key)
+        why = ""
+        if rec is not None and all(storage.exists(u) for u in stage.outputs.values()):
+            if rec.inputs is None:  # recorded by lion-ray 0.1.0: trusted, fingerprinted from now on
+                rec = rec.model_copy(update={"inputs": inputs, "outputs": outputs})
+                manifest.record(rec)
+                return rec
+            changed = [
+                name
+                for name, now in inputs.items()
+                if name not in rec.inputs or rec.inputs[name].fingerprint != now.fingerprint
+            ]
+            if not changed:
+                return rec
+            why = f" (changed: {', '.join(changed)})"
+        elif rec is not None:
+            why = " (an output is missing)"
+        manifest.set_current(key)
+        self.console.print(f"[bold cyan]>[/bold cyan] {key}{why}")
+        self.session.bill_to(key)
         started = time.monotonic()
-        info = work()
-        info["seconds"] = round(time.monotonic() - started, 2)
-        manifest.mark_done(key, **info)
-        return manifest.get(key)
+        result = stage.work(StageIO(key, r, dict(stage.inputs), dict(stage.outputs)))
+        rec = StageRecord(
+            key=key,
+            inputs=inputs,
+            outputs=outputs,
+            rows=result.rows,
+            failed=result.failed,
+            api={role: ApiUsage.model_validate(u) for role, u in result.api.items() if u},
+            metrics=result.metrics,
+            seconds=round(time.monotonic() - started, 2),
+        )
+        # whatever read this stage's outputs was computed from the old ones: redo it too
+        produced = set(outputs.values())
+        stale = [
+            k
+            for k, other in manifest.stages.items()
+            if k != key and other.inputs and any(i.uri in produced for i in other.inputs.values())
+        ]
+        if stale:
+            self.console.print(
+                f"  {key} was redone, so these will be too: {', '.join(sorted(stale))}"
+            )
+            manifest.forget(stale)
+        manifest.record(rec)
+        return rec
 
     def check_config(self) -> None:
         """A run directory belongs to one config: resuming with another would mix results."""
@@ -75,285 +272,184 @@ class Driver:
         else:
             storage.write_text(uri, dump_config(self.cfg))
 
-    # --- setup ------------------------------------------------------------------------
+    @property
+    def heldout_enabled(self) -> bool:
+        return self.cfg.loop.seed_pool == "sandbox" and bool(self.cfg.sandbox.heldout_tasks)
 
-    def initial_model(self) -> str:
-        if self.cfg.student.model_path:
-            return self.cfg.student.model_path
-        out = self.run.path("student_init")
+    # --- setup stages ---------------------------------------------------------------------
 
-        def build() -> dict:
-            from lion_ray.student import init_student
+    def build_student(self, io: StageIO) -> StageResult:
+        from lion_ray.student import init_student
 
-            return init_student(out, self.cfg.student.tiny)
+        info = init_student(io.outputs["model"], self.cfg.student.tiny)
+        return StageResult(metrics=info)
 
-        self.stage("setup.student", [storage.join(out, "config.json")], build)
-        return out
-
-    def seed_pools(self) -> None:
-        train_uri, cache_uri = self.run.pool(1, "train"), self.run.pool(1, "cache")
-
-        def build() -> dict:
-            loop, sb = self.cfg.loop, self.cfg.sandbox
-            if loop.seed_pool == "sandbox":
-                from lion_ray.sandbox.tasks import generate_tasks
-
-                tasks = generate_tasks(
-                    sb.seed_tasks, seed=sb.task_seed, max_difficulty=sb.max_difficulty
-                )
-                pool, stats = import_records(
-                    [(t.as_record(), f"sandbox:{i}") for i, t in enumerate(tasks)], source="sandbox"
-                )
-            else:
-                if not storage.exists(loop.seed_pool):
-                    raise LionError(f"loop.seed_pool: {loop.seed_pool} does not exist")
-                pool, stats = load_pool_bytes(storage.read_bytes(loop.seed_pool), loop.seed_pool)
-            storage.write_parquet(train_uri, pool)
-            storage.write_parquet(cache_uri, pool)
-            return {"rows": pool.num_rows, "import": stats.as_dict()}
-
-        self.stage("round_1/pools.seed", [train_uri, cache_uri], build)
-
-    def heldout(self) -> list[dict] | None:
-        """Held-out sandbox tasks (with answers), disjoint from the seed pool."""
-        if self.cfg.loop.seed_pool != "sandbox" or not self.cfg.sandbox.heldout_tasks:
-            return None
-        uri = self.run.path("heldout.jsonl")
-
-        def build() -> dict:
+    def seed_pools(self, io: StageIO) -> StageResult:
+        loop, sb = self.cfg.loop, self.cfg.sandbox
+        if loop.seed_pool == "sandbox":
             from lion_ray.sandbox.tasks import generate_tasks
 
-            sb = self.cfg.sandbox
-            seen = set(
-                storage.read_parquet(self.run.pool(1, "cache")).column("instruction").to_pylist()
+            tasks = generate_tasks(
+                sb.seed_tasks, seed=sb.task_seed, max_difficulty=sb.max_difficulty
             )
-            tasks = [
-                t
-                for t in generate_tasks(
-                    sb.heldout_tasks * 2,
-                    seed=sb.task_seed + HELDOUT_SEED_OFFSET,
-                    max_difficulty=sb.max_difficulty,
-                )
-                if t.instruction not in seen
-            ]
-            records = [t.as_record() for t in tasks[: sb.heldout_tasks]]
-            storage.write_text(uri, "".join(json.dumps(r) + "\n" for r in records))
-            return {"rows": len(records)}
+            pool, stats = import_records(
+                [(t.as_record(), f"sandbox:{i}") for i, t in enumerate(tasks)], source="sandbox"
+            )
+        else:
+            if not storage.exists(loop.seed_pool):
+                raise LionError(f"loop.seed_pool: {loop.seed_pool} does not exist")
+            pool, stats = load_pool_bytes(storage.read_bytes(loop.seed_pool), loop.seed_pool)
+        storage.write_parquet(io.outputs["train"], pool)
+        storage.write_parquet(io.outputs["cache"], pool)
+        return StageResult(rows=pool.num_rows, metrics={"import": stats.as_dict()})
 
-        self.stage("setup.heldout", [uri], build)
-        return [json.loads(line) for line in storage.read_text(uri).splitlines()]
+    def heldout_tasks(self, io: StageIO) -> StageResult:
+        """Held-out sandbox tasks (with answers), disjoint from the seed pool."""
+        from lion_ray.sandbox.tasks import generate_tasks
 
-    # --- one round --------------------------------------------------------------------
+        sb = self.cfg.sandbox
+        seen = set(storage.read_parquet(io.inputs["cache_pool"]).column("instruction").to_pylist())
+        tasks = [
+            t
+            for t in generate_tasks(
+                sb.heldout_tasks * 2,
+                seed=sb.task_seed + HELDOUT_SEED_OFFSET,
+                max_difficulty=sb.max_difficulty,
+            )
+            if t.instruction not in seen
+        ]
+        records = [t.as_record() for t in tasks[: sb.heldout_tasks]]
+        storage.write_text(io.outputs["tasks"], "".join(json.dumps(r) + "\n" for r in records))
+        return StageResult(rows=len(records))
 
-    def round(self, r: int, base_model: str, heldout: list[dict] | None) -> str:
-        cfg, run, session = self.cfg, self.run, self.session
-        train_pool = storage.read_parquet(run.pool(r, "train"))
-        cache_pool = storage.read_parquet(run.pool(r, "cache"))
-        template = cfg.student.prompt_template
-        show = self.show_progress
+    # --- round stages -----------------------------------------------------------------------
 
-        def teacher_stage(pool, out_uri: str, label: str) -> Callable[[], dict]:
-            """The teacher answers ``pool`` (Train or Cache Pool), from the response cache
-            where it already has."""
+    def teacher_answers(self, io: StageIO) -> StageResult:
+        """The teacher answers a pool (Train or Cache Pool), from the cache where it can."""
+        from lion_ray.imitation import teacher_answers
 
-            def answer() -> dict:
-                from lion_ray.imitation import teacher_answers
-
-                table, summary = teacher_answers(
-                    pool,
-                    session.endpoint("teacher"),
-                    template=template,
-                    cache_dir=run.cache_dir("teacher"),
-                    spent_usd=session.spent_usd("teacher"),
-                    label=label,
-                    show_progress=show,
-                )
-                storage.write_parquet(out_uri, table)
-                return {
-                    "rows": table.num_rows,
-                    "failed": summary["failed"],
-                    "api": {"teacher": summary},
-                }
-
-            return answer
-
-        # 1. imitation: the teacher answers the Train Pool, the student is fine-tuned on it
-        teacher_train_uri = run.round_path(r, "imitation", "teacher.parquet")
-        teacher_train = teacher_stage(
-            train_pool, teacher_train_uri, f"round {r} teacher (Train Pool)"
+        table, used = teacher_answers(
+            storage.read_parquet(io.inputs["pool"]),
+            self.session.client("teacher"),
+            template=self.cfg.student.prompt_template,
+            label=io.key,
         )
-        self.stage(f"round_{r}/imitation.teacher", [teacher_train_uri], teacher_train)
+        storage.write_parquet(io.outputs["answers"], table)
+        return StageResult(rows=table.num_rows, failed=used["failed"], api={"teacher": used})
 
-        model_uri = run.model_dir(r)
+    def fine_tune(self, io: StageIO) -> StageResult:
+        from lion_ray.engines.training import train_student
 
-        def train() -> dict:
-            from lion_ray.engines.training import train_student
-
-            metrics = train_student(
-                storage.read_parquet(teacher_train_uri),
-                cfg.train,
-                base_model=base_model,
-                out_uri=model_uri,
-                storage_path=run.round_path(r, "imitation"),
-                name="train",
-                template=template,
-                show_progress=show,
-            )
-            return {
-                "rows": metrics["rows"],
-                "failed": metrics["skipped_failed_rows"],
-                "metrics": metrics,
-            }
-
-        self.stage(f"round_{r}/imitation.train", [storage.join(model_uri, "config.json")], train)
-
-        # 2. discrimination: teacher and student answer the Cache Pool, the referee judges
-        teacher_cache_uri = run.round_path(r, "discrimination", "teacher.parquet")
-        teacher_cache = teacher_stage(
-            cache_pool, teacher_cache_uri, f"round {r} teacher (Cache Pool)"
+        model_uri = io.outputs["model"]
+        metrics = train_student(
+            storage.read_parquet(io.inputs["answers"]),
+            self.cfg.train,
+            base_model=io.inputs["base_model"],
+            out_uri=model_uri,
+            storage_path=model_uri.rsplit("/", 1)[0],  # Ray Train checkpoints beside the model
+            name="train",
+            template=self.cfg.student.prompt_template,
+            show_progress=self.show_progress,
         )
-        self.stage(f"round_{r}/discrimination.teacher", [teacher_cache_uri], teacher_cache)
+        return StageResult(
+            rows=metrics["rows"], failed=metrics["skipped_failed_rows"], metrics=metrics
+        )
 
-        student_uri = run.round_path(r, "discrimination", "student.parquet")
+    def student_answers(self, io: StageIO) -> StageResult:
+        from lion_ray.engines.inference import student_answers
 
-        def student() -> dict:
-            from lion_ray.engines.inference import student_answers
+        table, summary = student_answers(
+            storage.read_parquet(io.inputs["pool"]),
+            self.cfg.student,
+            model_uri=io.inputs["model"],
+            label=io.key,
+            show_progress=self.show_progress,
+        )
+        storage.write_parquet(io.outputs["answers"], table)
+        return StageResult(rows=table.num_rows, failed=summary["failed"], metrics=summary)
 
-            table, summary = student_answers(
-                cache_pool,
-                cfg.student,
-                model_uri=model_uri,
-                label=f"round {r} student (Cache Pool)",
-                show_progress=show,
+    def referee(self, io: StageIO) -> StageResult:
+        from lion_ray.discrimination import judge, pair_answers
+
+        pairs = pair_answers(
+            storage.read_parquet(io.inputs["pool"]),
+            storage.read_parquet(io.inputs["teacher"]),
+            storage.read_parquet(io.inputs["student"]),
+        )
+        judged, info = judge(
+            pairs,
+            self.session.client("referee"),
+            tau=self.cfg.loop.tau,
+            max_reasks=self.cfg.loop.referee_max_reasks,
+            label=io.key,
+        )
+        storage.write_parquet(io.outputs["judged"], judged)
+        m = info["metrics"]
+        return StageResult(
+            rows=judged.num_rows,
+            failed=m["failed"] + m["unparsed"],
+            api={"referee": info["api"]},
+            metrics=m,
+        )
+
+    def heldout_eval(self, io: StageIO) -> StageResult:
+        from lion_ray.engines.inference import student_answers
+        from lion_ray.sandbox.tasks import heldout_accuracy
+
+        tasks = [json.loads(line) for line in storage.read_text(io.inputs["tasks"]).splitlines()]
+        pool = import_records([(t, "heldout") for t in tasks], source="heldout")[0]
+        table, _ = student_answers(
+            pool,
+            self.cfg.student,
+            model_uri=io.inputs["model"],
+            label=io.key,
+            show_progress=self.show_progress,
+        )
+        storage.write_parquet(io.outputs["answers"], table)
+        answers = dict(
+            zip(
+                table.column("instruction").to_pylist(),
+                table.column("answer").to_pylist(),
+                strict=True,
             )
-            storage.write_parquet(student_uri, table)
-            return {"rows": table.num_rows, "failed": summary["failed"], "metrics": summary}
+        )
+        return StageResult(rows=table.num_rows, metrics=heldout_accuracy(tasks, answers))
 
-        self.stage(f"round_{r}/discrimination.student", [student_uri], student)
+    def generation(self, io: StageIO) -> StageResult:
+        from lion_ray.generation import generate
 
-        judged_uri = run.round_path(r, "discrimination", "judged.parquet")
+        new, candidates, info = generate(
+            storage.read_parquet(io.inputs["judged"]),
+            storage.read_parquet(io.inputs["cache_pool"]),
+            self.cfg.loop,
+            self.session.client("generator"),
+            round_no=io.round,
+            dedup_workers=2,
+        )
+        storage.write_parquet(io.outputs["candidates"], candidates)
+        storage.write_parquet(io.outputs["new"], new)
+        return StageResult(
+            rows=new.num_rows, api={"generator": info["api"]}, metrics=info["metrics"]
+        )
 
-        def referee() -> dict:
-            from lion_ray.discrimination import judge, pair_answers
-
-            pairs = pair_answers(
-                cache_pool,
-                storage.read_parquet(teacher_cache_uri),
-                storage.read_parquet(student_uri),
-            )
-            judged, info = judge(
-                pairs,
-                session.endpoint("referee"),
-                cache_dir=run.cache_dir("referee"),
-                tau=cfg.loop.tau,
-                max_reasks=cfg.loop.referee_max_reasks,
-                spent_usd=session.spent_usd("referee"),
-                show_progress=show,
-            )
-            storage.write_parquet(judged_uri, judged)
-            m = info["metrics"]
-            return {
-                "rows": judged.num_rows,
-                "failed": m["failed"] + m["unparsed"],
-                "metrics": m,
-                "api": {"referee": info["api"]},
-            }
-
-        self.stage(f"round_{r}/discrimination.referee", [judged_uri], referee)
-
-        if heldout:
-            heldout_uri = run.round_path(r, "eval", "heldout.parquet")
-
-            def evaluate() -> dict:
-                from lion_ray.engines.inference import student_answers
-                from lion_ray.sandbox.tasks import heldout_accuracy
-
-                pool = import_records([(h, "heldout") for h in heldout], source="heldout")[0]
-                table, _ = student_answers(
-                    pool,
-                    cfg.student,
-                    model_uri=model_uri,
-                    label=f"round {r} held-out eval",
-                    show_progress=show,
-                )
-                storage.write_parquet(heldout_uri, table)
-                answers = dict(
-                    zip(
-                        table.column("instruction").to_pylist(),
-                        table.column("answer").to_pylist(),
-                        strict=True,
-                    )
-                )
-                return {"rows": table.num_rows, "metrics": heldout_accuracy(heldout, answers)}
-
-            self.stage(f"round_{r}/eval.heldout", [heldout_uri], evaluate)
-
-        # 3. generation: new instructions from the hard and the easy ones
-        new_uri = run.round_path(r, "generation", "new.parquet")
-        candidates_uri = run.round_path(r, "generation", "candidates.parquet")
-
-        def generation() -> dict:
-            from lion_ray.generation import generate
-
-            new, candidates, info = generate(
-                storage.read_parquet(judged_uri),
-                cache_pool,
-                cfg.loop,
-                session.endpoint("generator"),
-                round_no=r,
-                cache_dir=run.cache_dir("generator"),
-                spent_usd=session.spent_usd("generator"),
-                dedup_workers=2,
-                show_progress=show,
-            )
-            storage.write_parquet(candidates_uri, candidates)
-            storage.write_parquet(new_uri, new)
-            return {
-                "rows": new.num_rows,
-                "metrics": info["metrics"],
-                "api": {"generator": info["api"]},
-            }
-
-        self.stage(f"round_{r}/generation", [new_uri, candidates_uri], generation)
-
-        # 4. pools for the next round
-        next_train_uri, next_cache_uri = run.pool(r + 1, "train"), run.pool(r + 1, "cache")
-
-        def pools() -> dict:
-            nt, nc = next_pools(
-                train_pool, cache_pool, storage.read_parquet(new_uri), cfg.loop.pool_policy
-            )
-            storage.write_parquet(next_train_uri, nt)
-            storage.write_parquet(next_cache_uri, nc)
-            return {
-                "rows": nc.num_rows,
+    def next_pools(self, io: StageIO) -> StageResult:
+        train_pool = storage.read_parquet(io.inputs["train_pool"])
+        cache_pool = storage.read_parquet(io.inputs["cache_pool"])
+        nt, nc = next_pools(
+            train_pool,
+            cache_pool,
+            storage.read_parquet(io.inputs["new"]),
+            self.cfg.loop.pool_policy,
+        )
+        storage.write_parquet(io.outputs["train"], nt)
+        storage.write_parquet(io.outputs["cache"], nc)
+        return StageResult(
+            rows=nc.num_rows,
+            metrics={
                 "sizes": {"train": train_pool.num_rows, "cache": cache_pool.num_rows},
                 "next": {"train": nt.num_rows, "cache": nc.num_rows},
-            }
-
-        self.stage(f"round_{r}/pools", [next_train_uri, next_cache_uri], pools)
-        return model_uri
-
-    # --- the loop ---------------------------------------------------------------------
-
-    def run_all(self) -> list[dict]:
-        from lion_ray.report import collect, round_summary, write_report
-
-        self.check_config()
-        model = self.initial_model()
-        self.seed_pools()
-        heldout = self.heldout()
-        summaries = []
-        for r in range(1, self.cfg.loop.rounds + 1):
-            model = self.round(r, model, heldout)
-            report_uri = write_report(self.run, r, self.cfg.name)
-            summary = round_summary(collect(self.run, r)["rounds"][-1])
-            summaries.append(summary)
-            self.console.print(summary_table([summary], title=f"round {r} done"))
-            self.console.print(f"report: {report_uri}")
-        self.run.manifest.set("current_stage", None)
-        self.run.manifest.set("finished_rounds", self.cfg.loop.rounds)
-        return summaries
+            },
+        )
 
 
 def summary_table(summaries: list[dict], title: str = "") -> Table:
@@ -417,7 +513,7 @@ def run(
 ) -> list[dict]:
     """Run (or resume) the whole Lion loop for ``cfg``; returns per-round summaries."""
     console = console or make_console()
-    with Session(cfg) as session:
+    with Session(cfg, show_progress=show_progress) as session:
         if session.dashboard_url:
             console.print(f"Ray dashboard: {session.dashboard_url}")
         console.print(f"run directory: {session.run.uri}")

@@ -17,8 +17,9 @@ import json
 import pyarrow as pa
 
 from lion_ray import storage
-from lion_ray.config import EndpointConfig, StudentConfig
+from lion_ray.config import StudentConfig
 from lion_ray.errors import LionError
+from lion_ray.logic.chat import ChatClient
 from lion_ray.logic.evaluation import (
     Question,
     Scored,
@@ -75,16 +76,12 @@ def answer_with_student(
 
 
 def answer_with_endpoint(
-    questions: list[Question], endpoint: EndpointConfig, template: str, cache_dir: str
+    questions: list[Question], client: ChatClient, template: str
 ) -> dict[str, str]:
     from lion_ray.imitation import teacher_answers
 
     table, summary = teacher_answers(
-        _pool(questions),
-        endpoint,
-        template=template,
-        cache_dir=cache_dir,
-        label="reference answers",
+        _pool(questions), client, template=template, label="reference answers"
     )
     if summary["failed"]:
         raise LionError(
@@ -99,8 +96,7 @@ def judge_pairs(
     questions: list[Question],
     candidate: dict[str, str],
     reference: dict[str, str],
-    judge: EndpointConfig,
-    cache_dir: str,
+    judge: ChatClient,
     max_reasks: int = 2,
 ) -> tuple[pa.Table, dict]:
     """Both orders per question. In the reviews, order A shows the reference first."""
@@ -115,7 +111,7 @@ def judge_pairs(
             "student_answer": [candidate[q.id] for q in questions],
         }
     )
-    judged, info = judge_both_orders(pairs, judge, cache_dir=cache_dir, max_reasks=max_reasks)
+    judged, info = judge_both_orders(pairs, judge, max_reasks=max_reasks, label="judge")
     rows = {r["id"]: r for r in judged.to_pylist()}
     scored = [
         Scored(q.category, rows[q.id]["student_score"], rows[q.id]["teacher_score"])

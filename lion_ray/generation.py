@@ -1,10 +1,10 @@
 """Stage 3 of a Lion round, generation: new instructions from the hard ones (same domain,
 task type, length and difficulty) and from the easy ones (same domain, rarer).
 
-Parents are drawn in a seeded order and cycled with a new ``seed`` each time round, so
-every call is a distinct request (the cache would otherwise return the same text). Calls
-go out in waves until the target is met or the attempt budget (``factor x target``) is
-spent. Each candidate passes the filters (empty, cut off, too short, leading punctuation)
+Parents are drawn in a seeded order and cycled; every call carries a ``seed`` made of the
+round and the attempt, so it is a distinct request (the cache would otherwise return an
+instruction an earlier attempt or round already produced). Calls go out in waves until
+the target is met or the attempt budget (``factor x target``) is spent. Each candidate passes the filters (empty, cut off, too short, leading punctuation)
 and then the ROUGE-L dedup against the Cache Pool and every candidate accepted before it,
 in attempt order, so the result does not depend on which response arrived first.
 """
@@ -17,8 +17,8 @@ from collections import Counter
 
 import pyarrow as pa
 
-from lion_ray.config import EndpointConfig, LoopConfig
-from lion_ray.engines.api import merge_summaries
+from lion_ray.config import LoopConfig
+from lion_ray.logic.chat import ChatClient, ChatRequest, merge_usage, usage
 from lion_ray.logic.dedup import Deduper
 from lion_ray.logic.filters import rejection_reason
 from lion_ray.logic.pools import POOL_SCHEMA, build_pool, instruction_id, make_row
@@ -42,61 +42,56 @@ CANDIDATE_SCHEMA = pa.schema(
 )
 
 
+ROUND_SEED_STRIDE = 10**9  # attempts per kind per round stay far below this
+
+
+def generation_seed(round_no: int, attempt: int) -> int:
+    """The ``seed`` of a generator call: distinct for every round and attempt, so a parent
+    drawn again (later in the round, or in a later round) gets a new instruction instead of
+    the cached one, which is already in the Cache Pool."""
+    return round_no * ROUND_SEED_STRIDE + attempt
+
+
 def ask_generator(
     parents: pa.Table,
     kind: str,
-    endpoint: EndpointConfig,
+    generator: ChatClient,
     *,
-    cache_dir: str,
     seeds: list[int | None] | None = None,
-    spent_usd: float = 0.0,
     label: str | None = None,
-    show_progress: bool = True,
 ) -> tuple[pa.Table, dict]:
-    """One generator call per parent row; returns (parent id, new text, finish reason, status)."""
-    from lion_ray.engines.api import make_requests, run_chat_requests
-
+    """One generator call per parent row; returns (parent id, new text, finish reason,
+    status) rows and the generator's API usage."""
     rows = parents.to_pylist()
     seeds = seeds if seeds is not None else [None] * len(rows)
-    requests = make_requests(
+    results = generator.ask(
         [
-            (f"{i}", generator_messages(kind, r["instruction"], r.get("input", "")), s)
+            ChatRequest(f"{i}", generator_messages(kind, r["instruction"], r.get("input", "")), s)
             for i, (r, s) in enumerate(zip(rows, seeds, strict=True))
-        ]
-    )
-    results, summary = run_chat_requests(
-        requests,
-        endpoint,
-        role="generator",
-        cache_dir=cache_dir,
-        spent_usd=spent_usd,
-        progress_label=label or f"generator ({kind})",
-        show_progress=show_progress,
+        ],
+        label=label or f"generator ({kind})",
     )
     out = [
         {
             "parent_id": r["id"],
-            "instruction": clean_generated_instruction(res["text"]),
-            "finish_reason": res["finish_reason"],
-            "status": res["status"],
-            "error": res["error"],
+            "instruction": clean_generated_instruction(res.text),
+            "finish_reason": res.finish_reason,
+            "status": res.status,
+            "error": res.error,
         }
-        for r, res in zip(rows, results.to_pylist(), strict=True)
+        for r, res in zip(rows, results, strict=True)
     ]
-    return pa.Table.from_pylist(out), summary
+    return pa.Table.from_pylist(out), usage(results, generator.model)
 
 
 def generate(
     judged: pa.Table,
     cache_pool: pa.Table,
     loop: LoopConfig,
-    endpoint: EndpointConfig,
+    generator: ChatClient,
     *,
     round_no: int,
-    cache_dir: str,
-    spent_usd: float = 0.0,
     dedup_workers: int = 0,
-    show_progress: bool = True,
 ) -> tuple[pa.Table, pa.Table, dict]:
     """(new instructions as a pool, every candidate with its fate, stats)."""
     from lion_ray.engines.dedup import pool_flags
@@ -104,7 +99,7 @@ def generate(
     judged_rows = [r for r in judged.to_pylist() if r["status"] == "ok"]
     deduper = Deduper(cache_pool.column("instruction").to_pylist(), loop.rouge_threshold)
     known_ids = set(cache_pool.column("id").to_pylist())
-    new_rows, candidates, summaries = [], [], []
+    new_rows, candidates, usages = [], [], []
     stats: dict = {}
     for kind, target in (("hard", loop.hard_per_round), ("easy", loop.easy_per_round)):
         mined = loop.parent_selection == "lion"
@@ -118,24 +113,21 @@ def generate(
         while accepted < target and attempt < budget:
             wave = min(budget - attempt, max(8, math.ceil((target - accepted) * 1.25)))
             plan = [(attempt + i, parents[(attempt + i) % len(parents)]) for i in range(wave)]
-            seeds = [(a // len(parents)) or None for a, _ in plan]
+            seeds = [generation_seed(round_no, a) for a, _ in plan]
             parent_table = pa.Table.from_pylist(
                 [
                     {"id": p["id"], "instruction": p["instruction"], "input": p["input"]}
                     for _, p in plan
                 ]
             )
-            answers, summary = ask_generator(
+            answers, used = ask_generator(
                 parent_table,
                 kind,
-                endpoint,
-                cache_dir=cache_dir,
+                generator,
                 seeds=seeds,
-                spent_usd=spent_usd + sum(s["cost_usd"] for s in summaries),
                 label=f"generator ({kind}) {accepted}/{target}",
-                show_progress=show_progress,
             )
-            summaries.append(summary)
+            usages.append(used)
             results = answers.to_pylist()
             passing = [
                 "api_failed"
@@ -198,8 +190,12 @@ def generate(
         rejected.update(stats[kind]["rejected"])
     stats["rejected"] = dict(rejected)
     stats["new_instructions"] = new_pool.num_rows
+    attempts = stats["hard"]["attempts"] + stats["easy"]["attempts"]
+    stats["attempts_per_accepted"] = (
+        round(attempts / new_pool.num_rows, 3) if new_pool.num_rows else None
+    )
     return (
         new_pool,
         pa.Table.from_pylist(candidates, schema=CANDIDATE_SCHEMA),
-        {"metrics": stats, "api": merge_summaries(*summaries) if summaries else {}},
+        {"metrics": stats, "api": merge_usage(*usages)},
     )

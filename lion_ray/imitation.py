@@ -2,59 +2,49 @@
 then the student is fine-tuned on (instruction, teacher answer), continuing from the
 previous round's checkpoint.
 
-Engines are passed in (an endpoint, a training config); this module only orchestrates.
+Engines are passed in (a chat client, a training config); this module only orchestrates.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-from lion_ray.config import EndpointConfig
+from lion_ray.logic.chat import ChatClient, ChatRequest, usage
 from lion_ray.logic.pools import ANSWER_SCHEMA
 from lion_ray.logic.prompts import TemplateName, teacher_messages
 
 
 def teacher_answers(
     pool: pa.Table,
-    endpoint: EndpointConfig,
+    teacher: ChatClient,
     *,
     template: TemplateName,
-    cache_dir: str,
-    spent_usd: float = 0.0,
     label: str = "teacher answers",
-    show_progress: bool = True,
 ) -> tuple[pa.Table, dict]:
-    """One teacher answer per pool row (failed rows are kept, marked, never invented)."""
-    from lion_ray.engines.api import make_requests, run_chat_requests
-
+    """One teacher answer per pool row (failed rows are kept, marked, never invented);
+    returns the answers and the teacher's API usage."""
     rows = pool.to_pylist()
-    requests = make_requests(
-        [(r["id"], teacher_messages(r["instruction"], r["input"], template), None) for r in rows]
+    results = teacher.ask(
+        [
+            ChatRequest(r["id"], teacher_messages(r["instruction"], r["input"], template))
+            for r in rows
+        ],
+        label=label,
     )
-    results, summary = run_chat_requests(
-        requests,
-        endpoint,
-        role="teacher",
-        cache_dir=cache_dir,
-        spent_usd=spent_usd,
-        progress_label=label,
-        show_progress=show_progress,
-    )
-    by_id = {r["request_id"]: r for r in results.to_pylist()}
     answers = [
         {
             "id": r["id"],
             "instruction": r["instruction"],
             "input": r["input"],
-            "answer": by_id[r["id"]]["text"],
-            "status": by_id[r["id"]]["status"],
-            "error": by_id[r["id"]]["error"],
-            "finish_reason": by_id[r["id"]]["finish_reason"],
-            "prompt_tokens": by_id[r["id"]]["prompt_tokens"],
-            "completion_tokens": by_id[r["id"]]["completion_tokens"],
-            "cost_usd": by_id[r["id"]]["cost_usd"],
-            "cached": by_id[r["id"]]["cached"],
+            "answer": res.text,
+            "status": res.status,
+            "error": res.error,
+            "finish_reason": res.finish_reason,
+            "prompt_tokens": res.prompt_tokens,
+            "completion_tokens": res.completion_tokens,
+            "cost_usd": res.cost_usd,
+            "cached": res.cached,
         }
-        for r in rows
+        for r, res in zip(rows, results, strict=True)
     ]
-    return pa.Table.from_pylist(answers, schema=ANSWER_SCHEMA), summary
+    return pa.Table.from_pylist(answers, schema=ANSWER_SCHEMA), usage(results, teacher.model)

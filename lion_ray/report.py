@@ -13,8 +13,9 @@ import io
 import json
 
 from lion_ray import storage
-from lion_ray.storage import RunDir
+from lion_ray.rundir import RunDir
 
+API_FIGURES = ("prompt_tokens", "completion_tokens", "cost_usd", "requests", "cached")
 STAGE_ORDER = (
     "imitation.teacher",
     "imitation.train",
@@ -28,13 +29,15 @@ STAGE_ORDER = (
 
 
 def collect(run: RunDir, upto: int) -> dict:
-    """Per-round figures for rounds 1..upto from the manifest and the stages' outputs."""
+    """Per-round figures for rounds 1..upto from the stage records and the stages' outputs."""
     stages = run.manifest.stages
     rounds = []
     for r in range(1, upto + 1):
+        records = {s: stages.get(f"round_{r}/{s}") for s in STAGE_ORDER}
 
-        def info(stage: str, r: int = r) -> dict:
-            return stages.get(f"round_{r}/{stage}", {})
+        def metrics(stage: str, records: dict = records) -> dict:
+            rec = records[stage]
+            return rec.metrics if rec else {}
 
         judged_uri = run.round_path(r, "discrimination", "judged.parquet")
         teacher_scores, student_scores = [], []
@@ -43,37 +46,27 @@ def collect(run: RunDir, upto: int) -> dict:
             teacher_scores = [x for x in table.column("teacher_score").to_pylist() if x is not None]
             student_scores = [x for x in table.column("student_score").to_pylist() if x is not None]
         api: dict[str, dict] = {}
-        for stage in STAGE_ORDER:
-            for role, summary in info(stage).get("api", {}).items():
-                acc = api.setdefault(
-                    role,
-                    {
-                        "prompt_tokens": 0,
-                        "completion_tokens": 0,
-                        "cost_usd": 0.0,
-                        "requests": 0,
-                        "cached": 0,
-                    },
-                )
-                for k in acc:
-                    acc[k] += summary.get(k, 0)
+        for rec in records.values():
+            for role, used in (rec.api if rec else {}).items():
+                acc = api.setdefault(role, dict.fromkeys(API_FIGURES, 0))
+                for k in API_FIGURES:
+                    acc[k] += getattr(used, k)
+        rows = {s: rec.rows for s, rec in records.items() if rec}
         rounds.append(
             {
                 "round": r,
-                "pools": info("pools").get("sizes")
+                "pools": metrics("pools").get("sizes")
                 or {
-                    "train": info("imitation.teacher").get("rows"),
-                    "cache": info("discrimination.teacher").get("rows"),
+                    "train": rows.get("imitation.teacher"),
+                    "cache": rows.get("discrimination.teacher"),
                 },
-                "next_pools": info("pools").get("next"),
-                "train": info("imitation.train").get("metrics", {}),
-                "split": info("discrimination.referee").get("metrics", {}),
-                "generation": info("generation").get("metrics", {}),
-                "heldout": info("eval.heldout").get("metrics"),
+                "next_pools": metrics("pools").get("next"),
+                "train": metrics("imitation.train"),
+                "split": metrics("discrimination.referee"),
+                "generation": metrics("generation"),
+                "heldout": metrics("eval.heldout") or None,
                 "api": api,
-                "seconds": {
-                    s: round(info(s).get("seconds", 0.0), 1) for s in STAGE_ORDER if info(s)
-                },
+                "seconds": {s: round(rec.seconds, 1) for s, rec in records.items() if rec},
                 "teacher_scores": teacher_scores,
                 "student_scores": student_scores,
             }
@@ -217,6 +210,7 @@ def round_summary(r: dict) -> dict:
         "agree": split.get("order_consistency"),
         "unparsed": split.get("unparsed"),
         "new": gen.get("new_instructions"),
+        "att/new": gen.get("attempts_per_accepted"),
         "held-out": r["heldout"]["accuracy"] if r["heldout"] else None,
         "cost $": round(sum(a.get("cost_usd", 0.0) for a in api.values()), 4),
         "s": round(sum(r["seconds"].values())),

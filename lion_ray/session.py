@@ -1,16 +1,19 @@
-"""What a command needs at run time: Ray, the run directory and live endpoints.
+"""What a command needs at run time: Ray, the run directory and one engine per API role.
 
     with Session(cfg) as session:
-        session.endpoint("teacher")   # base_url 'sandbox' resolved to the started server
+        teacher = session.client("teacher")   # the same ApiEngine for every stage of the run
 
 When any endpoint's base_url is 'sandbox', the session starts the sandbox server (with the
-config's limits and faults) for its lifetime.
+config's limits and faults) for its lifetime. Every command that spends against a run
+directory (``lion-ray run``, ``answer``, ``discriminate``, ``generate``, ``eval``) goes
+through a session, so its calls land in the run's response cache and spend ledger, and
+count against the run's budget.
 """
 
 from __future__ import annotations
 
 from lion_ray.config import EndpointConfig, LionConfig
-from lion_ray.storage import RunDir
+from lion_ray.rundir import RunDir
 
 
 class Session:
@@ -21,14 +24,18 @@ class Session:
         need_ray: bool = True,
         need_endpoints: bool = True,
         quiet: bool = False,
+        show_progress: bool = True,
     ):
         self.cfg = cfg
         self.need_ray = need_ray
         self.need_endpoints = need_endpoints
         self.quiet = quiet
+        self.show_progress = show_progress
         self.run = RunDir(cfg.storage.run_dir)
         self.sandbox = None
         self.dashboard_url: str | None = None
+        self._clients: dict = {}
+        self._stage = ""
 
     def __enter__(self) -> Session:
         if self.need_endpoints and any(e.is_sandbox for e in self.cfg.endpoints().values()):
@@ -56,13 +63,36 @@ class Session:
             return ep.model_copy(update={"base_url": self.sandbox.base_url})
         return ep
 
-    def spent_usd(self, role: str) -> float:
-        """What this endpoint already cost in completed stages of this run (for its budget)."""
-        total = 0.0
-        for info in self.run.manifest.stages.values():
-            total += info.get("api", {}).get(role, {}).get("cost_usd", 0.0)
-        return total
+    def client(self, role: str):
+        """The role's ``ApiEngine`` for this session (created on first use)."""
+        if role not in self._clients:
+            from lion_ray import storage
+            from lion_ray.engines import ledger
+            from lion_ray.engines.api import ApiEngine
+
+            run = self.run
+            legacy = 0.0
+            if not storage.exists(run.ledger_dir(role)):  # a run from before the ledger
+                legacy = ledger.legacy_spend(run.cache_dir(role), run.recorded_spend(role))
+            self._clients[role] = ApiEngine(
+                self.endpoint(role),
+                role=role,
+                cache_dir=run.cache_dir(role),
+                ledger_dir=run.ledger_dir(role),
+                legacy_usd=legacy,
+                show_progress=self.show_progress,
+            )
+            self._clients[role].stage = self._stage
+        return self._clients[role]
+
+    def bill_to(self, stage: str) -> None:
+        """Name the stage that API calls from now on are recorded against in the ledger."""
+        self._stage = stage
+        for engine in self._clients.values():
+            engine.stage = stage
 
     def __exit__(self, *exc) -> None:
+        for engine in self._clients.values():
+            engine.close()
         if self.sandbox is not None:
             self.sandbox.stop()

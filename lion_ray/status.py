@@ -1,15 +1,20 @@
-"""`lion-ray status`: what a run has done, read from its manifest."""
+"""`lion-ray status`: what a run has done (its stage records) and spent (its ledgers)."""
 
 from __future__ import annotations
 
 from rich import box
 from rich.table import Table
 
-from lion_ray.storage import RunDir
+from lion_ray import storage
+from lion_ray.engines import ledger
+from lion_ray.logic.accounting import SpendTotals
+from lion_ray.rundir import RunDir, StageRecord
+
+ROLES = ("teacher", "referee", "generator")
 
 
-def _notes(info: dict) -> str:
-    m = info.get("metrics") or {}
+def _notes(rec: StageRecord) -> str:
+    m = rec.metrics
     notes = []
     if "hard_ratio" in m:
         notes.append(f"hard {m['hard_ratio']:.0%} unparsed {m.get('unparsed', 0)}")
@@ -19,40 +24,67 @@ def _notes(info: dict) -> str:
         notes.append(f"loss {m['loss_first']:.2f}->{m['loss_last']:.2f}")
     if "new_instructions" in m:
         notes.append(f"new {m['new_instructions']} rejected {sum(m.get('rejected', {}).values())}")
-    cached = sum(a.get("cached", 0) for a in info.get("api", {}).values())
+        if m.get("attempts_per_accepted"):
+            notes.append(f"{m['attempts_per_accepted']:.2f} attempts/new")
+    cached = sum(a.cached for a in rec.api.values())
     if cached:
         notes.append(f"cached {cached}")
     return ", ".join(notes)
 
 
+def spend(run: RunDir) -> dict[str, dict]:
+    """Per role: what its ledger says was spent (in-flight requests at their worst case),
+    and how much of it the stage now running accounts for."""
+    current = run.manifest.data.current_stage
+    out = {}
+    for role in ROLES:
+        uri = run.ledger_dir(role)
+        if storage.exists(uri):
+            totals = ledger.load(uri)
+        elif storage.exists(run.cache_dir(role)):  # a run from before the ledger (0.1.0)
+            legacy = ledger.legacy_spend(run.cache_dir(role), run.recorded_spend(role))
+            totals = SpendTotals(settled_usd=legacy)
+        else:
+            continue
+        out[role] = {
+            "spent_usd": round(totals.spent_usd, 6),
+            "in_flight_usd": round(totals.open_usd, 6),
+            "current_stage_usd": round(totals.by_stage.get(current, 0.0), 6) if current else 0.0,
+        }
+    return out
+
+
 def status_table(run_uri: str) -> tuple[Table, dict]:
     run = RunDir(run_uri)
     data = run.manifest.data
-    current = data.get("current_stage")
+    current = data.current_stage
     title = run.uri + (f" (running: {current})" if current else "")
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("round", "stage", "rows", "failed", "tokens", "$", "s", "notes"):
         justify = "left" if col in ("stage", "notes") else "right"
         table.add_column(col, justify=justify, no_wrap=col != "notes")
-    total_cost = total_tokens = 0
-    for key, info in sorted(data["stages"].items(), key=lambda kv: kv[1].get("completed_at", 0)):
-        round_no, _, stage = key.rpartition("/")
-        api = info.get("api", {}).values()
-        tokens = sum(a.get("prompt_tokens", 0) + a.get("completion_tokens", 0) for a in api)
-        cost = sum(a.get("cost_usd", 0.0) for a in api)
-        total_cost += cost
-        total_tokens += tokens
+    total_tokens = 0
+    for rec in sorted(data.stages.values(), key=lambda rec: rec.completed_at):
+        total_tokens += rec.tokens
         table.add_row(
-            round_no.removeprefix("round_"),
-            stage,
-            str(info.get("rows", "")),
-            str(info.get("failed", "")),
-            f"{tokens:,}" if tokens else "",
-            f"{cost:.4f}" if cost else "",
-            f"{info.get('seconds', 0):.0f}",
-            _notes(info),
+            str(rec.round or ""),
+            rec.stage,
+            str(rec.rows),
+            str(rec.failed),
+            f"{rec.tokens:,}" if rec.tokens else "",
+            f"{rec.cost_usd:.4f}" if rec.cost_usd else "",
+            f"{rec.seconds:.0f}",
+            _notes(rec),
         )
-    table.caption = (
-        f"{len(data['stages'])} stages done, {total_tokens:,} API tokens, ${total_cost:.4f}"
+    spent = spend(run)
+    by_role = ", ".join(
+        f"{role} ${s['spent_usd']:.4f}"
+        + (f" (${s['current_stage_usd']:.4f} in {current})" if s["current_stage_usd"] else "")
+        for role, s in spent.items()
     )
-    return table, data
+    total = sum(s["spent_usd"] for s in spent.values())
+    table.caption = (
+        f"{len(data.stages)} stages done, {total_tokens:,} API tokens in them; "
+        f"spent ${total:.4f} over the whole run" + (f": {by_role}" if by_role else "")
+    )
+    return table, data.model_dump(mode="json") | {"spend": spent, "spent_usd": round(total, 6)}

@@ -1,19 +1,7 @@
-"""The run directory: one URI (local path, ``s3://``, ``gs://``, any pyarrow filesystem).
+"""Storage for a run: one URI (local path, ``s3://``, ``gs://``, any pyarrow filesystem).
 
-Layout (``RunDir`` builds every path, so nothing else spells them)::
-
-    <run>/
-      manifest.json                    completed stages, replaced atomically
-      config.yaml                      the resolved config (names of key variables, no keys)
-      student_init/                    tiny student, when student.model_path is empty
-      heldout.jsonl                    sandbox held-out tasks with answers
-      cache/<role>/*.jsonl             durable API response cache shards
-      round_<r>/pools/{train,cache}.parquet
-      round_<r>/imitation/teacher.parquet, train/ (Ray Train checkpoints), model/
-      round_<r>/discrimination/{teacher,student,referee,judged}.parquet
-      round_<r>/generation/{candidates,new}.parquet
-      round_<r>/eval/heldout.parquet
-      round_<r>/report/{report.json,index.html,*.png}
+The run directory's layout and manifest live in ``lion_ray.rundir``; this module is the
+I/O underneath: atomic writes, directory copies and content fingerprints.
 
 Every file is written to a temporary name and renamed, so a reader never sees half a file
 and a crash never corrupts what was already there.
@@ -21,10 +9,10 @@ and a crash never corrupts what was already there.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -161,64 +149,81 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     return Path(local_dir)
 
 
-class Manifest:
-    """Which stages of a run are complete, with their row counts and metrics.
+# --- content fingerprints -------------------------------------------------------------------
 
-    The driver is the only writer; every update rewrites ``manifest.json`` atomically, so a
-    stage is either recorded complete (its outputs were written before) or not at all.
+# Written last into every model directory lion-ray exports: per-file sizes and sha256. Its
+# presence says the copy is complete; its hash is the directory's fingerprint, so a 14 GB
+# model is fingerprinted by reading one small file.
+CHECKSUMS = "lion_ray_checksums.json"
+_SMALL_FILE = 1 << 20  # files hashed whole in a directory without checksums
+
+
+def sha256_of(uri: str) -> str:
+    fs, path = resolve(uri)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tree(uri: str) -> list[tuple[str, int]]:
+    """(relative path, size) of every file under a directory, temporaries skipped."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    out = []
+    for i in infos:
+        rel = i.path[len(path.rstrip("/")) + 1 :]
+        if i.type == pafs.FileType.File and not any(p.startswith(".") for p in rel.split("/")):
+            out.append((rel, i.size))
+    return sorted(out)
+
+
+def write_checksums(local_dir: str | Path) -> dict:
+    """Record every file's size and sha256 in ``CHECKSUMS`` (call when the directory is complete)."""
+    files = {
+        rel: {"size": size, "sha256": sha256_of(os.path.join(str(local_dir), rel))}
+        for rel, size in _tree(str(local_dir))
+        if rel != CHECKSUMS
+    }
+    data = {"files": files}
+    write_json(os.path.join(str(local_dir), CHECKSUMS), data)
+    return data
+
+
+def verify_checksums(uri: str, deep: bool = False) -> str | None:
+    """None when the directory matches its ``CHECKSUMS`` (sizes; contents too if ``deep``),
+    else what is wrong."""
+    marker = join(uri, CHECKSUMS)
+    if not exists(marker):
+        return f"no {CHECKSUMS} (an incomplete or foreign copy)"
+    expected = read_json(marker)["files"]
+    present = dict(_tree(uri))
+    for rel, want in expected.items():
+        if present.get(rel) != want["size"]:
+            return f"{rel}: {'missing' if rel not in present else 'size differs'}"
+        if deep and sha256_of(join(uri, rel)) != want["sha256"]:
+            return f"{rel}: content differs"
+    return None
+
+
+def fingerprint(uri: str) -> str:
+    """A content fingerprint of a file or directory ('missing' when there is none).
+
+    Files: sha256 of the bytes. Directories with ``CHECKSUMS``: the checksum file's hash
+    (after checking sizes). Other directories (a user's base model): listing with sizes plus
+    the contents of small files (configs, tokenizers).
     """
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        self.data: dict[str, Any] = {"stages": {}, "version": 1}
-        if exists(uri):
-            self.data = read_json(uri)
-
-    @property
-    def stages(self) -> dict[str, dict[str, Any]]:
-        return self.data["stages"]
-
-    def is_done(self, key: str) -> bool:
-        return key in self.stages
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self.stages.get(key)
-
-    def mark_done(self, key: str, **info: Any) -> None:
-        self.stages[key] = {"completed_at": time.time(), **info}
-        write_json(self.uri, self.data)
-
-    def set(self, field: str, value: Any) -> None:
-        self.data[field] = value
-        write_json(self.uri, self.data)
-
-
-class RunDir:
-    """Every path of a run directory, built in one place."""
-
-    def __init__(self, uri: str):
-        self.uri = os.path.abspath(os.path.expanduser(uri)) if "://" not in uri else uri.rstrip("/")
-        self.manifest = Manifest(self.path("manifest.json"))
-
-    def path(self, *parts: str) -> str:
-        return join(self.uri, *parts)
-
-    def round_path(self, round_no: int, *parts: str) -> str:
-        return self.path(f"round_{round_no}", *parts)
-
-    def pool(self, round_no: int, which: str) -> str:
-        return self.round_path(round_no, "pools", f"{which}.parquet")
-
-    def cache_dir(self, role: str) -> str:
-        return self.path("cache", role)
-
-    def model_dir(self, round_no: int) -> str:
-        return self.round_path(round_no, "imitation", "model")
-
-    def rounds_done(self) -> list[int]:
-        """Rounds whose student export is recorded complete, ascending."""
-        done = []
-        for key in self.manifest.stages:
-            if key.endswith("/imitation.train"):
-                done.append(int(key.split("/")[0].removeprefix("round_")))
-        return sorted(done)
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return "missing"
+    if info.type == pafs.FileType.File:
+        return "sha256:" + sha256_of(uri)
+    if exists(join(uri, CHECKSUMS)) and verify_checksums(uri) is None:
+        return "checksums:" + sha256_of(join(uri, CHECKSUMS))
+    digest = hashlib.sha256()
+    for rel, size in _tree(uri):
+        small = sha256_of(join(uri, rel)) if size <= _SMALL_FILE else ""
+        digest.update(f"{rel}\x1f{size}\x1f{small}\n".encode())
+    return "tree:" + digest.hexdigest()

@@ -102,6 +102,7 @@ def init_student(out_uri: str, cfg: TinyStudentConfig, texts: Iterable[str] | No
     with tempfile.TemporaryDirectory(prefix="lion-student-") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        storage.write_checksums(tmp)
         if storage.is_local(out_uri):
             dest = Path(storage.resolve(out_uri)[1])
             staging = dest.with_name(f".{dest.name}.tmp")

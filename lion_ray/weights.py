@@ -74,7 +74,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
         if (
             f.is_file()
             and not f.name.endswith(".safetensors")
-            and f.name != "model.safetensors.index.json"
+            and f.name not in ("model.safetensors.index.json", storage.CHECKSUMS)
         ):
             shutil.copy2(f, dst / f.name)
 

@@ -77,6 +77,20 @@ def sandbox_endpoint(server, **overrides):
     return EndpointConfig(**(fields | overrides))
 
 
+def sandbox_engine(server, run_dir, role: str = "teacher", **overrides):
+    """The real API engine for one role against a sandbox server, its cache and spend ledger
+    under ``run_dir``."""
+    from lion_ray.engines.api import ApiEngine
+
+    return ApiEngine(
+        sandbox_endpoint(server, **overrides),
+        role=role,
+        cache_dir=f"{run_dir}/cache/{role}",
+        ledger_dir=f"{run_dir}/spend/{role}",
+        show_progress=False,
+    )
+
+
 def _tiny(tmp_path_factory, name: str):
     from lion_ray.config import TinyStudentConfig
     from lion_ray.student import init_student

@@ -1,13 +1,15 @@
-"""Discrimination against the sandbox referee over real HTTP, on a local Ray cluster."""
+"""Discrimination: the algorithm with an in-process referee (milliseconds), then end to end
+with the real engine against the sandbox over HTTP on a local Ray cluster."""
 
 import pyarrow as pa
 
 from lion_ray.discrimination import judge, pair_answers
 from lion_ray.logic.pools import ANSWER_SCHEMA, import_records
-from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 from lion_ray.sandbox.tasks import generate_tasks
+from lion_ray.sandbox.world import WorldOptions
 
-from .conftest import sandbox_endpoint
+from .conftest import sandbox_engine
+from .fakes import WorldClient
 
 
 def _answers(pool, fn, status="ok"):
@@ -19,7 +21,7 @@ def _answers(pool, fn, status="ok"):
                 "instruction": r["instruction"],
                 "input": "",
                 "answer": fn(r),
-                "status": status if callable(status) is False else status(r),
+                "status": status,
                 "error": "",
                 "finish_reason": "stop",
                 "prompt_tokens": 1,
@@ -41,52 +43,42 @@ def _setup(n=40, seed=0):
     return pool, teacher, student, answers
 
 
-def test_both_orders_split_and_metrics(ray_local, sandbox, tmp_path):
-    pool, teacher, student, answers = _setup()
-    judged, info = judge(
-        pair_answers(pool, teacher, student),
-        sandbox_endpoint(sandbox),
-        cache_dir=str(tmp_path / "c"),
-        tau=1.0,
-        show_progress=False,
-    )
+def _check_split(judged, info, answers, n):
     rows = judged.to_pylist()
     for r in rows:
         assert r["status"] == "ok" and r["referee_calls"] == 2
-        assert (
-            r["a_teacher"] == r["b_teacher"] == 10
-        )  # the same answer scores the same in both orders
+        assert r["a_teacher"] == r["b_teacher"] == 10  # the same answer scores the same both ways
         right = r["student_answer"] == answers[r["instruction"]]
         assert r["label"] == ("easy" if right else "hard")
         assert r["gap"] == r["teacher_score"] - r["student_score"]
         assert "Score of the Assistant 2" in r["review_a"] and r["review_b"]
     m = info["metrics"]
     wrong = sum(1 for r in rows if r["student_answer"] == "wrong")
-    assert m["hard"] == wrong and m["hard_ratio"] == round(wrong / 40, 4)
+    assert m["hard"] == wrong and m["hard_ratio"] == round(wrong / n, 4)
     assert m["order_consistency"] == 1.0 and m["parse_failure_rate"] == 0.0
-    assert info["api"]["rows"] == 80  # both orders of every row
+    assert info["api"]["rows"] == 2 * n  # both orders of every row
 
 
-def test_unparseable_reviews_are_reasked_then_marked_unparsed(ray_local, tmp_path):
+def test_both_orders_split_and_metrics():
+    pool, teacher, student, answers = _setup()
+    referee = WorldClient()
+    judged, info = judge(pair_answers(pool, teacher, student), referee, tau=1.0)
+    _check_split(judged, info, answers, 40)
+    # order A shows the teacher's answer first, order B the student's
+    first = referee.asked[0]
+    assert [r.request_id.rsplit(":", 1)[1] for r in first[:2]] == ["a", "b"]
+
+
+def test_unparseable_reviews_are_reasked_then_marked_unparsed():
     pool, teacher, student, _ = _setup(30, seed=1)
-    with SandboxProcess(ServerOptions(malformed_rate=0.4)) as sb:
-        judged, info = judge(
-            pair_answers(pool, teacher, student),
-            sandbox_endpoint(sb),
-            cache_dir=str(tmp_path / "c"),
-            max_reasks=3,
-            show_progress=False,
-        )
-        assert info["metrics"]["referee_reasks"] > 0 and info["metrics"]["unparsed"] <= 2
-        assert sb.stats()["malformed"] > 0
-    with SandboxProcess(ServerOptions(malformed_rate=1.0)) as sb:
-        judged, info = judge(
-            pair_answers(pool, teacher, student),
-            sandbox_endpoint(sb),
-            cache_dir=str(tmp_path / "c2"),
-            max_reasks=1,
-            show_progress=False,
-        )
+    referee = WorldClient(options=WorldOptions(malformed_rate=0.4))
+    judged, info = judge(pair_answers(pool, teacher, student), referee, max_reasks=3)
+    assert info["metrics"]["referee_reasks"] > 0 and info["metrics"]["unparsed"] <= 2
+    # every re-ask is a new request (a new seed), never the cached malformed review again
+    assert len(referee.asked) > 1 and referee.asked[0][0].seed is None
+    assert all(r.seed == k for k, wave in enumerate(referee.asked[1:], 1) for r in wave)
+    always_bad = WorldClient(options=WorldOptions(malformed_rate=1.0))
+    judged, info = judge(pair_answers(pool, teacher, student), always_bad, max_reasks=1)
     rows = judged.to_pylist()
     assert all(
         r["status"] == "unparsed" and r["label"] is None and r["teacher_score"] is None
@@ -94,37 +86,31 @@ def test_unparseable_reviews_are_reasked_then_marked_unparsed(ray_local, tmp_pat
     )
     assert all(r["referee_calls"] == 4 for r in rows)  # 2 orders x (1 ask + 1 re-ask)
     m = info["metrics"]
-    assert (
-        m["unparsed"] == 30
-        and m["judged"] == 0
-        and m["parse_failure_rate"] == 1.0
-        and m["hard"] == 0
-    )
+    assert (m["unparsed"], m["judged"], m["parse_failure_rate"], m["hard"]) == (30, 0, 1.0, 0)
 
 
-def test_failed_answers_are_excluded_and_counted(ray_local, sandbox, tmp_path):
-    pool, teacher, student, _ = _setup(10, seed=2)
+def test_failed_answers_are_excluded_and_counted():
+    pool, teacher, _, _ = _setup(10, seed=2)
     failed_student = _answers(pool, lambda r: "", status="failed")
-    judged, info = judge(
-        pair_answers(pool, teacher, failed_student),
-        sandbox_endpoint(sandbox),
-        cache_dir=str(tmp_path / "c"),
-        show_progress=False,
-    )
-    assert info["metrics"]["failed"] == 10 and info["api"] == {}
+    referee = WorldClient()
+    judged, info = judge(pair_answers(pool, teacher, failed_student), referee)
+    assert info["metrics"]["failed"] == 10 and info["api"] == {} and referee.asked == []
     assert all(
         r["status"] == "failed" and "student answer failed" in r["error"]
         for r in judged.to_pylist()
     )
 
 
-def test_rerun_is_served_from_cache(ray_local, sandbox, tmp_path):
-    pool, teacher, student, _ = _setup(12, seed=3)
+def test_end_to_end_and_rerun_from_cache(ray_local, sandbox, tmp_path):
+    pool, teacher, student, answers = _setup(24, seed=3)
     pairs = pair_answers(pool, teacher, student)
-    first, _ = judge(
-        pairs, sandbox_endpoint(sandbox), cache_dir=str(tmp_path / "c"), show_progress=False
-    )
-    second, info = judge(
-        pairs, sandbox_endpoint(sandbox), cache_dir=str(tmp_path / "c"), show_progress=False
-    )
-    assert info["api"]["cached"] == 24 and first.equals(second)
+    engine = sandbox_engine(sandbox, tmp_path, role="referee")
+    first, info = judge(pairs, engine)
+    _check_split(first, info, answers, 24)
+    # where the student's answer is the teacher's, both orders are one prompt: paid once
+    same = sum(r["teacher_answer"] == r["student_answer"] for r in pairs.to_pylist())
+    assert 0 < same < 24
+    assert info["api"]["cached"] == same and info["api"]["requests"] == 48 - same
+    # a new engine on the same run directory (a resumed run) pays for nothing again
+    second, info = judge(pairs, sandbox_engine(sandbox, tmp_path, role="referee"))
+    assert info["api"]["cached"] == 48 and info["api"]["requests"] == 0 and first.equals(second)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import pytest
 
 from lion_ray.config import load_config
 from lion_ray.errors import LionError
+from lion_ray.logic.accounting import cost_usd
+from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 
 from .conftest import DATA, ROOT
 
@@ -45,6 +48,24 @@ def lion_run(run_dir: Path, *extra: str, **kw) -> subprocess.Popen:
         start_new_session=True,
         **kw,
     )
+
+
+def lion_status(run_dir: Path) -> dict:
+    """`lion-ray status --json`, as a user runs it."""
+    status = subprocess.run(
+        [sys.executable, "-m", "lion_ray", "status", "--run", str(run_dir), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert status.returncode == 0, status.stderr
+    return json.loads(status.stdout)
+
+
+def redone(out: str) -> list[str]:
+    """The stages a run (re)did, from its '> key' lines."""
+    return [line.split()[1] for line in out.splitlines() if line.startswith("> ")]
 
 
 def manifest(run_dir: Path) -> dict:
@@ -138,8 +159,118 @@ def test_status_and_a_rerun_that_skips_everything(reference_run):
     before = manifest(run_dir)["stages"]
     proc = lion_run(run_dir)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "> round_1/" not in out  # nothing was redone
+    assert proc.returncode == 0 and redone(out) == []  # nothing was redone
     assert manifest(run_dir)["stages"] == before
+
+
+@pytest.mark.slow
+def test_a_deleted_output_redoes_its_stage_and_what_read_it(reference_run, tmp_path):
+    reference, _ = reference_run
+    run_dir = tmp_path / "moved"
+    shutil.copytree(reference, run_dir)  # a moved run directory resumes where it was
+    (run_dir / "round_1" / "discrimination" / "judged.parquet").unlink()
+    proc = lion_run(run_dir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert redone(out) == [
+        "round_1/discrimination.referee",
+        "round_1/generation",
+        "round_1/pools",
+    ]
+    stages = manifest(run_dir)["stages"]
+    referee = stages["round_1/discrimination.referee"]["api"]["referee"]
+    assert referee["requests"] == 0 and referee["cached"] == referee["rows"]  # paid once, ever
+    for which in ("train", "cache"):
+        assert pool_ids(run_dir, 2, which) == pool_ids(reference, 2, which)
+
+
+@pytest.mark.slow
+def test_a_run_written_by_lion_ray_0_1_resumes(reference_run, tmp_path):
+    """0.1.0 wrote a version 1 manifest (free-form dicts, no fingerprints) and no ledger."""
+    reference, _ = reference_run
+    run_dir = tmp_path / "legacy"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "spend")
+    data = manifest(run_dir)
+    legacy = {}
+    for key, rec in data["stages"].items():
+        metrics = dict(rec["metrics"])
+        extras = {k: metrics.pop(k) for k in ("sizes", "next", "import") if k in metrics}
+        legacy[key] = {
+            "completed_at": rec["completed_at"],
+            "rows": rec["rows"],
+            "failed": rec["failed"],
+            "api": rec["api"],
+            "metrics": metrics,
+            "seconds": rec["seconds"],
+            **extras,
+        }
+    (run_dir / "manifest.json").write_text(
+        json.dumps({"version": 1, "stages": legacy, "finished_rounds": 1})
+    )
+    proc = lion_run(run_dir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and redone(out) == [], out[-3000:]
+    adopted = manifest(run_dir)
+    assert adopted["version"] == 2
+    assert all(rec["inputs"] is not None for rec in adopted["stages"].values())
+    status = lion_status(run_dir)
+    # what 0.1.0 spent is read from its cache and records until a ledger takes over
+    cached = sum(
+        json.loads(line)["cost_usd"]
+        for shard in (run_dir / "cache" / "teacher").glob("*.jsonl")
+        for line in shard.read_text().splitlines()
+    )
+    recorded = sum(rec["api"].get("teacher", {}).get("cost_usd", 0) for rec in legacy.values())
+    spent = status["spend"]["teacher"]["spent_usd"]
+    assert spent == round(max(cached, recorded), 6) > 0
+
+
+@pytest.mark.slow
+def test_a_budget_holds_across_a_sigkill_and_a_raised_cap(tmp_path):
+    """SIGKILL a paid teacher stage when its budget is nearly spent, rerun with a raised cap:
+    what the provider billed over both attempts stays under the raised cap, and
+    `lion-ray status` reports what it billed."""
+    run_dir = tmp_path / "budget"
+    price_in, price_out = 1.0, 0.1  # $ per 1K tokens: about $0.045 per teacher call
+    with SandboxProcess(ServerOptions(latency_ms=20)) as provider:  # outlives both attempts
+
+        def billed() -> float:
+            st = provider.stats()
+            return cost_usd(st["prompt_tokens"], st["completion_tokens"], price_in, price_out)
+
+        teacher = [
+            "--set",
+            f"teacher.base_url={provider.base_url}",
+            "--set",
+            f"teacher.price_per_1k_input={price_in}",
+            "--set",
+            f"teacher.price_per_1k_output={price_out}",
+            "--set",
+            "teacher.max_tokens=8",
+        ]
+        first = lion_run(
+            run_dir,
+            *teacher,
+            "--set",
+            "teacher.budget_usd=1.0",
+            "--set",
+            "teacher.requests_per_minute=120",
+        )
+        _kill_during(first, run_dir, "round_1/imitation.teacher", lambda: billed() >= 0.8)
+        time.sleep(1)  # whatever was in flight lands at the provider
+        assert 0.8 <= billed() <= 1.0
+        second = lion_run(run_dir, *teacher, "--set", "teacher.budget_usd=2.0")
+        out, _ = second.communicate(timeout=300)
+        assert second.returncode == 1 and "budget_usd $2.0 reached" in out, out[-3000:]
+        # the 60-row stage needs about $2.7: without the first attempt's spend counted, the
+        # rerun would have paid for all of it
+        total = billed()
+        assert 1.8 <= total <= 2.0, total
+        assert provider.stats()["served"] < 60
+        reported = lion_status(run_dir)["spend"]["teacher"]
+        assert abs(reported["spent_usd"] - total) < 0.01, (reported, total)
+        assert "round_1/imitation.teacher" not in manifest(run_dir)["stages"]
 
 
 def _kill_during(proc: subprocess.Popen, run_dir: Path, stage: str, ready) -> None:
@@ -194,7 +325,7 @@ def test_sigkill_in_any_stage_then_rerun_gives_the_same_pools(reference_run, tmp
 
 def test_a_run_dir_keeps_its_config(tmp_path):
     from lion_ray.driver import Driver
-    from lion_ray.storage import RunDir
+    from lion_ray.rundir import RunDir
 
     class FakeSession:
         run = RunDir(str(tmp_path / "r"))

@@ -12,7 +12,7 @@ from lion_ray.config import StudentConfig
 from lion_ray.evaluation import answer_with_endpoint, answer_with_student, judge_pairs
 from lion_ray.logic.evaluation import Question
 
-from .conftest import MEMORIZED, ROOT, sandbox_endpoint
+from .conftest import MEMORIZED, ROOT, sandbox_engine
 
 OTHERS = ["Sort 'dcba' alphabetically.", "Max of 4, 91, 13?", "Shift 'abz' by 2."]
 
@@ -27,8 +27,8 @@ def test_relative_scores_from_real_judgements(ray_local, sandbox, taught_student
     cand = answer_with_student(
         qs, str(taught_student), StudentConfig(prompt_template="compact", max_new_tokens=8)
     )
-    ref = answer_with_endpoint(qs, sandbox_endpoint(sandbox), "compact", str(tmp_path / "t"))
-    judged, result = judge_pairs(qs, cand, ref, sandbox_endpoint(sandbox), str(tmp_path / "r"))
+    ref = answer_with_endpoint(qs, sandbox_engine(sandbox, tmp_path, "teacher"), "compact")
+    judged, result = judge_pairs(qs, cand, ref, sandbox_engine(sandbox, tmp_path, "referee"))
     rows = {r["id"]: r for r in judged.to_pylist()}
     # both orders were judged, and each side's score is the mean of its two
     for r in rows.values():
@@ -92,6 +92,10 @@ def test_eval_command_offline_on_the_sandbox(taught_student, tmp_path):
     ).read_text().startswith("###")
     answers = pq.read_table(out / "answers.parquet").to_pylist()
     assert {a["candidate"] for a in answers[:3]} == {a for _, a in MEMORIZED}
+    # its calls were cached and billed in the config's run directory, against its budgets
+    for role in ("teacher", "referee"):
+        assert any((tmp_path / "run" / "spend" / role).glob("*.jsonl"))
+        assert any((tmp_path / "run" / "cache" / role).glob("*.jsonl"))
     # the same evaluation from answer files (no student, no reference calls)
     ans = tmp_path / "cand.jsonl"
     ans.write_text(

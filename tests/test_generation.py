@@ -1,4 +1,5 @@
-"""Generation against the sandbox generator over real HTTP, on a local Ray cluster."""
+"""Generation: the algorithm with an in-process generator (milliseconds), then end to end
+with the real engine against the sandbox over HTTP on a local Ray cluster."""
 
 import pyarrow as pa
 
@@ -7,9 +8,11 @@ from lion_ray.discrimination import JUDGED_SCHEMA
 from lion_ray.generation import generate
 from lion_ray.logic.dedup import naive_decisions
 from lion_ray.logic.pools import import_records
+from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 from lion_ray.sandbox.tasks import FAMILY_BY_NAME, generate_tasks, parse_instruction
 
-from .conftest import sandbox_endpoint
+from .conftest import sandbox_engine
+from .fakes import WorldClient
 
 
 def _judged(pool, hard_fraction=0.5):
@@ -37,33 +40,15 @@ def _pool(n, seed):
     )[0]
 
 
-def test_targets_met_with_provenance_and_no_near_duplicates(ray_local, sandbox, tmp_path):
-    pool = _pool(80, seed=5)
-    loop = LoopConfig(
-        hard_per_round=30, easy_per_round=12, min_words=2, generation_attempts_factor=4
-    )
-    new, cands, info = generate(
-        _judged(pool),
-        pool,
-        loop,
-        sandbox_endpoint(sandbox),
-        round_no=2,
-        cache_dir=str(tmp_path / "c"),
-        show_progress=False,
-    )
+def _check_targets(pool, new, cands, info, round_no):
     m = info["metrics"]
-    assert (m["hard"]["accepted"], m["easy"]["accepted"]) == (30, 12) and m[
-        "new_instructions"
-    ] == 42
-    rows = new.to_pylist()
+    assert (m["hard"]["accepted"], m["easy"]["accepted"], m["new_instructions"]) == (30, 12, 42)
     parents = {r["id"]: r for r in _judged(pool).to_pylist()}
-    for r in rows:
-        assert r["round"] == 2 and r["source"] == "generation:round_2" and r["parent_id"] in parents
+    for r in new.to_pylist():
+        assert r["round"] == round_no and r["source"] == f"generation:round_{round_no}"
         assert r["kind"] == parents[r["parent_id"]]["label"]
-        child, parent = (
-            parse_instruction(r["instruction"]),
-            parse_instruction(parents[r["parent_id"]]["instruction"]),
-        )
+        child = parse_instruction(r["instruction"])
+        parent = parse_instruction(parents[r["parent_id"]]["instruction"])
         if r["kind"] == "hard":
             assert child.family == parent.family
         else:
@@ -76,81 +61,67 @@ def test_targets_met_with_provenance_and_no_near_duplicates(ray_local, sandbox, 
     assert sum(x["accepted"] for x in c) == 42
     rejected = sum(1 for x in c if not x["accepted"] and x["reason"] != "surplus")
     assert rejected == sum(m["rejected"].values())
-    assert set(m["rejected"]) <= {
-        "similar",
-        "too_short",
-        "punctuation",
-        "cut_off",
-        "empty",
-        "api_failed",
-    }
+    assert set(m["rejected"]) <= {"similar", "too_short", "punctuation", "cut_off", "empty"}
+    assert m["attempts_per_accepted"] == round(
+        (m["hard"]["attempts"] + m["easy"]["attempts"]) / 42, 3
+    )
 
 
-def test_filters_reject_with_reasons(ray_local, sandbox, tmp_path):
+LOOP = LoopConfig(hard_per_round=30, easy_per_round=12, min_words=2, generation_attempts_factor=4)
+
+
+def test_targets_met_with_provenance_and_no_near_duplicates():
+    pool = _pool(80, seed=5)
+    new, cands, info = generate(_judged(pool), pool, LOOP, WorldClient(), round_no=2)
+    _check_targets(pool, new, cands, info, 2)
+
+
+def test_a_later_round_asks_new_questions_of_the_same_parents():
+    """Round 2 draws round 1's parents again: every call is new, none is round 1's cached
+    instruction (which is in the Cache Pool already and would be rejected as similar)."""
+    pool = _pool(40, seed=4)
+    loop = LoopConfig(hard_per_round=30, easy_per_round=0, min_words=2)
+    client = WorldClient()
+    _, _, first = generate(_judged(pool, 1.0), pool, loop, client, round_no=1)
+    asked_in_round_1 = sum(len(w) for w in client.asked)
+    _, _, second = generate(_judged(pool, 1.0), pool, loop, client, round_no=2)
+    assert sum(len(w) for w in client.asked) > asked_in_round_1
+    assert sum(client.hits) == 0
+    assert second["api"]["cached"] == 0 and second["metrics"]["hard"]["accepted"] == 30
+    # and the same round asked again (a resumed run) is answered from the cache
+    waves = len(client.asked)
+    generate(_judged(pool, 1.0), pool, loop, client, round_no=2)
+    assert sum(client.hits[:waves]) == 0
+    assert client.hits[waves:] == [len(w) for w in client.asked[waves:]]
+
+
+def test_filters_reject_with_reasons():
     pool = _pool(30, seed=6)
     loop = LoopConfig(
         hard_per_round=10, easy_per_round=0, min_words=4, generation_attempts_factor=2
     )
-    new, cands, info = generate(
-        _judged(pool, 1.0),
-        pool,
-        loop,
-        sandbox_endpoint(sandbox),
-        round_no=1,
-        cache_dir=str(tmp_path / "c"),
-        show_progress=False,
-    )
+    new, cands, info = generate(_judged(pool, 1.0), pool, loop, WorldClient(), round_no=1)
     m = info["metrics"]["hard"]
     assert m["attempts"] <= 20  # the attempt budget holds
     assert m["rejected"].get("too_short", 0) > 0  # terse sandbox phrasings fail the paper's 4 words
     assert all(len(r["instruction"].split()) >= 4 for r in new.to_pylist())
 
 
-def test_cut_off_candidates_are_rejected(ray_local, sandbox, tmp_path):
+def test_cut_off_candidates_are_rejected():
     pool = _pool(20, seed=7)
     loop = LoopConfig(hard_per_round=5, easy_per_round=0, min_words=1, generation_attempts_factor=1)
-    tiny = sandbox_endpoint(
-        sandbox, max_tokens=2
-    )  # every instruction longer than 8 chars is cut off
-    new, cands, info = generate(
-        _judged(pool, 1.0),
-        pool,
-        loop,
-        tiny,
-        round_no=1,
-        cache_dir=str(tmp_path / "c"),
-        show_progress=False,
-    )
+    # every instruction longer than 8 characters is cut off
+    new, _, info = generate(_judged(pool, 1.0), pool, loop, WorldClient(max_tokens=2), round_no=1)
     assert info["metrics"]["hard"]["rejected"].get("cut_off", 0) >= 4 and new.num_rows <= 1
 
 
-def test_deterministic_and_cached_and_shortfall(ray_local, sandbox, tmp_path):
+def test_deterministic_and_shortfall():
     pool = _pool(40, seed=8)
     loop = LoopConfig(hard_per_round=15, easy_per_round=5, min_words=2)
     judged = _judged(pool, 1.0)  # no easy parents at all
-    a, _, info_a = generate(
-        judged,
-        pool,
-        loop,
-        sandbox_endpoint(sandbox),
-        round_no=1,
-        cache_dir=str(tmp_path / "c"),
-        show_progress=False,
-    )
-    b, _, info_b = generate(
-        judged,
-        pool,
-        loop,
-        sandbox_endpoint(sandbox),
-        round_no=1,
-        cache_dir=str(tmp_path / "c"),
-        show_progress=False,
-    )
-    assert (
-        a.equals(b)
-        and info_b["api"]["requests"] == 0
-        and info_b["api"]["cached"] == info_a["api"]["rows"]
-    )
+    a, _, info_a = generate(judged, pool, loop, WorldClient(), round_no=1)
+    b, _, _ = generate(judged, pool, loop, WorldClient(), round_no=1)
+    assert a.equals(b)
     assert info_a["metrics"]["easy"] == {
         "target": 5,
         "parents": 0,
@@ -161,18 +132,63 @@ def test_deterministic_and_cached_and_shortfall(ray_local, sandbox, tmp_path):
     }
 
 
-def test_random_parent_selection_ignores_labels(ray_local, sandbox, tmp_path):
+def test_random_parent_selection_ignores_labels():
     pool = _pool(40, seed=9)
     judged = _judged(pool, hard_fraction=1.0)  # every instruction labelled hard
     loop = LoopConfig(hard_per_round=5, easy_per_round=5, min_words=2, parent_selection="random")
-    new, cands, info = generate(
-        judged,
-        pool,
-        loop,
-        sandbox_endpoint(sandbox),
-        round_no=1,
-        cache_dir=str(tmp_path / "c"),
-        show_progress=False,
-    )
+    _, _, info = generate(judged, pool, loop, WorldClient(), round_no=1)
     # with lion mining there would be no easy parents; random draws them from everything
     assert info["metrics"]["easy"]["parents"] == 40 and info["metrics"]["easy"]["accepted"] == 5
+
+
+def test_end_to_end_through_the_engine(ray_local, sandbox, tmp_path):
+    pool = _pool(80, seed=5)
+    engine = sandbox_engine(sandbox, tmp_path, role="generator")
+    new, cands, info = generate(_judged(pool), pool, LOOP, engine, round_no=2, dedup_workers=2)
+    _check_targets(pool, new, cands, info, 2)
+    # the same texts as the in-process world: the engine changes how, never what
+    fake, _, _ = generate(_judged(pool), pool, LOOP, WorldClient(), round_no=2)
+    assert new.column("instruction").to_pylist() == fake.column("instruction").to_pylist()
+
+
+class WaveSpy:
+    """Wraps an engine and records, per wave, the 429s the sandbox sent during it."""
+
+    def __init__(self, engine, server):
+        self.engine, self.server = engine, server
+        self.role, self.model = engine.role, engine.model
+        self.waves: list[dict] = []
+
+    def ask(self, requests, label=""):
+        before = self.server.stats()["rejected_429"]
+        results = self.engine.ask(requests, label)
+        state = self.engine.limiter_state()
+        self.waves.append(
+            {
+                "requests": len(requests),
+                "429": self.server.stats()["rejected_429"] - before,
+                "instance": state["instance"],
+                "reserved": state["reserved"],
+            }
+        )
+        return results
+
+
+def test_one_limiter_serves_every_wave_of_a_generation_stage(ray_local, tmp_path):
+    """The provider allows 120 requests/minute but the config says 6,000: wave 1 learns the
+    real limit from the 429s' headers, and the later waves, on the same limiter, keep it."""
+    pool = _pool(30, seed=10)
+    loop = LoopConfig(
+        hard_per_round=10, easy_per_round=0, min_words=5, generation_attempts_factor=3
+    )
+    with SandboxProcess(ServerOptions(rpm=120, burst_s=1.0)) as sb:
+        engine = sandbox_engine(sb, tmp_path, role="generator", requests_per_minute=6000)
+        spy = WaveSpy(engine, sb)
+        generate(_judged(pool, 1.0), pool, loop, spy, round_no=1)
+    waves = spy.waves
+    assert len(waves) >= 2, waves
+    assert waves[0]["429"] > 0  # the misconfigured limit, found out
+    assert all(w["429"] == 0 for w in waves[1:]), waves  # remembered: no wave starts over
+    assert len({w["instance"] for w in waves}) == 1
+    # one schedule: its reservations add up over the waves (retries included)
+    assert waves[-1]["reserved"] >= sum(w["requests"] for w in waves) + waves[0]["429"]

@@ -1,8 +1,11 @@
+import json
+
 import pyarrow as pa
 import pytest
 
 from lion_ray import storage
-from lion_ray.storage import Manifest, RunDir
+from lion_ray.errors import LionError
+from lion_ray.rundir import Manifest, RunDir, StageRecord
 
 
 def test_parquet_roundtrip_and_atomic_replace(tmp_path):
@@ -19,13 +22,79 @@ def test_parquet_roundtrip_and_atomic_replace(tmp_path):
 
 def test_manifest_records_and_reloads(tmp_path):
     run = RunDir(str(tmp_path / "run"))
-    assert not run.manifest.is_done("round_1/imitation.teacher")
-    run.manifest.mark_done("round_1/imitation.teacher", rows=10)
-    run.manifest.mark_done("round_1/imitation.train", rows=10)
+    assert run.manifest.get("round_1/imitation.teacher") is None
+    run.manifest.record(StageRecord(key="round_1/imitation.teacher", rows=10))
+    run.manifest.record(
+        StageRecord(key="round_1/imitation.train", rows=10, api={"teacher": {"cost_usd": 0.5}})
+    )
     again = RunDir(str(tmp_path / "run"))
-    assert again.manifest.get("round_1/imitation.teacher")["rows"] == 10
+    assert again.manifest.get("round_1/imitation.teacher").rows == 10
+    assert again.manifest.get("round_1/imitation.train").cost_usd == 0.5
     assert again.rounds_done() == [1]
     assert isinstance(again.manifest, Manifest)
+    again.manifest.forget(["round_1/imitation.train"])
+    assert RunDir(str(tmp_path / "run")).rounds_done() == []
+
+
+def test_a_version_1_manifest_reads_as_typed_records(tmp_path):
+    """lion-ray 0.1.0 wrote free-form dicts; they load with unknown inputs (adopted on resume)."""
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "current_stage": None,
+                "finished_rounds": 1,
+                "stages": {
+                    "round_1/pools": {
+                        "completed_at": 5.0,
+                        "rows": 90,
+                        "seconds": 0.1,
+                        "sizes": {"train": 60, "cache": 60},
+                        "next": {"train": 30, "cache": 90},
+                    },
+                    "round_1/imitation.teacher": {
+                        "completed_at": 1.0,
+                        "rows": 60,
+                        "failed": 0,
+                        "api": {"teacher": {"rows": 60, "cost_usd": 0.01, "model": "m"}},
+                    },
+                },
+            }
+        )
+    )
+    m = Manifest(str(tmp_path / "manifest.json"))
+    pools = m.get("round_1/pools")
+    assert pools.inputs is None and pools.metrics["next"] == {"train": 30, "cache": 90}
+    assert m.get("round_1/imitation.teacher").api["teacher"].cost_usd == 0.01
+    assert m.data.finished_rounds == 1
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 9, "stages": {}}))
+    with pytest.raises(LionError, match="version 9 was written by a newer lion-ray"):
+        Manifest(str(tmp_path / "manifest.json"))
+
+
+def test_fingerprints_follow_content(tmp_path):
+    f = tmp_path / "a.parquet"
+    storage.write_parquet(str(f), pa.table({"x": [1, 2]}))
+    first = storage.fingerprint(str(f))
+    storage.write_parquet(str(f), pa.table({"x": [1, 3]}))
+    assert storage.fingerprint(str(f)) != first
+    assert storage.fingerprint(str(tmp_path / "nothing")) == "missing"
+    # a model directory with checksums: fingerprinted by its checksum file, verified by size
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"w" * 100)
+    storage.write_checksums(model)
+    fp = storage.fingerprint(str(model))
+    assert fp.startswith("checksums:") and storage.verify_checksums(str(model)) is None
+    moved = tmp_path / "moved"
+    model.rename(moved)  # the same content elsewhere: the same fingerprint
+    assert storage.fingerprint(str(moved)) == fp
+    (moved / "model.safetensors").write_bytes(b"w" * 50)  # a truncated copy is not trusted
+    assert "size differs" in storage.verify_checksums(str(moved))
+    assert storage.fingerprint(str(moved)).startswith("tree:")
+    (moved / "model.safetensors").write_bytes(b"x" * 100)
+    assert "content differs" in storage.verify_checksums(str(moved), deep=True)
 
 
 def test_run_dir_layout(tmp_path):

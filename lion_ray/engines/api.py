@@ -1,13 +1,18 @@
 """Teacher, referee and generator calls at the provider's rate limit.
 
-    results, summary = run_chat_requests(requests, endpoint, role="teacher", cache_dir=...)
+    engine = ApiEngine(endpoint, role="teacher", cache_dir=run.cache_dir("teacher"),
+                       ledger_dir=run.ledger_dir("teacher"))
+    results = engine.ask([ChatRequest("id-1", messages)], label="teacher (Train Pool)")
 
-``requests`` is a table of (request_id, messages as JSON, seed). The driver first answers
-every request it finds in the durable cache, then streams the rest through a Ray Data
-pool of ``ApiWorker`` actors; each holds an async OpenAI client with up to
-``endpoint.concurrency`` requests in flight and asks one cluster-wide ``LimiterActor``
-when to send. Every row comes back exactly once: ``ok``, ``failed`` (with the last error,
-after the configured retries) or ``budget`` (not sent: the spending cap was reached).
+An ``ApiEngine`` serves one endpoint for a whole run (every stage, every wave, every
+re-ask) and implements the ``ChatClient`` interface the algorithms use. It answers what
+its response cache already holds (the index is loaded once and appended to), and streams
+the rest through a Ray Data pool of ``ApiWorker`` actors; each holds an async OpenAI
+client with up to ``endpoint.concurrency`` requests in flight and asks the endpoint's one
+cluster-wide ``LimiterActor`` when to send. The limiter lives as long as the run and keeps
+the schedule, ``Retry-After`` pauses, adapted limits and the budget, whose state is the
+spend ledger in the run directory. Every request comes back exactly once: ``ok``,
+``failed`` (with the last error, after the configured retries) or ``budget`` (not sent).
 
 ``ChatCaller`` holds the per-request logic (reserve, send, retry, cache) as a plain class,
 so it is tested without Ray; ``ApiWorker`` is the thin actor shell around it.
@@ -16,11 +21,12 @@ so it is tested without Ray; ``ApiWorker`` is the thin actor shell around it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, replace
 
 import pyarrow as pa
 
@@ -28,6 +34,7 @@ from lion_ray.config import EndpointConfig
 from lion_ray.engines import cache as response_cache
 from lion_ray.errors import LionError
 from lion_ray.logic.accounting import cost_usd, estimate_prompt_tokens
+from lion_ray.logic.chat import ChatRequest, ChatResult, usage
 
 REQUEST_SCHEMA = pa.schema(
     [("request_id", pa.string()), ("messages", pa.string()), ("seed", pa.int64())]
@@ -55,17 +62,6 @@ class FatalApiError(LionError):
 
 class BudgetExceeded(LionError):
     """The endpoint's spending cap was reached; what was done is kept in the cache."""
-
-
-def make_requests(rows: list[tuple[str, list[dict], int | None]]) -> pa.Table:
-    """A request table from (request_id, messages, seed) triples."""
-    return pa.Table.from_pylist(
-        [
-            {"request_id": rid, "messages": json.dumps(msgs, ensure_ascii=False), "seed": seed}
-            for rid, msgs, seed in rows
-        ],
-        schema=REQUEST_SCHEMA,
-    )
 
 
 def sampling_params(endpoint: EndpointConfig, seed: int | None) -> dict:
@@ -111,26 +107,21 @@ def _retry_after(headers: dict[str, str]) -> float | None:
         return None
 
 
-@dataclass
-class CallResult:
-    text: str = ""
-    finish_reason: str = ""
-    status: str = "ok"
-    error: str = ""
-    attempts: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    cached: bool = False
-    latency_s: float = 0.0
+def _never_sent(exc: Exception) -> bool:
+    """A connection that was never made cannot be billed; any other transport failure may
+    have reached the provider, which may bill it."""
+    import httpx2 as httpx  # the transport openai 3 uses
+
+    return isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
 
 
 class ChatCaller:
     """Sends one chat request at a time per coroutine: reserve a send time from the
     limiter, send, retry with backoff (honouring Retry-After), cache the success.
 
-    ``limiter`` needs async ``reserve(tokens, cost)`` and ``report(reserved, actual,
-    headers, retry_after)``; ``client`` is an ``openai.AsyncOpenAI``.
+    ``limiter`` needs async ``reserve(tokens, cost) -> (delay, ticket)`` and
+    ``report(ticket, reserved, actual, headers, retry_after)``; ``client`` is an
+    ``openai.AsyncOpenAI``.
     """
 
     def __init__(
@@ -153,7 +144,7 @@ class ChatCaller:
         ceiling = min(self.backoff_cap_s, self.backoff_base_s * 2**attempt)
         return ceiling / 2 + random.uniform(0, ceiling / 2)  # exponential, with jitter
 
-    async def call(self, messages: list[dict], seed: int | None) -> CallResult:
+    async def call(self, messages: list[dict], seed: int | None) -> ChatResult:
         import openai
 
         ep = self.endpoint
@@ -163,22 +154,20 @@ class ChatCaller:
         worst_cost = cost_usd(
             prompt_estimate, ep.max_tokens, ep.price_per_1k_input, ep.price_per_1k_output
         )
-        result = CallResult()
+        result = ChatResult()
         started = time.monotonic()
         for attempt in range(ep.max_retries + 1):
             result.attempts = attempt + 1
-            delay = await self.limiter.reserve(tokens, worst_cost)
+            delay, ticket = await self.limiter.reserve(tokens, worst_cost)
             if delay < 0:
-                result.status, result.error = (
-                    "budget",
-                    "not sent: the endpoint's budget_usd was reached",
-                )
+                result.status = "budget"
+                result.error = "not sent: the endpoint's budget_usd was reached"
                 break
             if delay:
                 await asyncio.sleep(delay)
             headers: dict[str, str] = {}
             retry_after = None
-            actual_cost = 0.0
+            billed = 0.0
             try:
                 raw = await self.client.chat.completions.with_raw_response.create(
                     model=ep.model,
@@ -188,31 +177,31 @@ class ChatCaller:
                 headers = _headers_of(raw)
                 completion = raw.parse()
                 choice = completion.choices[0]
-                usage = completion.usage
+                used = completion.usage
                 result.text = choice.message.content or ""
                 result.finish_reason = choice.finish_reason or ""
-                result.prompt_tokens = usage.prompt_tokens if usage else prompt_estimate
-                result.completion_tokens = usage.completion_tokens if usage else 0
-                actual_cost = cost_usd(
+                result.prompt_tokens = used.prompt_tokens if used else prompt_estimate
+                result.completion_tokens = used.completion_tokens if used else 0
+                billed = cost_usd(
                     result.prompt_tokens,
                     result.completion_tokens,
                     ep.price_per_1k_input,
                     ep.price_per_1k_output,
                 )
-                result.cost_usd, result.status, result.error = actual_cost, "ok", ""
+                result.status, result.error = "ok", ""
             except (
                 openai.AuthenticationError,
                 openai.PermissionDeniedError,
                 openai.NotFoundError,
             ) as exc:
-                await self.limiter.report(worst_cost, 0.0, None, None)
+                await self.limiter.report(ticket, worst_cost, 0.0, None, None)
                 raise FatalApiError(
                     f"{ep.base_url} refused the request ({exc.status_code}): {_short(exc)}; check the API "
                     f"key in ${ep.api_key_env or '(none)'}, the model name '{ep.model}' and base_url"
                 ) from None
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
                 result.status, result.error = "failed", f"{exc.status_code}: {_short(exc)}"
-                await self.limiter.report(worst_cost, 0.0, _headers_of(exc.response), None)
+                await self.limiter.report(ticket, worst_cost, 0.0, _headers_of(exc.response), None)
                 break  # the same request would be refused again
             except openai.APIStatusError as exc:
                 headers = _headers_of(exc.response)
@@ -221,7 +210,10 @@ class ChatCaller:
                 result.status, result.error = "failed", f"{exc.status_code}: {_short(exc)}"
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
                 result.status, result.error = "failed", f"{type(exc).__name__}: {_short(exc)}"
-            await self.limiter.report(worst_cost, actual_cost, headers or None, retry_after)
+                # the provider may have answered (and billed) a request we stopped waiting for
+                billed = 0.0 if _never_sent(exc) else worst_cost
+            result.cost_usd += billed
+            await self.limiter.report(ticket, worst_cost, billed, headers or None, retry_after)
             if result.status == "ok":
                 if self.writer is not None:
                     self.writer.add(
@@ -231,7 +223,7 @@ class ChatCaller:
                             "finish_reason": result.finish_reason,
                             "prompt_tokens": result.prompt_tokens,
                             "completion_tokens": result.completion_tokens,
-                            "cost_usd": result.cost_usd,
+                            "cost_usd": billed,
                         }
                     )
                 break
@@ -249,24 +241,40 @@ def _short(exc: Exception) -> str:
 
 
 class _ActorLimiter:
-    """Adapts a ``LimiterActor`` handle to the awaitable interface ``ChatCaller`` uses."""
+    """Adapts a ``LimiterActor`` handle to the awaitable interface ``ChatCaller`` uses; the
+    stage tag goes into the spend ledger with every reservation."""
 
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, handle, stage: str, ledger_dir: str | None):
+        self.handle, self.stage, self.ledger_dir = handle, stage, ledger_dir
 
-    async def reserve(self, tokens: int, cost: float) -> float:
-        return await self.handle.reserve.remote(tokens, cost)
+    async def reserve(self, tokens: int, cost: float) -> tuple[float, str | None]:
+        try:
+            return await self.handle.reserve.remote(tokens, cost, self.stage)
+        except Exception as exc:  # money fails closed: no durable reservation, no request
+            raise FatalApiError(
+                f"cannot record spend in the ledger {self.ledger_dir} ({type(exc).__name__}: "
+                f"{str(exc)[-300:]}); a budget that cannot be checked stops the stage"
+            ) from None
 
-    async def report(self, reserved, actual, headers, retry_after) -> None:
-        self.handle.report.remote(reserved, actual, headers, retry_after)  # fire and forget
+    async def report(self, ticket, reserved, actual, headers, retry_after) -> None:
+        # fire and forget: the reservation already covers the worst case
+        self.handle.report.remote(ticket, reserved, actual, headers, retry_after, self.stage)
 
 
 class ApiWorker:
     """Ray Data actor: one async OpenAI client, ``concurrency`` requests in flight."""
 
-    def __init__(self, endpoint: dict, limiter, cache_dir: str, flush_s: float = 1.0):
+    def __init__(
+        self,
+        endpoint: dict,
+        limiter,
+        cache_dir: str,
+        ledger_dir: str | None = None,
+        stage: str = "",
+        flush_s: float = 1.0,
+    ):
         self.endpoint = EndpointConfig.model_validate(endpoint)
-        self.limiter = _ActorLimiter(limiter)
+        self.limiter = _ActorLimiter(limiter, stage, ledger_dir)
         self.writer = response_cache.CacheWriter(cache_dir, flush_s)
         self.caller: ChatCaller | None = None
         self.semaphore: asyncio.Semaphore | None = None
@@ -281,7 +289,7 @@ class ApiWorker:
         self.caller = ChatCaller(ep, client, self.limiter, self.writer)
         self.semaphore = asyncio.Semaphore(ep.concurrency)
 
-    async def _one(self, messages_json: str, seed) -> CallResult:
+    async def _one(self, messages_json: str, seed) -> ChatResult:
         async with self.semaphore:
             return await self.caller.call(
                 json.loads(messages_json), None if seed is None else int(seed)
@@ -294,7 +302,7 @@ class ApiWorker:
         results = await asyncio.gather(*(self._one(r["messages"], r["seed"]) for r in rows))
         self.writer.flush()
         out = [
-            {"request_id": r["request_id"], **res.__dict__}
+            asdict(res) | {"request_id": r["request_id"]}
             for r, res in zip(rows, results, strict=True)
         ]
         return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
@@ -332,152 +340,212 @@ def preflight(endpoint: EndpointConfig, role: str) -> None:
         client.close()
 
 
-def summarize(results: pa.Table, endpoint: EndpointConfig) -> dict:
-    rows = results.to_pylist()
-    live = [r for r in rows if not r["cached"]]
-    return {
-        "rows": len(rows),
-        "ok": sum(r["status"] == "ok" for r in rows),
-        "failed": sum(r["status"] == "failed" for r in rows),
-        "budget": sum(r["status"] == "budget" for r in rows),
-        "cached": len(rows) - len(live),
-        "requests": sum(r["attempts"] for r in live),
-        "prompt_tokens": sum(r["prompt_tokens"] for r in live if r["status"] == "ok"),
-        "completion_tokens": sum(r["completion_tokens"] for r in live if r["status"] == "ok"),
-        "cost_usd": round(sum(r["cost_usd"] for r in live), 6),
-        "model": endpoint.model,
-    }
+def _from_cache(request_id: str, entry: dict) -> ChatResult:
+    return ChatResult(
+        request_id=request_id,
+        text=entry["text"],
+        finish_reason=entry.get("finish_reason", "stop"),
+        prompt_tokens=entry.get("prompt_tokens", 0),
+        completion_tokens=entry.get("completion_tokens", 0),
+        cost_usd=0.0,  # paid for once, by the call that made the entry (it is in the ledger)
+        cached=True,
+    )
 
 
-def merge_summaries(*summaries: dict) -> dict:
-    """API accounting of several engine runs added up."""
-    total: dict = {}
-    for s in summaries:
-        for k, v in s.items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                total[k] = total.get(k, 0) + v
+def limiter_name(ledger_dir: str) -> str:
+    return "lion-limiter-" + hashlib.sha256(ledger_dir.encode()).hexdigest()[:16]
+
+
+class ApiEngine:
+    """One endpoint playing one role, for as long as the run: the ``ChatClient`` the
+    algorithms are given. Holds the response-cache index and the limiter handle."""
+
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        *,
+        role: str,
+        cache_dir: str,
+        ledger_dir: str | None,
+        legacy_usd: float = 0.0,
+        flush_s: float = 1.0,
+        show_progress: bool = True,
+    ):
+        self.endpoint = endpoint
+        self.legacy_usd = legacy_usd  # spend of a run from before the ledger, if it has none
+        self.role = role
+        self.model = endpoint.model
+        self.cache_dir = cache_dir
+        self.ledger_dir = ledger_dir
+        self.flush_s = flush_s
+        self.show_progress = show_progress
+        self.stage = ""  # the stage the calls are billed to in the ledger (set by the driver)
+        self._index: dict[str, dict] | None = None
+        self._limiter = None
+        self._checked = False
+
+    # --- long-lived state -----------------------------------------------------------------
+
+    @property
+    def index(self) -> dict[str, dict]:
+        """Every cached response by key: read once, then kept current by ``ask``."""
+        if self._index is None:
+            self._index = response_cache.load(self.cache_dir)
+        return self._index
+
+    @property
+    def limiter(self):
+        """The endpoint's one limiter (named: a driver and a `lion-ray answer` beside it
+        share it while it lives); a resumed run's new limits and cap are applied to it."""
+        if self._limiter is None:
+            import ray
+
+            from lion_ray.engines.limiter import LimiterActor
+
+            ep = self.endpoint
+            options = {"namespace": "lion-ray", "get_if_exists": True}
+            if self.ledger_dir:
+                options["name"] = limiter_name(self.ledger_dir)
+            self._limiter = LimiterActor.options(**options).remote(
+                rpm=ep.requests_per_minute,
+                tpm=ep.tokens_per_minute,
+                budget_usd=ep.budget_usd,
+                ledger_dir=self.ledger_dir,
+                legacy_usd=self.legacy_usd,
+            )
+            ray.get(
+                self._limiter.configure.remote(
+                    ep.requests_per_minute, ep.tokens_per_minute, ep.budget_usd
+                )
+            )
+        return self._limiter
+
+    def limiter_state(self) -> dict:
+        import ray
+
+        return ray.get(self.limiter.snapshot.remote())
+
+    # --- ChatClient -----------------------------------------------------------------------
+
+    def ask(self, requests: list[ChatRequest], label: str = "") -> list[ChatResult]:
+        """One result per request, in order: cache first, then the endpoint.
+
+        Raises ``BudgetExceeded`` when the endpoint's ``budget_usd`` stopped any request (the
+        answers so far are cached) and ``FatalApiError`` on a bad key or URL.
+        """
+        from lion_ray.progress import StageProgress
+
+        ep = self.endpoint
+        keys = [
+            response_cache.cache_key(ep.model, sampling_params(ep, r.seed), r.messages)
+            for r in requests
+        ]
+        index = self.index
+        results: dict[int, ChatResult] = {}
+        misses: dict[str, list[int]] = {}  # identical requests are sent once
+        for i, (r, key) in enumerate(zip(requests, keys, strict=True)):
+            entry = index.get(key)
+            if entry is not None:
+                results[i] = _from_cache(r.request_id, entry)
             else:
-                total.setdefault(k, v)
-    if "cost_usd" in total:
-        total["cost_usd"] = round(total["cost_usd"], 6)
-    return total
-
-
-def _from_cache(entry: dict) -> dict:
-    return {
-        "text": entry["text"],
-        "finish_reason": entry.get("finish_reason", "stop"),
-        "status": "ok",
-        "error": "",
-        "attempts": 0,
-        "prompt_tokens": entry.get("prompt_tokens", 0),
-        "completion_tokens": entry.get("completion_tokens", 0),
-        "cost_usd": 0.0,  # paid for once, in the run that made the call
-        "cached": True,
-        "latency_s": 0.0,
-    }
-
-
-def run_chat_requests(
-    requests: pa.Table,
-    endpoint: EndpointConfig,
-    *,
-    role: str,
-    cache_dir: str,
-    spent_usd: float = 0.0,
-    progress_label: str | None = None,
-    flush_s: float = 1.0,
-    show_progress: bool = True,
-) -> tuple[pa.Table, dict]:
-    """Answer every request (cache first, then the endpoint); one result row per request.
-
-    Raises ``BudgetExceeded`` (after returning nothing: the work done is in the cache) when the
-    endpoint's ``budget_usd`` stopped the stage, and ``FatalApiError`` on a bad key or URL.
-    """
-    import ray
-
-    from lion_ray.engines.cluster import data_context_quiet
-    from lion_ray.engines.limiter import LimiterActor
-    from lion_ray.progress import StageProgress
-
-    rows = requests.to_pylist()
-    keys = {
-        r["request_id"]: response_cache.cache_key(
-            endpoint.model, sampling_params(endpoint, r["seed"]), json.loads(r["messages"])
-        )
-        for r in rows
-    }
-    hits = response_cache.load(cache_dir, keys.values())
-    results: dict[str, dict] = {}
-    misses = []
-    for r in rows:
-        entry = hits.get(keys[r["request_id"]])
-        if entry is not None:
-            results[r["request_id"]] = {"request_id": r["request_id"], **_from_cache(entry)}
-        else:
-            misses.append(r)
-
-    label = progress_label or f"{role} calls"
-    with StageProgress(label, total=len(rows), enabled=show_progress, unit="rows") as bar:
-        bar.advance(len(results), cached=len(results))
-        if misses:
-            preflight(endpoint, role)
-            limiter = LimiterActor.remote(
-                rpm=endpoint.requests_per_minute,
-                tpm=endpoint.tokens_per_minute,
-                budget_usd=endpoint.budget_usd,
-                spent_usd=spent_usd,
+                misses.setdefault(key, []).append(i)
+        with StageProgress(
+            label or f"{self.role} calls",
+            total=len(requests),
+            enabled=self.show_progress,
+            unit="rows",
+        ) as bar:
+            bar.advance(len(results), cached=len(results))
+            firsts = [positions[0] for positions in misses.values()]
+            for i, res in self._send([requests[i] for i in firsts], firsts, bar) if firsts else ():
+                results[i] = res
+                if res.status == "ok":  # its actor cached it; keep the index current
+                    index[keys[i]] = {
+                        "text": res.text,
+                        "finish_reason": res.finish_reason,
+                        "prompt_tokens": res.prompt_tokens,
+                        "completion_tokens": res.completion_tokens,
+                    }
+                for twin in misses[keys[i]][1:]:  # the same answer, paid for once
+                    results[twin] = replace(
+                        res, request_id=requests[twin].request_id, cached=True, cost_usd=0.0
+                    )
+                    bar.advance(1, cached=1)
+        ordered = [results[i] for i in range(len(requests))]
+        refused = sum(r.status == "budget" for r in ordered)
+        if refused:
+            state = self.limiter_state()
+            raise BudgetExceeded(
+                f"{self.role}: budget_usd ${ep.budget_usd} reached: ${state['spent_usd']:.4f} "
+                f"spent against it over the whole run, {refused} of {len(ordered)} requests not "
+                f"sent; the answers so far are cached in {self.cache_dir}; raise "
+                f"{self.role}.budget_usd and rerun to continue"
             )
-            per_block = max(1, endpoint.concurrency)
-            chunks = [
-                pa.Table.from_pylist(misses[i : i + per_block], schema=REQUEST_SCHEMA)
-                for i in range(0, len(misses), per_block)
-            ]
-            data_context_quiet()
-            ds = ray.data.from_arrow(chunks).map_batches(
-                ApiWorker,
-                batch_format="pyarrow",
-                batch_size=None,
-                fn_constructor_kwargs={
-                    "endpoint": endpoint.model_dump(),
-                    "limiter": limiter,
-                    "cache_dir": cache_dir,
-                    "flush_s": flush_s,
-                },
-                compute=ray.data.ActorPoolStrategy(
-                    size=endpoint.num_actors,
-                    max_concurrent_calls_per_actor=4,
-                    max_tasks_in_flight_per_actor=4,
-                ),
-                num_cpus=0.25,  # I/O bound: fractional CPUs keep 2-core machines from deadlocking
-            )
-            started = time.monotonic()
-            sent = 0
-            try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    for row in batch.to_pylist():
-                        results[row["request_id"]] = row
-                        sent += 1
-                        bar.advance(1, cost=row["cost_usd"], failed=row["status"] == "failed")
-                    elapsed = max(1e-6, time.monotonic() - started)
-                    bar.set_rate(sent / elapsed * 60)
-            except Exception as exc:
-                fatal = _find_fatal(exc)
-                if fatal is not None:
-                    raise fatal from None
-                raise
-            finally:
-                ray.kill(limiter)
-    table = pa.Table.from_pylist([results[r["request_id"]] for r in rows], schema=RESULT_SCHEMA)
-    summary = summarize(table, endpoint)
-    response_cache.compact(cache_dir)
-    if summary["budget"]:
-        raise BudgetExceeded(
-            f"{role}: budget_usd ${endpoint.budget_usd} reached after {summary['ok']} of {summary['rows']} rows "
-            f"(${spent_usd + summary['cost_usd']:.4f} spent in this run); the answers so far are cached in "
-            f"{cache_dir}; raise {role}.budget_usd and rerun to continue"
+        return ordered
+
+    def _send(self, requests: list[ChatRequest], positions: list[int], bar):
+        """(position, result) for each request, as Ray Data's actors answer them."""
+        import ray
+
+        from lion_ray.engines.cluster import data_context_quiet
+
+        if not self._checked:
+            preflight(self.endpoint, self.role)
+            self._checked = True
+        ep = self.endpoint
+        rows = [
+            {"request_id": str(p), "messages": json.dumps(r.messages, ensure_ascii=False)}
+            | {"seed": r.seed}
+            for p, r in zip(positions, requests, strict=True)
+        ]
+        ids = {str(p): r.request_id for p, r in zip(positions, requests, strict=True)}
+        per_block = max(1, ep.concurrency)
+        chunks = [
+            pa.Table.from_pylist(rows[i : i + per_block], schema=REQUEST_SCHEMA)
+            for i in range(0, len(rows), per_block)
+        ]
+        data_context_quiet()
+        ds = ray.data.from_arrow(chunks).map_batches(
+            ApiWorker,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_constructor_kwargs={
+                "endpoint": ep.model_dump(),
+                "limiter": self.limiter,
+                "cache_dir": self.cache_dir,
+                "ledger_dir": self.ledger_dir,
+                "stage": self.stage,
+                "flush_s": self.flush_s,
+            },
+            compute=ray.data.ActorPoolStrategy(
+                size=min(ep.num_actors, len(chunks)),
+                max_concurrent_calls_per_actor=4,
+                max_tasks_in_flight_per_actor=4,
+            ),
+            num_cpus=0.25,  # I/O bound: fractional CPUs keep 2-core machines from deadlocking
         )
-    return table, summary
+        started, sent = time.monotonic(), 0
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for row in batch.to_pylist():
+                    position = row.pop("request_id")
+                    res = ChatResult(request_id=ids[position], **row)
+                    sent += 1
+                    bar.advance(1, cost=res.cost_usd, failed=res.status == "failed")
+                    yield int(position), res
+                bar.set_rate(sent / max(1e-6, time.monotonic() - started) * 60)
+        except Exception as exc:
+            fatal = _find_fatal(exc)
+            if fatal is not None:
+                raise fatal from None
+            raise
+
+    def usage(self, results: list[ChatResult]) -> dict:
+        return usage(results, self.model)
+
+    def close(self) -> None:
+        """Merge the cache's many small shards (once per run, not per call)."""
+        response_cache.compact(self.cache_dir)
 
 
 def _find_fatal(exc: BaseException) -> FatalApiError | None:

@@ -33,7 +33,7 @@ from ray import serve
 from lion_ray import storage
 from lion_ray.config import ServeConfig
 from lion_ray.logic.prompts import build_prompt
-from lion_ray.storage import RunDir
+from lion_ray.rundir import RunDir
 
 
 class ServeError(Exception):

@@ -289,6 +289,7 @@ def train_loop_per_worker(config: dict) -> None:
     final["worker_nodes"] = nodes
     if rank == 0:
         tokenizer.save_pretrained(export_tmp)
+        storage.write_checksums(export_tmp)  # last: its presence says the export is complete
         _publish(export_tmp, out_uri)
         # Ray Train keeps the metrics of checkpointed reports; the final ones go beside them
         storage.write_json(config["progress_uri"].replace("progress.json", "final.json"), final)

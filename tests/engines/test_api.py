@@ -13,43 +13,43 @@ import pytest
 from openai import AsyncOpenAI
 
 from lion_ray.engines import cache as response_cache
-from lion_ray.engines.api import (
-    BudgetExceeded,
-    ChatCaller,
-    FatalApiError,
-    make_requests,
-    preflight,
-    run_chat_requests,
-)
+from lion_ray.engines import ledger
+from lion_ray.engines.api import BudgetExceeded, ChatCaller, FatalApiError, preflight
 from lion_ray.logic import prompts
+from lion_ray.logic.accounting import cost_usd
+from lion_ray.logic.chat import ChatRequest
 from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 from lion_ray.sandbox.tasks import generate_tasks
 
-from ..conftest import ROOT, sandbox_endpoint
+from ..conftest import ROOT, sandbox_endpoint, sandbox_engine
 
 
 def _requests(n, seed=0, prefix=""):
     tasks = generate_tasks(n, seed=seed)
-    reqs = make_requests(
-        [
-            (f"{prefix}{i}", prompts.teacher_messages(t.instruction), None)
-            for i, t in enumerate(tasks)
-        ]
-    )
+    reqs = [
+        ChatRequest(f"{prefix}{i}", prompts.teacher_messages(t.instruction))
+        for i, t in enumerate(tasks)
+    ]
     return reqs, tasks
 
 
 class RecordingLimiter:
     def __init__(self):
-        self.pauses, self.reports = [], 0
+        self.pauses, self.reports, self.billed = [], 0, []
 
     async def reserve(self, tokens, cost):
-        return 0.0
+        return 0.0, f"t{self.reports}"
 
-    async def report(self, reserved, actual, headers, retry_after):
+    async def report(self, ticket, reserved, actual, headers, retry_after):
         self.reports += 1
+        self.billed.append(actual)
         if retry_after:
             self.pauses.append(retry_after)
+
+
+def billed_usd(stats: dict, price_in: float, price_out: float) -> float:
+    """What the sandbox served, at the given prices: what a provider would bill."""
+    return cost_usd(stats["prompt_tokens"], stats["completion_tokens"], price_in, price_out)
 
 
 def test_caller_retries_then_marks_failed():
@@ -68,8 +68,34 @@ def test_caller_retries_then_marks_failed():
 
         res = asyncio.run(go())
         assert res.status == "failed" and res.attempts == 3 and res.text == ""
+        assert res.cost_usd == 0.0  # a 5xx is not billed
         assert res.error.startswith(("500", "503"))
         assert sb.stats()["rejected"]["server_error"] == 3
+
+
+def test_a_request_that_timed_out_may_be_billed_one_never_sent_is_not():
+    def call(ep):
+        async def go():
+            caller = ChatCaller(
+                ep,
+                AsyncOpenAI(base_url=ep.base_url, api_key="x", max_retries=0, timeout=0.5),
+                limiter,
+                None,
+            )
+            return await caller.call(prompts.teacher_messages("What is 1 + 1?"), None)
+
+        return asyncio.run(go())
+
+    price = {"price_per_1k_input": 1.0, "price_per_1k_output": 1.0, "max_retries": 0}
+    with SandboxProcess(ServerOptions(slow_rate=1.0, slow_ms=2000)) as sb:
+        limiter = RecordingLimiter()
+        res = call(sandbox_endpoint(sb, timeout_s=0.5, **price))
+        # the provider answered after we stopped waiting: it bills, so we count the worst case
+        assert res.status == "failed" and "Timeout" in res.error
+        assert res.cost_usd > 0 and limiter.billed == [res.cost_usd]
+        limiter = RecordingLimiter()
+        res = call(sandbox_endpoint(sb, base_url="http://127.0.0.1:9/v1", **price))
+        assert res.status == "failed" and res.cost_usd == 0.0 and limiter.billed == [0.0]
 
 
 def test_caller_honours_retry_after():
@@ -95,15 +121,14 @@ def test_caller_honours_retry_after():
 def test_one_global_limit_across_actors(ray_local, tmp_path):
     # three actors, each could alone exceed the server's limit; together they must not
     with SandboxProcess(ServerOptions(rpm=1200, burst_s=1.0)) as sb:
-        ep = sandbox_endpoint(sb, requests_per_minute=1200, num_actors=3, concurrency=16)
         reqs, tasks = _requests(160)
-        t = time.perf_counter()
-        res, summary = run_chat_requests(
-            reqs, ep, role="teacher", cache_dir=str(tmp_path / "c"), show_progress=False
+        engine = sandbox_engine(
+            sb, tmp_path, requests_per_minute=1200, num_actors=3, concurrency=16
         )
-        assert summary["ok"] == 160 and [r["text"] for r in res.to_pylist()] == [
-            t.answer for t in tasks
-        ]
+        t = time.perf_counter()
+        res = engine.ask(reqs)
+        assert [r.text for r in res] == [t.answer for t in tasks]
+        assert [r.request_id for r in res] == [r.request_id for r in reqs]
         stats = sb.stats()
         assert stats["rejected_429"] <= 2
         assert stats["max_accepted_in_window"]["requests"] <= 1200
@@ -113,63 +138,61 @@ def test_one_global_limit_across_actors(ray_local, tmp_path):
 def test_limiter_adapts_to_a_lower_provider_limit(ray_local, tmp_path):
     # configured 10x too high: the 429s' headers teach the limiter the real limit
     with SandboxProcess(ServerOptions(rpm=300, burst_s=1.0)) as sb:
-        ep = sandbox_endpoint(sb, requests_per_minute=3000, num_actors=2, concurrency=8)
+        engine = sandbox_engine(sb, tmp_path, requests_per_minute=3000, num_actors=2, concurrency=8)
         reqs, _ = _requests(40)
-        res, summary = run_chat_requests(
-            reqs, ep, role="teacher", cache_dir=str(tmp_path / "c"), show_progress=False
-        )
-        assert summary["ok"] == 40
+        assert all(r.status == "ok" for r in engine.ask(reqs))
         assert sb.stats()["rejected_429"] < 40
 
 
 def test_failed_rows_are_kept_and_marked(ray_local, tmp_path):
     with SandboxProcess(ServerOptions(error_rate=1.0)) as sb:
-        ep = sandbox_endpoint(sb, max_retries=1)
+        engine = sandbox_engine(sb, tmp_path, max_retries=1)
         reqs, _ = _requests(12)
-        res, summary = run_chat_requests(
-            reqs, ep, role="teacher", cache_dir=str(tmp_path / "c"), show_progress=False
-        )
-        rows = res.to_pylist()
-        assert len(rows) == 12 and summary["failed"] == 12
-        assert all(r["status"] == "failed" and r["text"] == "" and r["attempts"] == 2 for r in rows)
-        assert response_cache.load(str(tmp_path / "c")) == {}  # failures are never cached
+        rows = engine.ask(reqs)
+        assert len(rows) == 12 and engine.usage(rows)["failed"] == 12
+        assert all(r.status == "failed" and r.text == "" and r.attempts == 2 for r in rows)
+        assert response_cache.load(engine.cache_dir) == {}  # failures are never cached
+        assert ledger.load(engine.ledger_dir).spent_usd == 0.0  # nor billed
 
 
 def test_cache_makes_reruns_free_and_identical(ray_local, tmp_path, sandbox):
-    ep = sandbox_endpoint(sandbox)
     reqs, _ = _requests(30, seed=11, prefix="c")
     before = sandbox.stats()["served"]
-    first, s1 = run_chat_requests(
-        reqs, ep, role="teacher", cache_dir=str(tmp_path / "c"), show_progress=False
-    )
-    second, s2 = run_chat_requests(
-        reqs, ep, role="teacher", cache_dir=str(tmp_path / "c"), show_progress=False
-    )
+    first = sandbox_engine(sandbox, tmp_path).ask(reqs)
+    again = sandbox_engine(sandbox, tmp_path)  # a new engine: the cache is read from disk
+    second = again.ask(reqs)
     assert sandbox.stats()["served"] - before == 30
-    assert s2["cached"] == 30 and s2["requests"] == 0
-    assert first.column("text").to_pylist() == second.column("text").to_pylist()
+    assert again.usage(second)["cached"] == 30 and again.usage(second)["requests"] == 0
+    assert [r.text for r in first] == [r.text for r in second]
 
 
-def test_budget_cap_stops_cleanly_and_rerun_continues(ray_local, tmp_path):
+def test_budget_cap_stops_cleanly_and_a_raised_cap_continues(ray_local, tmp_path):
+    price = {"price_per_1k_input": 1.0, "price_per_1k_output": 1.0}
     with SandboxProcess(ServerOptions()) as sb:
         # each request's worst case ~ (prompt + 64 tokens) at $1/1K: a $0.9 cap allows ~10
-        ep = sandbox_endpoint(
-            sb, price_per_1k_input=1.0, price_per_1k_output=1.0, budget_usd=0.9, concurrency=2
-        )
+        engine = sandbox_engine(sb, tmp_path, budget_usd=0.9, concurrency=2, **price)
         reqs, _ = _requests(40, seed=12)
-        cache_dir = str(tmp_path / "c")
-        with pytest.raises(BudgetExceeded, match=r"budget_usd \$0.9 reached after \d+ of 40 rows"):
-            run_chat_requests(reqs, ep, role="teacher", cache_dir=cache_dir, show_progress=False)
+        with pytest.raises(BudgetExceeded, match=r"budget_usd \$0.9 reached: \$0\.\d+ spent"):
+            engine.ask(reqs)
         paid = sb.stats()["served"]
         assert 0 < paid < 40
-        spent = sum(e["cost_usd"] for e in response_cache.load(cache_dir).values())
-        assert spent <= 0.9
-        unlimited = ep.model_copy(update={"budget_usd": None})
-        res, summary = run_chat_requests(
-            reqs, unlimited, role="teacher", cache_dir=cache_dir, show_progress=False
-        )
-        assert summary["ok"] == 40 and summary["cached"] == paid
+        billed = billed_usd(sb.stats(), 1.0, 1.0)
+        spent = ledger.load(engine.ledger_dir)
+        assert billed <= 0.9 and spent.spent_usd == pytest.approx(billed)
+        assert spent.open_tickets == 0  # every reservation settled
+        # a new engine (a rerun) with the cap raised: the cache answers what was paid for,
+        # and the ledger carries what was spent, so the new cap holds over both attempts
+        raised = sandbox_engine(sb, tmp_path, budget_usd=1.5, concurrency=2, **price)
+        with pytest.raises(BudgetExceeded):
+            raised.ask(reqs)
+        assert billed_usd(sb.stats(), 1.0, 1.0) <= 1.5
+        unlimited = sandbox_engine(sb, tmp_path, budget_usd=None, **price)
+        results = unlimited.ask(reqs)
+        assert all(r.status == "ok" for r in results)
         assert sb.stats()["served"] == 40  # nothing paid twice
+        assert ledger.load(engine.ledger_dir).spent_usd == pytest.approx(
+            billed_usd(sb.stats(), 1.0, 1.0)
+        )
 
 
 def test_fatal_errors_stop_at_once(sandbox, monkeypatch):

@@ -245,12 +245,12 @@ def test_hot_swap_under_concurrent_requests(served, taught_student, taught_stude
 
 
 def test_run_dir_follows_new_rounds(ray_local, served, taught_student, taught_student_b, tmp_path):
-    from lion_ray.storage import RunDir
+    from lion_ray.rundir import RunDir, StageRecord
 
     url, _ = served
     run = RunDir(str(tmp_path / "run"))
     shutil.copytree(taught_student, run.model_dir(1))
-    run.manifest.mark_done("round_1/imitation.train", rows=1)
+    run.manifest.record(StageRecord(key="round_1/imitation.train", rows=1))
     settings = ServeConfig(port=int(url.rsplit(":", 1)[1]), watch_interval_s=0.5)
     follow = deploy(
         settings, template="compact", run_dir=run.uri, name="follow", route_prefix="/follow"
@@ -263,7 +263,7 @@ def test_run_dir_follows_new_rounds(ray_local, served, taught_student, taught_st
         c.chat.completions.create(**ask, max_tokens=250)
     assert err.value.body["code"] == "context_length_exceeded" and "at most" in str(err.value)
     shutil.copytree(taught_student_b, run.model_dir(2))  # round 2 finishes
-    run.manifest.mark_done("round_2/imitation.train", rows=1)
+    run.manifest.record(StageRecord(key="round_2/imitation.train", rows=1))
     deadline = time.time() + 30
     while (
         time.time() < deadline
