@@ -262,6 +262,21 @@ def sandbox_serve(
         str | None, typer.Option(help="Require a bearer key equal to this variable.")
     ] = None,
     fault_seed: Annotated[int | None, typer.Option(help="Seed for random faults.")] = None,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fault",
+            help="A provider error, NAME or NAME:RATE (repeatable): insufficient_quota, "
+            "bad_param, reset, gateway.",
+        ),
+    ] = None,
+    batch_delay_s: Annotated[float, typer.Option(help="Seconds until a batch completes.")] = 1.0,
+    batch_fail_rate: Annotated[
+        float, typer.Option(help="Fraction of batch lines failing on their first submission.")
+    ] = 0.0,
+    batch_expire_rate: Annotated[
+        float, typer.Option(help="Fraction of batches expiring with half their lines done.")
+    ] = 0.0,
 ) -> None:
     """Run the OpenAI-compatible sandbox server in the foreground."""
     from lion_ray.sandbox.server import ServerOptions, run_server
@@ -271,6 +286,8 @@ def sandbox_serve(
         ("slow-rate", slow_rate),
         ("malformed-rate", malformed_rate),
         ("teacher-error-rate", teacher_error_rate),
+        ("batch-fail-rate", batch_fail_rate),
+        ("batch-expire-rate", batch_expire_rate),
     ]:
         if not 0 <= rate <= 1:
             err_console.print(f"[bold red]error:[/bold red] --{name} must be in 0..1, got {rate}")
@@ -288,7 +305,16 @@ def sandbox_serve(
         teacher_error_rate=teacher_error_rate,
         api_key_env=api_key_env,
         fault_seed=fault_seed,
+        faults=tuple(fault or ()),
+        batch_delay_s=batch_delay_s,
+        batch_fail_rate=batch_fail_rate,
+        batch_expire_rate=batch_expire_rate,
     )
+    try:
+        options.fault_rates()
+    except ValueError as exc:
+        err_console.print(f"[bold red]error:[/bold red] --fault: {exc}")
+        raise typer.Exit(2) from None
     run_server(options, host, port)
 
 
@@ -369,6 +395,7 @@ def _answer(cfg, role: str | None, kind: str, input_uri: str):
                 client,
                 max_reasks=cfg.loop.referee_max_reasks,
                 tau=cfg.loop.tau,
+                structured=cfg.referee.structured_output,
             )
         from lion_ray.generation import ask_generator
 
@@ -463,6 +490,7 @@ def discriminate_cmd(
                 session.client("referee"),
                 tau=cfg.loop.tau,
                 max_reasks=cfg.loop.referee_max_reasks,
+                structured=cfg.referee.structured_output,
             )
         storage.write_parquet(out, judged)
     console.print(f"wrote {judged.num_rows} judged rows -> {out}")
@@ -669,7 +697,12 @@ def eval_cmd(
                     qs, session.client("teacher"), cfg.student.prompt_template
                 )
             judged, result = evaluation.judge_pairs(
-                qs, cand, ref, session.client("referee"), cfg.loop.referee_max_reasks
+                qs,
+                cand,
+                ref,
+                session.client("referee"),
+                cfg.loop.referee_max_reasks,
+                cfg.referee.structured_output,
             )
         name = title or f"{candidate} vs {reference}"
         table = evaluation.write_outputs(out, name, result, judged, cand, ref)

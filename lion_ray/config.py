@@ -61,9 +61,52 @@ class EndpointConfig(_Strict):
         ge=0,
         description="Retries on 429, 5xx, timeouts and connection errors before a row fails.",
     )
-    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    temperature: float | None = Field(
+        0.7,
+        ge=0,
+        le=2,
+        description="Sampling temperature; null: not sent (reasoning models refuse it).",
+    )
+    top_p: float | None = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling mass; null: not sent."
+    )
     max_tokens: int = Field(1024, gt=0, description="Maximum completion tokens per request.")
+    token_param: Literal["max_tokens", "max_completion_tokens"] = Field(
+        "max_tokens",
+        description="Parameter that carries max_tokens: 'max_completion_tokens' for reasoning "
+        "models (o-series and similar), which refuse 'max_tokens'.",
+    )
+    structured_output: bool = Field(
+        False,
+        description="Referee only: ask for a JSON schema with both scores (response_format), "
+        "where the endpoint supports it; the text score lines are still read as a fallback.",
+    )
+    mode: Literal["online", "batch"] = Field(
+        "online",
+        description="'online': chat completions at the rate limit; 'batch': the provider's Batch "
+        "API (files + batches, results within the completion window, at batch_discount).",
+    )
+    batch_discount: float = Field(
+        0.5, gt=0, le=1, description="Batch price as a fraction of the online price."
+    )
+    batch_completion_window: str = Field("24h", description="Batch completion window.")
+    batch_max_requests: int = Field(
+        50_000, gt=0, description="Most requests in one batch (the provider's limit)."
+    )
+    batch_max_bytes: int = Field(
+        200 * 1024 * 1024, gt=0, description="Largest batch input file (the provider's limit)."
+    )
+    batch_poll_s: float = Field(30.0, gt=0, description="Seconds between batch status polls.")
+    batch_retry: Literal["batch", "online"] = Field(
+        "batch",
+        description="Where requests that failed or expired in a batch are sent again (once).",
+    )
+    stop_after_identical_errors: int = Field(
+        3,
+        gt=0,
+        description="Stop the stage when this many requests in a row get the same 400 error and "
+        "none has succeeded (a bad parameter, a model that refuses max_tokens).",
+    )
     price_per_1k_input: float = Field(0.0, ge=0, description="USD per 1K prompt tokens.")
     price_per_1k_output: float = Field(0.0, ge=0, description="USD per 1K completion tokens.")
     budget_usd: float | None = Field(
@@ -104,6 +147,14 @@ class EndpointConfig(_Strict):
     @property
     def is_sandbox(self) -> bool:
         return self.base_url == SANDBOX_URL
+
+
+# The paper's decoding per role; a config block for a role starts from these.
+ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "teacher": {"model": "sandbox-teacher", "temperature": 0.7, "max_tokens": 1024},
+    "referee": {"model": "sandbox-referee", "temperature": 0.2, "max_tokens": 512},
+    "generator": {"model": "sandbox-generator", "temperature": 1.0, "max_tokens": 512},
+}
 
 
 class TinyStudentConfig(_Strict):
@@ -353,19 +404,16 @@ class LionConfig(_Strict):
 
     name: str = Field("lion", description="Run name shown in reports.")
     teacher: EndpointConfig = Field(
-        default_factory=lambda: EndpointConfig(
-            model="sandbox-teacher", temperature=0.7, max_tokens=1024
-        )
+        default_factory=lambda: EndpointConfig(**ROLE_DEFAULTS["teacher"]),
+        description="Answers instructions (paper: temperature 0.7, 1024 tokens).",
     )
     referee: EndpointConfig = Field(
-        default_factory=lambda: EndpointConfig(
-            model="sandbox-referee", temperature=0.2, max_tokens=512
-        )
+        default_factory=lambda: EndpointConfig(**ROLE_DEFAULTS["referee"]),
+        description="Scores two answers (paper: temperature 0.2, 512 tokens).",
     )
     generator: EndpointConfig = Field(
-        default_factory=lambda: EndpointConfig(
-            model="sandbox-generator", temperature=1.0, max_tokens=512
-        )
+        default_factory=lambda: EndpointConfig(**ROLE_DEFAULTS["generator"]),
+        description="Writes new instructions (temperature 1.0, 512 tokens).",
     )
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -374,6 +422,19 @@ class LionConfig(_Strict):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _role_defaults_under_user_blocks(cls, data: Any) -> Any:
+        """A user's `referee: {base_url, model}` overrides only the fields it names: the
+        role's own decoding defaults stay (not the generic endpoint defaults)."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for role, defaults in ROLE_DEFAULTS.items():
+                block = data.get(role)
+                if isinstance(block, dict):
+                    data[role] = defaults | block
+        return data
 
     def endpoints(self) -> dict[str, EndpointConfig]:
         return {"teacher": self.teacher, "referee": self.referee, "generator": self.generator}

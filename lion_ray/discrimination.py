@@ -13,7 +13,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from lion_ray.logic.chat import ChatClient, ChatRequest, merge_usage, usage
-from lion_ray.logic.prompts import referee_messages
+from lion_ray.logic.prompts import REFEREE_RESPONSE_FORMAT, referee_messages
 from lion_ray.logic.referee import UnparseableReview, parse_scores, split_metrics, verdict
 
 JUDGED_SCHEMA = pa.schema(
@@ -48,9 +48,13 @@ def judge(
     *,
     tau: float = 1.0,
     max_reasks: int = 2,
+    structured: bool = False,
     label: str = "referee",
 ) -> tuple[pa.Table, dict]:
     """Judge (teacher_answer, student_answer) pairs in both orders; returns rows + metrics.
+
+    ``structured`` asks the referee for a JSON schema with both scores; either way the
+    review is read as JSON first, then by its score lines.
 
     ``table`` needs id, instruction, input, teacher_answer, student_answer; an optional
     ``upstream_error`` column marks rows whose answers failed (judged ``failed``).
@@ -86,6 +90,7 @@ def judge(
                     f"{r['id']}:{order}",
                     referee_messages(r["instruction"], r["input"], first, second),
                     attempt or None,  # a re-ask is a new request, not the cached review again
+                    REFEREE_RESPONSE_FORMAT if structured else None,
                 )
             )
         results = referee.ask(

@@ -381,6 +381,7 @@ class Driver:
             self.session.client("referee"),
             tau=self.cfg.loop.tau,
             max_reasks=self.cfg.loop.referee_max_reasks,
+            structured=self.cfg.referee.structured_output,
             label=io.key,
         )
         storage.write_parquet(io.outputs["judged"], judged)
@@ -486,6 +487,14 @@ OPERATIONAL_ENDPOINT_FIELDS = {
     "timeout_s",
     "max_retries",
     "budget_usd",
+    "mode",
+    "batch_discount",
+    "batch_completion_window",
+    "batch_max_requests",
+    "batch_max_bytes",
+    "batch_poll_s",
+    "batch_retry",
+    "stop_after_identical_errors",
 }
 
 

@@ -98,6 +98,7 @@ def judge_pairs(
     reference: dict[str, str],
     judge: ChatClient,
     max_reasks: int = 2,
+    structured: bool = False,
 ) -> tuple[pa.Table, dict]:
     """Both orders per question. In the reviews, order A shows the reference first."""
     from lion_ray.discrimination import judge as judge_both_orders
@@ -111,7 +112,9 @@ def judge_pairs(
             "student_answer": [candidate[q.id] for q in questions],
         }
     )
-    judged, info = judge_both_orders(pairs, judge, max_reasks=max_reasks, label="judge")
+    judged, info = judge_both_orders(
+        pairs, judge, max_reasks=max_reasks, structured=structured, label="judge"
+    )
     rows = {r["id"]: r for r in judged.to_pylist()}
     scored = [
         Scored(q.category, rows[q.id]["student_score"], rows[q.id]["teacher_score"])

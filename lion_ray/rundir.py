@@ -9,6 +9,7 @@ Layout (``RunDir`` builds every path, so nothing else spells them)::
       heldout.jsonl                    sandbox held-out tasks with answers
       cache/<role>/*.jsonl             durable API response cache shards
       spend/<role>/*.jsonl             write-ahead spend ledger (the budget's source of truth)
+      batches/<role>/*.json            batches submitted to the provider (mode: batch)
       round_<r>/pools/{train,cache}.parquet
       round_<r>/imitation/teacher.parquet, train/ (Ray Train checkpoints), model/
       round_<r>/discrimination/{teacher,student,judged}.parquet
@@ -201,6 +202,9 @@ class RunDir:
 
     def ledger_dir(self, role: str) -> str:
         return self.path("spend", role)
+
+    def batch_dir(self, role: str) -> str:
+        return self.path("batches", role)
 
     def model_dir(self, round_no: int) -> str:
         return self.round_path(round_no, "imitation", "model")

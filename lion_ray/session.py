@@ -79,6 +79,7 @@ class Session:
                 role=role,
                 cache_dir=run.cache_dir(role),
                 ledger_dir=run.ledger_dir(role),
+                batch_dir=run.batch_dir(role),
                 legacy_usd=legacy,
                 show_progress=self.show_progress,
             )

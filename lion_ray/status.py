@@ -49,7 +49,9 @@ def spend(run: RunDir) -> dict[str, dict]:
         out[role] = {
             "spent_usd": round(totals.spent_usd, 6),
             "in_flight_usd": round(totals.open_usd, 6),
-            "current_stage_usd": round(totals.by_stage.get(current, 0.0), 6) if current else 0.0,
+            "current_stage_usd": round(totals.spent_by_stage().get(current, 0.0), 6)
+            if current
+            else 0.0,
         }
     return out
 

@@ -120,6 +120,11 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return [join(uri, n) for n in names]
 
 
+def delete_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.delete_file(path)
+
+
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:

@@ -87,6 +87,7 @@ def sandbox_engine(server, run_dir, role: str = "teacher", **overrides):
         role=role,
         cache_dir=f"{run_dir}/cache/{role}",
         ledger_dir=f"{run_dir}/spend/{role}",
+        batch_dir=f"{run_dir}/batches/{role}",
         show_progress=False,
     )
 

@@ -39,7 +39,7 @@ class WorldClient:
                 self.hits[-1] += 1
                 out.append(replace(self.cache[key], request_id=r.request_id, cached=True))
                 continue
-            _, text = world.reply(r.messages, r.seed, self.options)
+            _, text = world.reply(r.messages, r.seed, self.options, r.response_format)
             finish = "stop"
             if self.max_tokens and estimate_tokens(text) > self.max_tokens:
                 text, finish = text[: self.max_tokens * 4], "length"

@@ -82,3 +82,37 @@ def test_dump_roundtrips(tmp_path):
     cfg = load_config(ROOT / "configs" / "paper.yaml")
     again = load_config(_write(tmp_path, dump_config(cfg)))
     assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "role, temperature, max_tokens",
+    [("teacher", 0.7, 1024), ("referee", 0.2, 512), ("generator", 1.0, 512)],
+)
+def test_a_role_block_keeps_the_roles_defaults(tmp_path, role, temperature, max_tokens):
+    """A user's block overrides only the fields it names (the paper's decoding per role)."""
+    cfg = load_config(_write(tmp_path, f"{role}:\n  base_url: https://x.test/v1\n  model: m\n"))
+    ep = getattr(cfg, role)
+    assert (ep.base_url, ep.model, ep.temperature, ep.max_tokens) == (
+        "https://x.test/v1",
+        "m",
+        temperature,
+        max_tokens,
+    )
+    changed = load_config(_write(tmp_path, f"{role}:\n  temperature: 0.5\n"))
+    assert getattr(changed, role).temperature == 0.5
+    assert getattr(changed, role).max_tokens == max_tokens
+    shown = load_config(None, [f"{role}.model=other"])  # --set too
+    assert getattr(shown, role).temperature == temperature
+
+
+def test_a_reasoning_model_as_referee(tmp_path):
+    cfg = load_config(
+        _write(
+            tmp_path,
+            "referee:\n  model: o-mini\n  token_param: max_completion_tokens\n"
+            "  temperature: null\n  top_p: null\n  structured_output: true\n",
+        )
+    )
+    assert cfg.referee.temperature is None and cfg.referee.max_tokens == 512
+    with pytest.raises(ConfigError, match=r"referee\.mode: Input should be 'online' or 'batch'"):
+        load_config(None, ["referee.mode=later"])

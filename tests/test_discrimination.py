@@ -1,6 +1,8 @@
 """Discrimination: the algorithm with an in-process referee (milliseconds), then end to end
 with the real engine against the sandbox over HTTP on a local Ray cluster."""
 
+import json
+
 import pyarrow as pa
 
 from lion_ray.discrimination import judge, pair_answers
@@ -38,8 +40,10 @@ def _setup(n=40, seed=0):
     pool = import_records([(t.as_record(), "x") for t in tasks], source="t")[0]
     answers = {t.instruction: t.answer for t in tasks}
     teacher = _answers(pool, lambda r: answers[r["instruction"]])
-    # the student gets every other task right
-    student = _answers(pool, lambda r: answers[r["instruction"]] if hash(r["id"]) % 2 else "wrong")
+    # the student gets about half the tasks right, the same half every run
+    student = _answers(
+        pool, lambda r: answers[r["instruction"]] if int(r["id"][:8], 16) % 2 else "wrong"
+    )
     return pool, teacher, student, answers
 
 
@@ -51,7 +55,8 @@ def _check_split(judged, info, answers, n):
         right = r["student_answer"] == answers[r["instruction"]]
         assert r["label"] == ("easy" if right else "hard")
         assert r["gap"] == r["teacher_score"] - r["student_score"]
-        assert "Score of the Assistant 2" in r["review_a"] and r["review_b"]
+        assert "Score of the Assistant 2" in r["review_a"] or '"score_assistant_2"' in r["review_a"]
+        assert r["review_b"]
     m = info["metrics"]
     wrong = sum(1 for r in rows if r["student_answer"] == "wrong")
     assert m["hard"] == wrong and m["hard_ratio"] == round(wrong / n, 4)
@@ -114,3 +119,24 @@ def test_end_to_end_and_rerun_from_cache(ray_local, sandbox, tmp_path):
     # a new engine on the same run directory (a resumed run) pays for nothing again
     second, info = judge(pairs, sandbox_engine(sandbox, tmp_path, role="referee"))
     assert info["api"]["cached"] == 48 and info["api"]["requests"] == 0 and first.equals(second)
+
+
+def test_structured_output_is_asked_for_and_read_first(ray_local, sandbox, tmp_path):
+    pool, teacher, student, answers = _setup(12, seed=5)
+    pairs = pair_answers(pool, teacher, student)
+    referee = WorldClient()
+    judged, info = judge(pairs, referee, structured=True)
+    assert all(r.response_format["type"] == "json_schema" for r in referee.asked[0])
+    assert all(r["review_a"].startswith("{") for r in judged.to_pylist())
+    _check_split(judged, info, answers, 12)
+    # the same against the sandbox over HTTP, through the engine
+    judged, info = judge(pairs, sandbox_engine(sandbox, tmp_path, role="referee"), structured=True)
+    assert json.loads(judged.to_pylist()[0]["review_b"])["score_assistant_1"] in range(1, 11)
+    _check_split(judged, info, answers, 12)
+
+
+def test_a_cut_off_json_review_is_asked_again():
+    pool, teacher, student, _ = _setup(20, seed=6)
+    referee = WorldClient(options=WorldOptions(malformed_rate=0.3))
+    judged, info = judge(pair_answers(pool, teacher, student), referee, structured=True)
+    assert info["metrics"]["referee_reasks"] > 0 and info["metrics"]["unparsed"] <= 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -37,7 +38,12 @@ from lion_ray.logic.accounting import cost_usd, estimate_prompt_tokens
 from lion_ray.logic.chat import ChatRequest, ChatResult, usage
 
 REQUEST_SCHEMA = pa.schema(
-    [("request_id", pa.string()), ("messages", pa.string()), ("seed", pa.int64())]
+    [
+        ("request_id", pa.string()),
+        ("messages", pa.string()),
+        ("seed", pa.int64()),
+        ("response_format", pa.string()),
+    ]
 )
 RESULT_SCHEMA = pa.schema(
     [
@@ -60,17 +66,37 @@ class FatalApiError(LionError):
     """An error that retrying cannot fix (bad key, unknown model or URL): stop the stage."""
 
 
+class QuotaExhausted(FatalApiError):
+    """The provider says the account is out of credit (429 insufficient_quota)."""
+
+
 class BudgetExceeded(LionError):
     """The endpoint's spending cap was reached; what was done is kept in the cache."""
 
 
-def sampling_params(endpoint: EndpointConfig, seed: int | None) -> dict:
-    return {
-        "temperature": endpoint.temperature,
-        "top_p": endpoint.top_p,
-        "max_tokens": endpoint.max_tokens,
-        "seed": seed,
+def request_params(
+    endpoint: EndpointConfig, seed: int | None, response_format: dict | None = None
+) -> dict:
+    """Everything a request sends besides model and messages (None: not sent)."""
+    params = {"temperature": endpoint.temperature, "top_p": endpoint.top_p, "seed": seed}
+    params[endpoint.token_param] = endpoint.max_tokens
+    if response_format is not None:
+        params["response_format"] = response_format
+    return params
+
+
+def request_body(endpoint: EndpointConfig, request: ChatRequest) -> dict:
+    """The chat-completions body of a request, as sent online or written into a batch."""
+    params = request_params(endpoint, request.seed, request.response_format)
+    return {"model": endpoint.model, "messages": request.messages} | {
+        k: v for k, v in params.items() if v is not None
     }
+
+
+def request_key(endpoint: EndpointConfig, request: ChatRequest) -> str:
+    """The response cache's key of a request."""
+    params = request_params(endpoint, request.seed, request.response_format)
+    return response_cache.cache_key(endpoint.model, params, request.messages)
 
 
 def api_key(endpoint: EndpointConfig) -> str:
@@ -115,9 +141,33 @@ def _never_sent(exc: Exception) -> bool:
     return isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
 
 
+def worst_case(endpoint: EndpointConfig, messages: list[dict]) -> tuple[int, float]:
+    """(tokens, USD) a request may use at most: what the limiter and the budget reserve."""
+    prompt = estimate_prompt_tokens(messages)
+    usd = cost_usd(
+        prompt, endpoint.max_tokens, endpoint.price_per_1k_input, endpoint.price_per_1k_output
+    )
+    return prompt + endpoint.max_tokens, usd
+
+
+def _error_code(exc) -> str:
+    """The provider's error code ('insufficient_quota', 'unsupported_parameter', ...)."""
+    code = getattr(exc, "code", None)
+    body = getattr(exc, "body", None)
+    if not code and isinstance(body, dict):
+        code = body.get("code") or body.get("type")
+    return str(code or "")
+
+
 class ChatCaller:
     """Sends one chat request at a time per coroutine: reserve a send time from the
     limiter, send, retry with backoff (honouring Retry-After), cache the success.
+
+    Errors are told apart the way providers send them: 429 with ``insufficient_quota`` (no
+    credit: stop, do not retry), 401/403/404 (bad key, model or URL: stop), a 400 that
+    ``stop_after_identical_errors`` requests in a row get before any succeeds (a parameter
+    the model refuses: stop), any other 400/422 (that row fails), 429/5xx/timeouts and
+    connection errors (retried with backoff).
 
     ``limiter`` needs async ``reserve(tokens, cost) -> (delay, ticket)`` and
     ``report(ticket, reserved, actual, headers, retry_after)``; ``client`` is an
@@ -139,22 +189,32 @@ class ChatCaller:
         self.writer = writer
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
+        self.succeeded = 0
+        self.same_refusal: tuple[str, int] = ("", 0)  # (error, times in a row)
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.backoff_cap_s, self.backoff_base_s * 2**attempt)
         return ceiling / 2 + random.uniform(0, ceiling / 2)  # exponential, with jitter
 
-    async def call(self, messages: list[dict], seed: int | None) -> ChatResult:
+    def _refused(self, error: str) -> None:
+        """A 400 that every request gets is the request's shape, not one row: stop."""
+        last, times = self.same_refusal
+        self.same_refusal = (error, times + 1 if error == last else 1)
+        limit = self.endpoint.stop_after_identical_errors
+        if not self.succeeded and self.same_refusal[1] >= limit:
+            raise FatalApiError(
+                f"{self.endpoint.base_url} refused {limit} requests in a row with the same error "
+                f"and none succeeded: {error}; check the model's parameters (token_param, "
+                "temperature: null for reasoning models) and the request"
+            )
+
+    async def call(self, request: ChatRequest) -> ChatResult:
         import openai
 
         ep = self.endpoint
-        params = sampling_params(ep, seed)
-        prompt_estimate = estimate_prompt_tokens(messages)
-        tokens = prompt_estimate + ep.max_tokens
-        worst_cost = cost_usd(
-            prompt_estimate, ep.max_tokens, ep.price_per_1k_input, ep.price_per_1k_output
-        )
-        result = ChatResult()
+        body = request_body(ep, request)
+        tokens, worst_cost = worst_case(ep, request.messages)
+        result = ChatResult(request_id=request.request_id)
         started = time.monotonic()
         for attempt in range(ep.max_retries + 1):
             result.attempts = attempt + 1
@@ -169,18 +229,14 @@ class ChatCaller:
             retry_after = None
             billed = 0.0
             try:
-                raw = await self.client.chat.completions.with_raw_response.create(
-                    model=ep.model,
-                    messages=messages,
-                    **{k: v for k, v in params.items() if v is not None},
-                )
+                raw = await self.client.chat.completions.with_raw_response.create(**body)
                 headers = _headers_of(raw)
                 completion = raw.parse()
                 choice = completion.choices[0]
                 used = completion.usage
                 result.text = choice.message.content or ""
                 result.finish_reason = choice.finish_reason or ""
-                result.prompt_tokens = used.prompt_tokens if used else prompt_estimate
+                result.prompt_tokens = used.prompt_tokens if used else tokens - ep.max_tokens
                 result.completion_tokens = used.completion_tokens if used else 0
                 billed = cost_usd(
                     result.prompt_tokens,
@@ -189,6 +245,7 @@ class ChatCaller:
                     ep.price_per_1k_output,
                 )
                 result.status, result.error = "ok", ""
+                self.succeeded += 1
             except (
                 openai.AuthenticationError,
                 openai.PermissionDeniedError,
@@ -202,9 +259,17 @@ class ChatCaller:
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
                 result.status, result.error = "failed", f"{exc.status_code}: {_short(exc)}"
                 await self.limiter.report(ticket, worst_cost, 0.0, _headers_of(exc.response), None)
+                self._refused(result.error)
                 break  # the same request would be refused again
             except openai.APIStatusError as exc:
                 headers = _headers_of(exc.response)
+                if exc.status_code == 429 and _error_code(exc) == "insufficient_quota":
+                    await self.limiter.report(ticket, worst_cost, 0.0, None, None)
+                    raise QuotaExhausted(
+                        f"{ep.base_url}: the account is out of credit (429 insufficient_quota: "
+                        f"{_short(exc)}); this is not a rate limit and retrying will not help: add "
+                        "credit or change the key, then rerun (finished answers are cached)"
+                    ) from None
                 if exc.status_code == 429:
                     retry_after = _retry_after(headers)
                 result.status, result.error = "failed", f"{exc.status_code}: {_short(exc)}"
@@ -218,7 +283,7 @@ class ChatCaller:
                 if self.writer is not None:
                     self.writer.add(
                         {
-                            "key": response_cache.cache_key(ep.model, params, messages),
+                            "key": request_key(ep, request),
                             "text": result.text,
                             "finish_reason": result.finish_reason,
                             "prompt_tokens": result.prompt_tokens,
@@ -278,6 +343,7 @@ class ApiWorker:
         self.writer = response_cache.CacheWriter(cache_dir, flush_s)
         self.caller: ChatCaller | None = None
         self.semaphore: asyncio.Semaphore | None = None
+        self.fatal: FatalApiError | None = None
 
     def _setup(self) -> None:  # inside the actor's event loop
         from openai import AsyncOpenAI
@@ -289,23 +355,33 @@ class ApiWorker:
         self.caller = ChatCaller(ep, client, self.limiter, self.writer)
         self.semaphore = asyncio.Semaphore(ep.concurrency)
 
-    async def _one(self, messages_json: str, seed) -> ChatResult:
+    async def _one(self, row: dict) -> ChatResult:
+        request = ChatRequest(
+            row["request_id"],
+            json.loads(row["messages"]),
+            None if row["seed"] is None else int(row["seed"]),
+            json.loads(row["response_format"]) if row["response_format"] else None,
+        )
         async with self.semaphore:
-            return await self.caller.call(
-                json.loads(messages_json), None if seed is None else int(seed)
-            )
+            if self.fatal is not None:  # another request learned the stage must stop
+                raise self.fatal
+            try:
+                return await self.caller.call(request)
+            except FatalApiError as exc:
+                self.fatal = exc
+                raise
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self.caller is None:
             self._setup()
-        rows = batch.to_pylist()
-        results = await asyncio.gather(*(self._one(r["messages"], r["seed"]) for r in rows))
-        self.writer.flush()
-        out = [
-            asdict(res) | {"request_id": r["request_id"]}
-            for r, res in zip(rows, results, strict=True)
-        ]
-        return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+        try:  # a fatal error cancels the requests still waiting, instead of sending them
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._one(r)) for r in batch.to_pylist()]
+        except* FatalApiError as errors:
+            raise errors.exceptions[0] from None
+        finally:
+            self.writer.flush()
+        return pa.Table.from_pylist([asdict(t.result()) for t in tasks], schema=RESULT_SCHEMA)
 
 
 def preflight(endpoint: EndpointConfig, role: str) -> None:
@@ -367,10 +443,15 @@ class ApiEngine:
         role: str,
         cache_dir: str,
         ledger_dir: str | None,
+        batch_dir: str | None = None,
         legacy_usd: float = 0.0,
         flush_s: float = 1.0,
         show_progress: bool = True,
     ):
+        if endpoint.mode == "batch" and not batch_dir:
+            raise LionError(f"{role}: mode 'batch' needs a directory to record its batches in")
+        self.batch_dir = batch_dir
+        self.batch_stats = {"batches": 0, "resubmitted": 0}
         self.endpoint = endpoint
         self.legacy_usd = legacy_usd  # spend of a run from before the ledger, if it has none
         self.role = role
@@ -403,9 +484,10 @@ class ApiEngine:
             from lion_ray.engines.limiter import LimiterActor
 
             ep = self.endpoint
-            options = {"namespace": "lion-ray", "get_if_exists": True}
+            options = {}
             if self.ledger_dir:
-                options["name"] = limiter_name(self.ledger_dir)
+                options = {"name": limiter_name(self.ledger_dir), "get_if_exists": True}
+                options["namespace"] = "lion-ray"
             self._limiter = LimiterActor.options(**options).remote(
                 rpm=ep.requests_per_minute,
                 tpm=ep.tokens_per_minute,
@@ -436,10 +518,7 @@ class ApiEngine:
         from lion_ray.progress import StageProgress
 
         ep = self.endpoint
-        keys = [
-            response_cache.cache_key(ep.model, sampling_params(ep, r.seed), r.messages)
-            for r in requests
-        ]
+        keys = [request_key(ep, r) for r in requests]
         index = self.index
         results: dict[int, ChatResult] = {}
         misses: dict[str, list[int]] = {}  # identical requests are sent once
@@ -457,7 +536,16 @@ class ApiEngine:
         ) as bar:
             bar.advance(len(results), cached=len(results))
             firsts = [positions[0] for positions in misses.values()]
-            for i, res in self._send([requests[i] for i in firsts], firsts, bar) if firsts else ():
+            answered = []
+            if firsts and ep.mode == "batch":
+                answered, firsts = self._batch([requests[i] for i in firsts], firsts)
+                for _, res in answered:
+                    bar.advance(1, cost=res.cost_usd, failed=res.status == "failed")
+            if firsts:
+                answered = itertools.chain(
+                    answered, self._send([requests[i] for i in firsts], firsts, bar)
+                )
+            for i, res in answered:
                 results[i] = res
                 if res.status == "ok":  # its actor cached it; keep the index current
                     index[keys[i]] = {
@@ -483,19 +571,55 @@ class ApiEngine:
             )
         return ordered
 
+    def _preflight(self) -> None:
+        if not self._checked:  # once per engine: key present, URL reachable, key valid
+            preflight(self.endpoint, self.role)
+            self._checked = True
+
+    def _batch(
+        self, requests: list[ChatRequest], positions: list[int]
+    ) -> tuple[list[tuple[int, ChatResult]], list[int]]:
+        """Through the provider's Batch API: (position, result) pairs, and the positions to
+        send online (failed batch lines, with ``batch_retry: online``)."""
+        from lion_ray.engines.batch import BatchRunner
+
+        self._preflight()
+        runner = BatchRunner(
+            self.endpoint,
+            role=self.role,
+            state_dir=self.batch_dir,
+            cache_dir=self.cache_dir,
+            limiter=self.limiter,
+            stage=self.stage,
+            show_progress=self.show_progress,
+        )
+        keyed = {
+            request_key(self.endpoint, r): (p, r) for p, r in zip(positions, requests, strict=True)
+        }
+        by_key, online = runner.run({k: r for k, (_, r) in keyed.items()})
+        self.batch_stats["batches"] += runner.batches_submitted
+        self.batch_stats["resubmitted"] += runner.resubmitted
+        answered = [
+            (keyed[k][0], replace(res, request_id=keyed[k][1].request_id))
+            for k, res in by_key.items()
+        ]
+        return answered, [keyed[k][0] for k in online]
+
     def _send(self, requests: list[ChatRequest], positions: list[int], bar):
         """(position, result) for each request, as Ray Data's actors answer them."""
         import ray
 
         from lion_ray.engines.cluster import data_context_quiet
 
-        if not self._checked:
-            preflight(self.endpoint, self.role)
-            self._checked = True
+        self._preflight()
         ep = self.endpoint
         rows = [
-            {"request_id": str(p), "messages": json.dumps(r.messages, ensure_ascii=False)}
-            | {"seed": r.seed}
+            {
+                "request_id": str(p),
+                "messages": json.dumps(r.messages, ensure_ascii=False),
+                "seed": r.seed,
+                "response_format": json.dumps(r.response_format) if r.response_format else None,
+            }
             for p, r in zip(positions, requests, strict=True)
         ]
         ids = {str(p): r.request_id for p, r in zip(positions, requests, strict=True)}
@@ -563,8 +687,9 @@ def _find_fatal(exc: BaseException) -> FatalApiError | None:
         stack.extend([e.__cause__, e.__context__, cause])
         if isinstance(cause, BaseException):
             stack.append(cause)
-    text = str(exc)
-    if "FatalApiError" in text:
-        tail = text.split("FatalApiError: ", 1)[-1].strip().splitlines()[0]
-        return FatalApiError(tail)
+    text = str(exc)  # Ray Data passes the worker's traceback on as text only
+    for cls in (QuotaExhausted, FatalApiError):  # the most specific first
+        marker = f"{cls.__name__}: "
+        if marker in text:
+            return cls(text.split(marker, 1)[-1].strip().splitlines()[0])
     return None

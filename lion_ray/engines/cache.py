@@ -18,12 +18,16 @@ from collections.abc import Iterable
 from lion_ray import storage
 
 CACHE_PARAMS = ("temperature", "top_p", "max_tokens", "seed")
+# Parameters that joined the key later: part of it only when sent, so the keys of requests
+# without them (and the caches of older runs) stay what they were.
+OPTIONAL_CACHE_PARAMS = ("max_completion_tokens", "response_format")
 
 
 def cache_key(model: str, params: dict, messages: list[dict]) -> str:
     payload = {
         "model": model,
-        "params": {k: params.get(k) for k in CACHE_PARAMS},
+        "params": {k: params.get(k) for k in CACHE_PARAMS}
+        | {k: params[k] for k in OPTIONAL_CACHE_PARAMS if params.get(k) is not None},
         "messages": [{"role": m["role"], "content": m.get("content")} for m in messages],
     }
     return hashlib.sha256(

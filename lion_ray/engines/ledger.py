@@ -78,8 +78,9 @@ class SpendLedger:
             snapshot = {
                 "snapshot": True,
                 "replaces": sorted(files),
-                "settled_usd": totals.spent_usd,  # open reservations of dead writers settle here
+                "settled_usd": totals.settled_usd,
                 "by_stage": totals.by_stage,
+                "open": totals.open,  # still at their worst case until settled
             }
             storage.write_text(
                 storage.join(self.dir, f"snapshot-{self.instance}{SUFFIX}"),

@@ -177,9 +177,13 @@ class LimiterActor:
         from lion_ray.engines.ledger import SpendLedger
 
         self.ledger = SpendLedger(ledger_dir) if ledger_dir else None
-        spent = self.ledger.open(legacy_usd).spent_usd if self.ledger else 0.0
+        totals = self.ledger.open(legacy_usd) if self.ledger else None
+        spent = totals.spent_usd if totals else 0.0
         self.limit = RateLimit(rpm, tpm, budget_usd=budget_usd, spent_usd=spent)
         self.spent_at_start = spent
+        # reservations of earlier attempts still open (counted in `spent` at their worst
+        # case): a batch that was at the provider when its driver died settles them later
+        self.inherited = {t: usd for t, (usd, _) in totals.open.items()} if totals else {}
         self.tickets = 0
         self.lock = asyncio.Lock()
         self.appended = self.committed = 0
@@ -228,12 +232,48 @@ class LimiterActor:
             await asyncio.sleep(delay)
         while (held := self.limit.paused_until - self.limit.clock()) > 0:
             await asyncio.sleep(held)  # a Retry-After that came while we waited holds us too
+        ticket = self._new_ticket(cost_usd, stage)
+        await self._durable()
+        return 0.0, ticket
+
+    def _new_ticket(self, cost_usd: float, stage: str) -> str:
         self.tickets += 1
         ticket = f"{self.ledger.instance if self.ledger else 'x'}-{self.tickets}"
         if self.ledger is not None:
             self._append({"t": ticket, "w": cost_usd, "s": stage})
-            await self._durable()
-        return 0.0, ticket
+        return ticket
+
+    async def reserve_many(self, costs: list[float], stage: str = "") -> list[str | None]:
+        """Budget reservations for a batch (no pacing: a batch is not sent at a rate); None
+        where the budget would be exceeded. In the ledger before this returns."""
+        tickets = []
+        for cost in costs:
+            lim = self.limit
+            if (
+                lim.budget_usd is not None
+                and lim.spent_usd + lim.reserved_usd + cost > lim.budget_usd
+            ):
+                lim.stats.refused_budget += 1
+                tickets.append(None)
+                continue
+            lim.reserved_usd += cost
+            tickets.append(self._new_ticket(cost, stage))
+        await self._durable()
+        return tickets
+
+    def _settle(self, ticket: str | None, reserved_cost: float, actual_cost: float, stage: str):
+        if ticket in self.inherited:  # counted in `spent` at its worst case since the replay
+            self.limit.spent_usd += actual_cost - self.inherited.pop(ticket)
+        else:
+            self.limit.settle(reserved_cost, actual_cost)
+        if self.ledger is not None and ticket:
+            self._append({"t": ticket, "a": actual_cost, "s": stage})
+
+    async def settle_many(self, items: list[tuple[str, float, float]], stage: str = "") -> None:
+        """(ticket, reserved, actual) for each request of a batch read back."""
+        for ticket, reserved_cost, actual_cost in items:
+            self._settle(ticket, reserved_cost, actual_cost, stage)
+        await self._durable()
 
     async def report(
         self,
@@ -244,14 +284,12 @@ class LimiterActor:
         retry_after: float | None = None,
         stage: str = "",
     ) -> None:
-        self.limit.settle(reserved_cost, actual_cost)
+        self._settle(ticket, reserved_cost, actual_cost, stage)
         if headers:
             self.limit.observe(headers)
         if retry_after:
             self.limit.pause(retry_after)
-        if self.ledger is not None and ticket:
-            self._append({"t": ticket, "a": actual_cost, "s": stage})
-            await self._durable()
+        await self._durable()
 
     async def pause(self, seconds: float) -> None:
         self.limit.pause(seconds)

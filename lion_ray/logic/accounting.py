@@ -29,50 +29,66 @@ def cost_usd(
 # A write-ahead journal per endpoint (``lion_ray.engines.ledger``): before a request is sent
 # its worst-case cost is recorded as a reservation, ``{"t": ticket, "w": usd, "s": stage}``;
 # when it finishes, the real cost, ``{"t": ticket, "a": usd, "s": stage}``. A snapshot line,
-# ``{"snapshot": true, "replaces": [files], "settled_usd": usd, "by_stage": {...}}``, stands
-# for the files it names. A reservation never settled (the process died with the request in
-# flight) counts at its worst case: the provider may have billed it.
+# ``{"snapshot": true, "replaces": [files], "settled_usd": usd, "by_stage": {...},
+# "open": {ticket: [usd, stage]}}``, stands for the files it names. A reservation not (yet)
+# settled counts at its worst case: a request in flight when its process died may have been
+# billed, and a batch still at the provider will be.
 
 
 @dataclass
 class SpendTotals:
     settled_usd: float = 0.0
-    open_usd: float = 0.0  # reservations with no settlement, at their worst-case cost
-    open_tickets: int = 0
     by_stage: dict[str, float] = field(default_factory=dict)
+    open: dict[str, tuple[float, str]] = field(default_factory=dict)  # ticket -> (worst, stage)
+
+    @property
+    def open_usd(self) -> float:
+        return sum(usd for usd, _ in self.open.values())
+
+    @property
+    def open_tickets(self) -> int:
+        return len(self.open)
 
     @property
     def spent_usd(self) -> float:
         return self.settled_usd + self.open_usd
 
+    def spent_by_stage(self) -> dict[str, float]:
+        out = dict(self.by_stage)
+        for usd, stage in self.open.values():
+            out[stage] = out.get(stage, 0.0) + usd
+        return out
+
 
 def fold_ledger(files: dict[str, list[dict]]) -> SpendTotals:
-    """Totals of a ledger given each file's entries (files a snapshot replaces are skipped)."""
+    """Totals of a ledger given each file's entries (files a snapshot replaces are skipped).
+
+    Reservations first, settlements second, so the order of files does not matter; a ticket
+    settled twice (a batch read back twice around a crash) counts once."""
     replaced = {
         name for entries in files.values() for e in entries for name in e.get("replaces", [])
     }
+    live = [files[name] for name in sorted(files) if name not in replaced]
     totals = SpendTotals()
-    opened: dict[str, tuple[float, str]] = {}
 
     def add(stage: str, usd: float) -> None:
         totals.by_stage[stage] = totals.by_stage.get(stage, 0.0) + usd
 
-    for name in sorted(files):
-        if name in replaced:
-            continue
-        for e in files[name]:
+    for entries in live:
+        for e in entries:
             if e.get("snapshot"):
                 totals.settled_usd += e.get("settled_usd", 0.0)
                 for stage, usd in e.get("by_stage", {}).items():
                     add(stage, usd)
+                totals.open.update({t: (float(w), s) for t, (w, s) in e.get("open", {}).items()})
             elif "w" in e:
-                opened[e["t"]] = (float(e["w"]), e.get("s", ""))
-            elif "a" in e:
-                opened.pop(e["t"], None)
+                totals.open[e["t"]] = (float(e["w"]), e.get("s", ""))
+    settled: set[str] = set()
+    for entries in live:
+        for e in entries:
+            if "a" in e and e["t"] not in settled:
+                settled.add(e["t"])
+                totals.open.pop(e["t"], None)
                 totals.settled_usd += float(e["a"])
                 add(e.get("s", ""), float(e["a"]))
-    for usd, stage in opened.values():
-        totals.open_usd += usd
-        totals.open_tickets += 1
-        add(stage, usd)
     return totals

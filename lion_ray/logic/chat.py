@@ -20,6 +20,7 @@ class ChatRequest:
     request_id: str
     messages: list[dict] = field(hash=False)
     seed: int | None = None
+    response_format: dict | None = field(default=None, hash=False)  # e.g. a JSON schema
 
 
 @dataclass

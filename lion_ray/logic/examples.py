@@ -29,28 +29,33 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def encode_example(
-    tokenize: Callable[[str], list[int]], prompt: str, answer: str, eos_id: int, max_length: int
-) -> Encoded:
-    """Prompt + answer + EOS, labels masked on the prompt, fitted into ``max_length``.
+def fit_example(prompt: list[int], target: list[int], max_length: int) -> Encoded:
+    """Prompt ids + target ids (the answer and its end token), labels masked on the prompt,
+    fitted into ``max_length``.
 
-    When too long, the answer is cut to leave the prompt at least half the window (or all
+    When too long, the target is cut to leave the prompt at least half the window (or all
     of it, if shorter), then the prompt loses tokens from its start (its end holds the
     response marker the model must see). At least one target token always remains.
     """
     if max_length < 2:
         raise ValueError("max_length must be at least 2 (one prompt and one target token)")
-    p = tokenize(prompt)
-    a = tokenize(answer) + [eos_id]
+    if not target:
+        raise ValueError("an example needs at least one target token")
+    p, a = list(prompt), list(target)
     truncated = False
     if len(p) + len(a) > max_length:
         truncated = True
         keep_prompt = min(len(p), max(1, max_length // 2))
         a = a[: max(1, max_length - keep_prompt)]
         p = p[len(p) - (max_length - len(a)) :] if max_length - len(a) > 0 else p[-1:]
-    ids = p + a
-    labels = [IGNORE] * len(p) + a
-    return Encoded(ids, labels, truncated)
+    return Encoded(p + a, [IGNORE] * len(p) + a, truncated)
+
+
+def encode_example(
+    tokenize: Callable[[str], list[int]], prompt: str, answer: str, eos_id: int, max_length: int
+) -> Encoded:
+    """A text prompt and answer, the answer followed by EOS (see :func:`fit_example`)."""
+    return fit_example(tokenize(prompt), tokenize(answer) + [eos_id], max_length)
 
 
 @dataclass

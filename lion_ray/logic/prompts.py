@@ -90,6 +90,27 @@ REFEREE_RUBRIC = (
 )
 
 
+# Structured output (referee.structured_output): the endpoint is asked for this JSON schema;
+# the text score lines stay in the prompt, so a provider that ignores it still answers.
+REFEREE_RESPONSE_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "referee_scores",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {
+                "explanation": {"type": "string"},
+                "score_assistant_1": {"type": "number", "minimum": 1, "maximum": 10},
+                "score_assistant_2": {"type": "number", "minimum": 1, "maximum": 10},
+            },
+            "required": ["explanation", "score_assistant_1", "score_assistant_2"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
 def referee_messages(instruction: str, input_text: str, answer_1: str, answer_2: str) -> list[dict]:
     task = instruction.strip() + (f"\n\n{input_text.strip()}" if input_text else "")
     content = (

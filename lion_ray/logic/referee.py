@@ -9,43 +9,79 @@ of the split.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
-_NUMBER = r"(?P<score{n}>\d+(?:\.\d+)?)"
-_SCORE_LINE = (
-    r"score\s+(?:of|for)\s+(?:the\s+)?assistant\s*{n}\s*"  # Score of the Assistant 1
-    r"[*_]*\s*[:：\-–=]?\s*[*_]*\s*"  # ':' possibly inside or after **bold** markup
-    + _NUMBER
-    + r"\s*(?P<denom{n}>/\s*\d+(?:\.\d+)?|out\s+of\s+\d+(?:\.\d+)?)?"
+# One score line, alone on its line (markdown bullets, quotes, headings and bold around it
+# are fine): "Score of the Assistant 1: 8", "**Score of the Assistant 1:** 8/10",
+# "Score for the Assistant 1 - 8.5", "score of assistant 1: 8 out of 10". Anything else on
+# the line ("7-8", "7,5", "8 would be unfair") makes it a line of discussion, not a score.
+_SCORE_LINE = re.compile(
+    r"^[ \t>#*_-]*"
+    r"score\s+(?:of|for)\s+(?:the\s+)?assistant\s*(?P<n>[12])"
+    r"[ \t]*[*_]*[ \t]*[:：=\-–]?[ \t]*[*_]*[ \t]*"
+    r"(?P<score>\d+(?:\.\d+)?)"
+    r"[ \t]*(?:/[ \t]*(?P<slash>\d+(?:\.\d+)?)|out[ \t]+of[ \t]+(?P<outof>\d+(?:\.\d+)?))?"
+    r"[ \t*_.]*$",
+    re.IGNORECASE | re.MULTILINE,
 )
-_PATTERNS = {n: re.compile(_SCORE_LINE.format(n=n), re.IGNORECASE) for n in (1, 2)}
-_DENOM = re.compile(r"\d+(?:\.\d+)?")
+_JSON_KEYS = ("score_assistant_1", "score_assistant_2")
 
 
 class UnparseableReview(ValueError):
     """A review without two valid score lines; the message says what was wrong."""
 
 
-def _read(text: str, n: int) -> float:
-    matches = list(_PATTERNS[n].finditer(text))
-    if not matches:
-        raise UnparseableReview(f"no 'Score of the Assistant {n}: <score>' line")
-    m = matches[-1]  # the required lines end the review; earlier mentions are discussion
-    score = float(m.group(f"score{n}"))
-    denom = m.group(f"denom{n}")
-    if denom and float(_DENOM.search(denom).group()) != 10:
-        raise UnparseableReview(f"Assistant {n}'s score is not out of 10 ({m.group(0).strip()!r})")
+def _checked(score: float, n: int, denominator: str | None = None) -> float:
+    if denominator is not None and float(denominator) != 10:
+        raise UnparseableReview(f"Assistant {n}'s score is not out of 10 (/{denominator})")
     if not 1 <= score <= 10:
         raise UnparseableReview(f"Assistant {n}'s score {score:g} is outside 1..10")
     return score
 
 
+def _from_json(text: str) -> tuple[float, float] | None:
+    """Scores from a structured (JSON schema) review; None when the text is not JSON."""
+    body = text.strip()
+    if body.startswith("```"):  # a fenced block: ```json ... ```
+        body = body.strip("`").removeprefix("json").strip()
+    if not body.startswith("{"):
+        return None
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError:
+        raise UnparseableReview("a JSON review that does not parse (cut off?)") from None
+    scores = []
+    for n, key in enumerate(_JSON_KEYS, 1):
+        value = data.get(key) if isinstance(data, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UnparseableReview(f"JSON review without a number in {key!r}")
+        scores.append(_checked(float(value), n))
+    return scores[0], scores[1]
+
+
 def parse_scores(text: str) -> tuple[float, float]:
-    """(score of assistant 1, score of assistant 2), each in 1..10, or UnparseableReview."""
+    """(score of assistant 1, score of assistant 2), each in 1..10, or UnparseableReview.
+
+    A JSON review (structured output) is read by its keys; a text review by its score lines,
+    each alone on its line, the last one for each assistant counting (the required lines
+    end the review; an earlier line may be a draft)."""
     if not text or not text.strip():
         raise UnparseableReview("empty review")
-    return _read(text, 1), _read(text, 2)
+    structured = _from_json(text)
+    if structured is not None:
+        return structured
+    found: dict[int, float] = {}
+    for m in _SCORE_LINE.finditer(text):
+        n = int(m.group("n"))
+        found[n] = _checked(float(m.group("score")), n, m.group("slash") or m.group("outof"))
+    for n in (1, 2):
+        if n not in found:
+            raise UnparseableReview(
+                f"no 'Score of the Assistant {n}: <score>' line (a score alone on its line)"
+            )
+    return found[1], found[2]
 
 
 @dataclass(frozen=True)

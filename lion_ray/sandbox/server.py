@@ -4,19 +4,24 @@
 
 (`SandboxProcess` runs that command in a child process for tests, benchmarks and the demo.)
 
-Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (streaming and not), ``GET /stats``
-(counts of requests served and rejected by reason), ``POST /stats/reset``, ``GET /health``.
+Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (streaming and not, with
+``response_format`` for the referee's JSON schema), the Batch API (``/v1/files``,
+``/v1/batches``: see ``lion_ray.sandbox.batches``), ``GET /stats`` (counts of requests
+served and rejected by reason), ``POST /stats/reset``, ``GET /health``.
 
 Limits and faults, all optional: requests and tokens per minute answered with 429,
 ``Retry-After`` and ``x-ratelimit-*`` headers as OpenAI sends them; random 500/503; a
 latency distribution; a fraction of slow responses (past a client's timeout); a fraction
-of malformed referee reviews; a teacher error rate; a bearer key.
+of malformed referee reviews; a teacher error rate; a bearer key; and the errors real
+providers send (``--fault``: out of credit, a refused parameter, dropped connections,
+gateway errors).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import random
@@ -40,8 +45,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lion_ray.logic.accounting import estimate_prompt_tokens, estimate_tokens
 from lion_ray.sandbox import world
+from lion_ray.sandbox.batches import BatchOptions, BatchService, add_batch_routes
 
 MODELS = ("sandbox", "sandbox-teacher", "sandbox-referee", "sandbox-generator")
+FAULTS = ("insufficient_quota", "bad_param", "reset", "gateway")
 
 
 @dataclass
@@ -58,6 +65,22 @@ class ServerOptions:
     teacher_error_rate: float = 0.0
     api_key_env: str | None = None
     fault_seed: int | None = None
+    # provider errors, each "name" or "name:rate": insufficient_quota (429, out of credit),
+    # bad_param (400 for max_tokens or temperature, as reasoning models answer), reset
+    # (connection dropped mid-response), gateway (502/504 from a proxy)
+    faults: tuple[str, ...] = ()
+    batch_delay_s: float = 1.0
+    batch_fail_rate: float = 0.0  # lines failing the first time their custom_id is submitted
+    batch_expire_rate: float = 0.0  # batches expiring with half their lines done
+
+    def fault_rates(self) -> dict[str, float]:
+        rates = {}
+        for spec in self.faults:
+            name, _, rate = spec.partition(":")
+            if name not in FAULTS:
+                raise ValueError(f"unknown fault {name!r}; use one of {', '.join(FAULTS)}")
+            rates[name] = float(rate) if rate else 1.0
+        return rates
 
     def world_options(self) -> world.WorldOptions:
         return world.WorldOptions(
@@ -136,6 +159,20 @@ class Stats:
                 "unauthorized": c["401"],
             },
             "rejected_429": c["429_requests"] + c["429_tokens"],
+            "faults": {f: c[f"fault_{f}"] for f in FAULTS if c[f"fault_{f}"]},
+            "batch": {
+                k: c[f"batch_{k}"] if k != "batches_created" else c[k]
+                for k in (
+                    "batches_created",
+                    "lines",
+                    "lines_resubmitted_after_success",
+                    "served",
+                    "failed_lines",
+                    "expired_lines",
+                    "prompt_tokens",
+                    "completion_tokens",
+                )
+            },
             "slow": c["slow"],
             "malformed": c["malformed"],
             "prompt_tokens": c["prompt_tokens"],
@@ -163,6 +200,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     seed: int | None = None
+    response_format: dict | None = None
 
 
 def _error(
@@ -181,6 +219,7 @@ def create_app(options: ServerOptions | None = None) -> FastAPI:
         "tok_bucket": TokenBucket(opts.tpm, opts.burst_s) if opts.tpm else None,
         "rng": random.Random(opts.fault_seed),
     }
+    faults = opts.fault_rates()
     expected_key = os.environ.get(opts.api_key_env) if opts.api_key_env else None
     if opts.api_key_env and not expected_key:
         raise SystemExit(
@@ -251,6 +290,9 @@ def create_app(options: ServerOptions | None = None) -> FastAPI:
                 400, f"Unrecognised request: {exc}", "invalid_request_error", "unrecognised_prompt"
             )
 
+        refusal = _provider_fault(faults, body, state["rng"], st.counts)
+        if refusal is not None:
+            return refusal
         max_tokens = body.max_completion_tokens or body.max_tokens or 1024
         prompt_tokens = estimate_prompt_tokens(messages)
         now = time.monotonic()
@@ -304,7 +346,10 @@ def create_app(options: ServerOptions | None = None) -> FastAPI:
                 status, "The server had an error while processing your request.", "server_error"
             )
 
-        _, text = world.reply(messages, body.seed, opts.world_options())
+        if faults.get("reset") and rng.random() < faults["reset"]:
+            st.counts["fault_reset"] += 1
+            return StreamingResponse(_dropped_connection(), media_type="application/json")
+        _, text = world.reply(messages, body.seed, opts.world_options(), body.response_format)
         if kind == "referee" and "Score of the Assistant 2" not in text:
             st.counts["malformed"] += 1
         finish = "stop"
@@ -365,7 +410,68 @@ def create_app(options: ServerOptions | None = None) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
+    batches = BatchService(
+        BatchOptions(opts.batch_delay_s, opts.batch_fail_rate, opts.batch_expire_rate),
+        opts.world_options(),
+        lambda: state["stats"].counts,
+        state["rng"],
+    )
+    add_batch_routes(app, batches, _unauthorized)
     return app
+
+
+def _provider_fault(faults: dict[str, float], body, rng, counts: Counter) -> JSONResponse | None:
+    """The errors real providers send, as configured (``--fault``)."""
+    if faults.get("insufficient_quota") and rng.random() < faults["insufficient_quota"]:
+        counts["fault_insufficient_quota"] += 1
+        return _error(
+            429,
+            "You exceeded your current quota, please check your plan and billing details.",
+            "insufficient_quota",
+            "insufficient_quota",
+        )
+    if faults.get("bad_param") and rng.random() < faults["bad_param"]:
+        # a reasoning model: max_completion_tokens only, and the default temperature only
+        if body.max_tokens is not None:
+            counts["fault_bad_param"] += 1
+            return _error(
+                400,
+                "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                "'max_completion_tokens' instead.",
+                "invalid_request_error",
+                "unsupported_parameter",
+            )
+        if body.temperature not in (None, 1):
+            counts["fault_bad_param"] += 1
+            return _error(
+                400,
+                f"Unsupported value: 'temperature' does not support {body.temperature} with this "
+                "model. Only the default (1) value is supported.",
+                "invalid_request_error",
+                "unsupported_value",
+            )
+    if faults.get("gateway") and rng.random() < faults["gateway"]:
+        counts["fault_gateway"] += 1
+        status = rng.choice([502, 504])
+        return JSONResponse(
+            {"error": {"message": f"{status} from the upstream proxy", "type": "server_error"}},
+            status_code=status,
+        )
+    return None
+
+
+class InjectedReset(ConnectionResetError):
+    """The ``reset`` fault: not a bug, so the server's log leaves it out."""
+
+
+async def _dropped_connection():
+    """Headers go out, then the connection drops: the client sees a broken response."""
+    raise InjectedReset("sandbox: connection reset by fault injection")
+    yield b""  # pragma: no cover - makes this an async generator
+
+
+def _not_injected(record) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], InjectedReset))
 
 
 def run_server(options: ServerOptions, host: str = "127.0.0.1", port: int = 8765) -> None:
@@ -377,13 +483,17 @@ def run_server(options: ServerOptions, host: str = "127.0.0.1", port: int = 8765
     sock.listen(4096)
     print(f"LISTENING http://{host}:{sock.getsockname()[1]}", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
+    logging.getLogger("uvicorn.error").addFilter(_not_injected)
     uvicorn.Server(config).run(sockets=[sock])
 
 
 def options_to_args(options: ServerOptions) -> list[str]:
     args = []
     for name, value in asdict(options).items():
-        if value is not None and value != getattr(ServerOptions(), name):
+        if name == "faults":
+            for fault in value:
+                args += ["--fault", fault]
+        elif value is not None and value != getattr(ServerOptions(), name):
             args += [f"--{name.replace('_', '-')}", str(value)]
     return args
 

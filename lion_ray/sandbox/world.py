@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import random
 from dataclasses import dataclass
 
@@ -132,12 +133,25 @@ _SCORE_STYLES = (
 )
 
 
-def referee_reply(messages: list[dict], seed: int | None, options: WorldOptions) -> str:
+def referee_reply(
+    messages: list[dict], seed: int | None, options: WorldOptions, structured: bool = False
+) -> str:
     user = _user_text(messages)
     task_text, answer_1, answer_2 = prompts.parse_referee_prompt(user)  # type: ignore[misc]
     s1, why1 = _judge(task_text, answer_1)
     s2, why2 = _judge(task_text, answer_2)
     rng = _rng("referee", user, seed)
+    if structured:  # response_format with the referee's JSON schema
+        review = json.dumps(
+            {
+                "explanation": f"Assistant 1 {why1}. Assistant 2 {why2}.",
+                "score_assistant_1": s1,
+                "score_assistant_2": s2,
+            }
+        )
+        if options.malformed_rate and rng.random() < options.malformed_rate:
+            return review[: len(review) // 2]  # cut off, as by a max_tokens limit
+        return review
     if options.malformed_rate and rng.random() < options.malformed_rate:
         return rng.choice(
             [
@@ -177,8 +191,14 @@ _REPLIES = {"teacher": teacher_reply, "referee": referee_reply, "generator": gen
 
 
 def reply(
-    messages: list[dict], seed: int | None = None, options: WorldOptions | None = None
+    messages: list[dict],
+    seed: int | None = None,
+    options: WorldOptions | None = None,
+    response_format: dict | None = None,
 ) -> tuple[str, str]:
     """(call kind, assistant text) for a chat request."""
     kind = classify(messages)
-    return kind, _REPLIES[kind](messages, seed, options or WorldOptions())
+    options = options or WorldOptions()
+    if kind == "referee" and (response_format or {}).get("type") == "json_schema":
+        return kind, referee_reply(messages, seed, options, structured=True)
+    return kind, _REPLIES[kind](messages, seed, options)

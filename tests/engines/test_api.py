@@ -14,7 +14,13 @@ from openai import AsyncOpenAI
 
 from lion_ray.engines import cache as response_cache
 from lion_ray.engines import ledger
-from lion_ray.engines.api import BudgetExceeded, ChatCaller, FatalApiError, preflight
+from lion_ray.engines.api import (
+    BudgetExceeded,
+    ChatCaller,
+    FatalApiError,
+    QuotaExhausted,
+    preflight,
+)
 from lion_ray.logic import prompts
 from lion_ray.logic.accounting import cost_usd
 from lion_ray.logic.chat import ChatRequest
@@ -64,7 +70,7 @@ def test_caller_retries_then_marks_failed():
                 None,
                 backoff_base_s=0.01,
             )
-            return await caller.call(prompts.teacher_messages("What is 1 + 1?"), None)
+            return await caller.call(ChatRequest("q", prompts.teacher_messages("What is 1 + 1?")))
 
         res = asyncio.run(go())
         assert res.status == "failed" and res.attempts == 3 and res.text == ""
@@ -82,7 +88,7 @@ def test_a_request_that_timed_out_may_be_billed_one_never_sent_is_not():
                 limiter,
                 None,
             )
-            return await caller.call(prompts.teacher_messages("What is 1 + 1?"), None)
+            return await caller.call(ChatRequest("q", prompts.teacher_messages("What is 1 + 1?")))
 
         return asyncio.run(go())
 
@@ -108,8 +114,8 @@ def test_caller_honours_retry_after():
                 ep, AsyncOpenAI(base_url=ep.base_url, api_key="x", max_retries=0), limiter, None
             )
             t = time.perf_counter()
-            a = await caller.call(prompts.teacher_messages("What is 1 + 1?"), None)
-            b = await caller.call(prompts.teacher_messages("What is 2 + 2?"), None)
+            a = await caller.call(ChatRequest("a", prompts.teacher_messages("What is 1 + 1?")))
+            b = await caller.call(ChatRequest("b", prompts.teacher_messages("What is 2 + 2?")))
             return a, b, time.perf_counter() - t
 
         a, b, elapsed = asyncio.run(go())
@@ -277,3 +283,43 @@ def test_sigkill_mid_stage_then_rerun_pays_only_the_window(tmp_path):
         # only the responses of the last flush window (1 s) and those in flight were lost
         assert 0 <= paid_twice <= 900 / 60 * 3 + 2 * 8
         assert storage.exists(str(tmp_path / "out.parquet"))
+
+
+def test_out_of_credit_stops_the_stage_at_once(ray_local, tmp_path):
+    with SandboxProcess(ServerOptions(faults=("insufficient_quota",))) as sb:
+        engine = sandbox_engine(sb, tmp_path)
+        reqs, _ = _requests(50)
+        t = time.perf_counter()
+        with pytest.raises(QuotaExhausted, match="out of credit.*not a rate limit"):
+            engine.ask(reqs)
+        assert time.perf_counter() - t < 20
+        # every request that was in flight got the same answer once; none was retried
+        assert sb.stats()["faults"]["insufficient_quota"] <= 2 * 8
+
+
+def test_a_parameter_the_model_refuses_stops_the_stage_then_token_param_fixes_it(
+    ray_local, tmp_path
+):
+    """A reasoning model refuses max_tokens and temperature: every request would fail."""
+    with SandboxProcess(ServerOptions(faults=("bad_param",))) as sb:
+        reqs, tasks = _requests(40)
+        t = time.perf_counter()
+        with pytest.raises(FatalApiError, match=r"same error.*'max_tokens' is not supported"):
+            sandbox_engine(sb, tmp_path / "a", concurrency=2).ask(reqs)
+        assert time.perf_counter() - t < 20
+        assert sb.stats()["faults"]["bad_param"] < 40
+        engine = sandbox_engine(
+            sb, tmp_path / "b", token_param="max_completion_tokens", temperature=None
+        )
+        assert [r.text for r in engine.ask(reqs)] == [t.answer for t in tasks]
+
+
+def test_dropped_connections_and_gateway_errors_are_retried(ray_local, tmp_path):
+    faults = ("reset:0.2", "gateway:0.2")
+    with SandboxProcess(ServerOptions(faults=faults, fault_seed=7)) as sb:
+        reqs, tasks = _requests(40)
+        results = sandbox_engine(sb, tmp_path, max_retries=8).ask(reqs)
+        assert [r.text for r in results] == [t.answer for t in tasks]
+        seen = sb.stats()["faults"]
+        assert seen["reset"] > 0 and seen["gateway"] > 0
+        assert sum(r.attempts for r in results) == 40 + seen["reset"] + seen["gateway"]

@@ -22,7 +22,7 @@ def test_settled_reservations_count_their_real_cost():
 def test_a_request_in_flight_at_a_crash_counts_at_its_worst_case():
     t = fold_ledger({"a.jsonl": [{"t": "1", "w": 0.5, "s": "x"}, {"t": "2", "w": 0.25, "s": "y"}]})
     assert t.spent_usd == pytest.approx(0.75) and t.open_usd == pytest.approx(0.75)
-    assert t.open_tickets == 2 and t.by_stage == {"x": 0.5, "y": 0.25}
+    assert t.open_tickets == 2 and t.spent_by_stage() == {"x": 0.5, "y": 0.25}
 
 
 def test_a_snapshot_stands_for_the_files_it_replaces():
@@ -41,6 +41,20 @@ def test_a_snapshot_stands_for_the_files_it_replaces():
     # a crash between writing the snapshot and deleting old.jsonl counts it once
     t = fold_ledger(files)
     assert t.spent_usd == pytest.approx(0.25) and t.by_stage == {"x": 0.2, "z": 0.05}
+
+
+def test_an_open_reservation_survives_a_snapshot_until_it_settles():
+    """A batch submitted before a crash is still open in the snapshot; read back later, its
+    real cost replaces its worst case, once even if it is read back twice."""
+    files = {
+        "snapshot-a.jsonl": [
+            {"snapshot": True, "replaces": [], "settled_usd": 1.0, "open": {"b1": [0.5, "x"]}}
+        ],
+        "b.jsonl": [{"t": "b1", "a": 0.2, "s": "x"}, {"t": "b1", "a": 0.2, "s": "x"}],
+    }
+    t = fold_ledger(files)
+    assert t.spent_usd == pytest.approx(1.2) and t.open_tickets == 0
+    assert fold_ledger({"snapshot-a.jsonl": files["snapshot-a.jsonl"]}).spent_usd == 1.5
 
 
 def test_usage_counts_paid_and_cached_separately():

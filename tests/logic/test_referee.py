@@ -88,3 +88,22 @@ def test_split_metrics():
     assert m["order_consistency"] == round(2 / 3, 4)
     assert m["parse_failure_rate"] == 0.2
     assert m["mean_teacher_score"] == round((9 + 8 + 7) / 3, 4)
+
+
+def _corpus():
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "data" / "referee_reviews.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("case", _corpus(), ids=lambda c: c["style"])
+def test_reviews_as_real_judges_write_them_are_read_or_refused(case):
+    """Every review is either read as the numbers its author meant or refused (re-asked,
+    then `unparsed`); none is read as a wrong number."""
+    if case["scores"] is None:
+        with pytest.raises(UnparseableReview):
+            parse_scores(case["text"])
+    else:
+        assert parse_scores(case["text"]) == tuple(case["scores"])
