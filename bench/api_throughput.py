@@ -59,31 +59,10 @@ def run_ours(sb: SandboxProcess, tasks, limit: int, tmp: str) -> dict:
         max_retries=8,
         **PRICES,
     )
-    reqs = [
-        ChatRequest(str(i), prompts.teacher_messages(t.instruction)) for i, t in enumerate(tasks)
-    ]
-    engine = ApiEngine(
-        ep,
-        role="teacher",
-        cache_dir=f"{tmp}/cache",
-        ledger_dir=f"{tmp}/spend",
-        show_progress=False,
-    )
-    sb.reset_stats()
-    t = time.perf_counter()
-    results = engine.ask(reqs)
-    elapsed = time.perf_counter() - t
-    correct = sum(
-        r.status == "ok" and r.text == task.answer for r, task in zip(results, tasks, strict=True)
-    )
+    figures, _ = ask_teacher(sb, ep, tasks, f"{tmp}/online")
     stats = sb.stats()
-    return {
-        "rows": len(tasks),
-        "completed_rows": correct,
-        "lost_rows": len(tasks) - correct,
-        "wall_s": round(elapsed, 2),
-        "rows_per_min_steady": round(correct / stats["accepted_span_s"] * 60, 1),
-        "cost_usd": round(sum(r.cost_usd for r in results), 6),
+    return figures | {
+        "rows_per_min_steady": round(figures["completed_rows"] / stats["accepted_span_s"] * 60, 1),
         **provider_view(stats, limit),
     }
 
@@ -98,17 +77,29 @@ def run_batch(sb: SandboxProcess, tasks, tmp: str) -> dict:
         batch_poll_s=0.5,
         **PRICES,
     )
-    reqs = [
-        ChatRequest(str(i), prompts.teacher_messages(t.instruction)) for i, t in enumerate(tasks)
-    ]
+    figures, engine = ask_teacher(sb, ep, tasks, f"{tmp}/batch")
+    batch = sb.stats()["batch"]
+    return figures | {
+        "batches": engine.batch_stats["batches"],
+        "failed_lines": batch["failed_lines"],
+        "resubmitted": engine.batch_stats["resubmitted"],
+        "lines_resubmitted_after_success": batch["lines_resubmitted_after_success"],
+    }
+
+
+def ask_teacher(sb: SandboxProcess, ep: EndpointConfig, tasks, run_dir: str):
+    """Every task to the teacher through lion-ray's engine (a fresh run directory)."""
     engine = ApiEngine(
         ep,
         role="teacher",
-        cache_dir=f"{tmp}/batch/cache",
-        ledger_dir=f"{tmp}/batch/spend",
-        batch_dir=f"{tmp}/batch/batches",
+        cache_dir=f"{run_dir}/cache",
+        ledger_dir=f"{run_dir}/spend",
+        batch_dir=f"{run_dir}/batches",
         show_progress=False,
     )
+    reqs = [
+        ChatRequest(str(i), prompts.teacher_messages(t.instruction)) for i, t in enumerate(tasks)
+    ]
     sb.reset_stats()
     t = time.perf_counter()
     results = engine.ask(reqs)
@@ -116,18 +107,13 @@ def run_batch(sb: SandboxProcess, tasks, tmp: str) -> dict:
     correct = sum(
         r.status == "ok" and r.text == task.answer for r, task in zip(results, tasks, strict=True)
     )
-    batch = sb.stats()["batch"]
     return {
         "rows": len(tasks),
         "completed_rows": correct,
         "lost_rows": len(tasks) - correct,
         "wall_s": round(elapsed, 2),
-        "batches": engine.batch_stats["batches"],
-        "failed_lines": batch["failed_lines"],
-        "resubmitted": engine.batch_stats["resubmitted"],
-        "lines_resubmitted_after_success": batch["lines_resubmitted_after_success"],
         "cost_usd": round(sum(r.cost_usd for r in results), 6),
-    }
+    }, engine
 
 
 def run_ray_http(sb: SandboxProcess, tasks, limit: int) -> dict:

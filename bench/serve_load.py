@@ -21,10 +21,12 @@ import time
 
 from openai import AsyncOpenAI
 
-from lion_ray.config import ClusterConfig, ServeConfig, load_config
+from lion_ray.config import ClusterConfig, ServeConfig, StudentConfig, load_config
 from lion_ray.engines.cluster import init_ray
 from lion_ray.engines.serving import deploy
 from lion_ray.student import init_student
+
+COMPACT = StudentConfig(prompt_format="compact")  # the tiny students' text template
 
 LEVELS = (1, 8, 32)
 
@@ -96,7 +98,7 @@ def main() -> None:
             )
             url = deploy(
                 settings,
-                template="compact",
+                student=COMPACT,
                 model_dir=f"{tmp}/student",
                 name=name,
                 route_prefix=f"/{name}",

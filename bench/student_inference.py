@@ -43,7 +43,7 @@ def main() -> None:
         pool = import_records([(t.as_record(), "bench") for t in tasks], source="bench")[0]
         cfg = StudentConfig(
             model_path=f"{tmp}/student",
-            prompt_template="compact",
+            prompt_format="compact",
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
             cpus_per_engine=2,
@@ -56,7 +56,7 @@ def main() -> None:
         # the same batches in-process: the stage's time minus this is its fixed startup
         inproc = HFGenerator(
             f"{tmp}/student",
-            template="compact",
+            prompt_format="compact",
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
         )
@@ -65,7 +65,10 @@ def main() -> None:
         steady_s = time.perf_counter() - t
 
         one = HFGenerator(
-            f"{tmp}/student", template="compact", max_new_tokens=args.max_new_tokens, batch_size=1
+            f"{tmp}/student",
+            prompt_format="compact",
+            max_new_tokens=args.max_new_tokens,
+            batch_size=1,
         )
         sample = [(task.instruction, "") for task in tasks[: args.sequential_prompts]]
         t = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Imitation fine-tuning throughput: packing against padding, 1 worker against 2.
+"""Imitation fine-tuning throughput: packing against padding, 1 worker against 2, and LoRA
+against full fine-tuning.
 
     python -m bench.train_throughput [--examples 600] [--epochs 2]
 
@@ -6,7 +7,10 @@ Fine-tunes the demo's tiny student (built locally) with Ray Train + DeepSpeed Ze
 (gloo), on what a teacher's answers look like: lengths that vary a lot. The data mixes the
 175 self-instruct seed tasks with their real outputs (long, up to the 256-token limit) and
 sandbox tasks answered by the sandbox teacher (short). Throughput is tokens of real data (padding excluded) per second of the training
-loop, so worker start-up (the same for every run) is left out. The last line is JSON.
+loop, so worker start-up (the same for every run) is left out. The LoRA and full arms
+train a wider student (--lora-hidden, 6 layers, ~40M parameters) on --lora-examples rows,
+one sequence per micro-batch, so that gradients and optimizer state, not activations and
+the runtime, decide the workers' peak memory. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lion_ray.config import ClusterConfig, TrainConfig, load_config
+from lion_ray.config import ClusterConfig, LoraConfig, StudentConfig, TrainConfig, load_config
 from lion_ray.engines.cluster import init_ray
 from lion_ray.engines.training import train_student
 from lion_ray.logic.pools import ANSWER_SCHEMA
 from lion_ray.sandbox.tasks import generate_tasks
 from lion_ray.student import init_student
+
+COMPACT = StudentConfig(prompt_format="compact")  # the tiny students' text template
 
 SEEDS = Path(__file__).resolve().parents[1] / "tests" / "data" / "alpaca_seed_tasks.jsonl"
 
@@ -34,6 +40,8 @@ def main() -> None:
     )
     parser.add_argument("--examples", type=int, default=600)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lora-hidden", type=int, default=768)
+    parser.add_argument("--lora-examples", type=int, default=200)
     args = parser.parse_args()
 
     demo = load_config("configs/demo.yaml")
@@ -65,31 +73,44 @@ def main() -> None:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         init_student(f"{tmp}/student", demo.student.tiny)
-        for name, packing, workers in [
-            ("padding_2w", False, 2),
-            ("packing_2w", True, 2),
-            ("packing_1w", True, 1),
+        wide_student = demo.student.tiny.model_copy(
+            update={
+                "hidden_size": args.lora_hidden,
+                "num_layers": 6,
+                "num_heads": args.lora_hidden // 64,
+                "intermediate_size": 4 * args.lora_hidden,
+            }
+        )
+        init_student(f"{tmp}/wide", wide_student)
+        for name, packing, workers, lora in [
+            ("padding_2w", False, 2, None),
+            ("packing_2w", True, 2, None),
+            ("packing_1w", True, 1, None),
+            ("full_wide", True, 2, None),
+            ("lora_wide", True, 2, LoraConfig(r=16, dropout=0.0, target_modules="all-linear")),
         ]:
+            wide = name.endswith("wide")
             cfg = TrainConfig(
                 zero_stage=2,
                 lr=3e-3,
-                epochs=args.epochs,
+                epochs=1 if wide else args.epochs,
                 max_length=256,
-                micro_batch_size=8,
+                micro_batch_size=1 if wide else 8,
                 effective_batch_size=16,
                 packing=packing,
                 workers=workers,
                 checkpoint_every_steps=10**6,
                 warmup_ratio=0.05,
+                lora=lora,
             )
             m = train_student(
-                answers,
+                answers.slice(0, args.lora_examples) if wide else answers,
                 cfg,
-                base_model=f"{tmp}/student",
+                base_model=f"{tmp}/wide" if wide else f"{tmp}/student",
                 out_uri=f"{tmp}/{name}",
                 storage_path=f"{tmp}/store",
                 name=name,
-                template="compact",
+                student=COMPACT,
                 show_progress=False,
             )
             runs[name] = {
@@ -102,9 +123,13 @@ def main() -> None:
                     "loss_last",
                     "step",
                     "sequences",
+                    "peak_rss_mb",
+                    "parameters",
+                    "trainable_parameters",
                 )
             }
             print(name, json.dumps(runs[name]), flush=True)
+    lora, full = runs["lora_wide"], runs["full_wide"]
     print(
         json.dumps(
             {
@@ -123,6 +148,16 @@ def main() -> None:
                 "loss_first": round(runs["packing_2w"]["loss_first"], 4),
                 "loss_last": round(runs["packing_2w"]["loss_last"], 4),
                 "tokens_per_s": round(runs["packing_2w"]["real_tokens_per_s"], 1),
+                "lora_loss_first": round(lora["loss_first"], 4),
+                "lora_loss_last": round(lora["loss_last"], 4),
+                "lora_trainable_fraction": round(
+                    lora["trainable_parameters"] / lora["parameters"], 4
+                ),
+                "lora_tokens_per_s": round(lora["real_tokens_per_s"], 1),
+                "full_tokens_per_s": round(full["real_tokens_per_s"], 1),
+                "lora_peak_rss_mb": lora["peak_rss_mb"],
+                "full_peak_rss_mb": full["peak_rss_mb"],
+                "wide_parameters": full["parameters"],
                 "runs": runs,
             }
         )

@@ -15,7 +15,7 @@ import sys
 
 from lion_ray.config import load_config
 from lion_ray.engines.cluster import init_ray
-from lion_ray.engines.serving import deploy, run_template
+from lion_ray.engines.serving import deploy
 from lion_ray.errors import LionError
 from lion_ray.progress import make_console
 
@@ -42,11 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         # init: join the cluster the job runs on
         init_ray(cfg.cluster, quiet=True)
-        # build and run
-        template = cfg.student.prompt_template
-        if args.run:  # the run knows its own template
-            template = run_template(args.run, template)
-        url = deploy(cfg.serve, template=template, model_dir=args.model, run_dir=args.run)
+        # build and run (a run directory serves with the prompt format it trained with)
+        url = deploy(cfg.serve, student=cfg.student, model_dir=args.model, run_dir=args.run)
     except LionError as exc:
         console.print(f"[bold red]error:[/bold red] {exc}")
         return 1

@@ -5,6 +5,7 @@ module that does the work; heavy imports (Ray, torch) happen inside the commands
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,17 @@ def user_errors():
     except LionError as exc:
         err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def _path(value: str | None) -> str | None:
+    """A path as the user typed it: relative to where the command runs, resolved once, at
+    the start (object-store URIs unchanged)."""
+    if value is None or "://" in value:
+        return value
+    path = os.path.abspath(os.path.expanduser(value))
+    from lion_ray.models import looks_like_hub_id
+
+    return value if not os.path.exists(path) and looks_like_hub_id(value) else path
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -360,6 +372,10 @@ def answer(
     with user_errors():
         cfg = _load(config, set_)
         if model is not None:
+            from lion_ray.models import check_model_path
+
+            model = _path(model)
+            check_model_path(model, "--model")
             overrides = {"model_path": model} | ({"backend": backend} if backend else {})
             cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update=overrides)})
             from lion_ray.config import StudentConfig
@@ -384,9 +400,7 @@ def _answer(cfg, role: str | None, kind: str, input_uri: str):
         if role == "teacher":
             from lion_ray.imitation import teacher_answers
 
-            return teacher_answers(
-                _read_pool(input_uri), client, template=cfg.student.prompt_template
-            )
+            return teacher_answers(_read_pool(input_uri), client)
         if role == "referee":
             from lion_ray.discrimination import judge
 
@@ -446,8 +460,12 @@ def train_cmd(
     ):
         if value is not None:
             overrides.append(f"train.{key}={value}")
+    from lion_ray.models import check_model_path
+
+    data, model, out, checkpoints = (_path(p) for p in (data, model, out, checkpoints))
     with user_errors():
         cfg = _load(config, overrides)
+        check_model_path(model, "--model")
         answers = _read_table(data)
         with Session(cfg, need_endpoints=False):
             metrics = train_student(
@@ -456,7 +474,7 @@ def train_cmd(
                 base_model=model,
                 out_uri=out,
                 storage_path=checkpoints or f"{out.rstrip('/')}.checkpoints",
-                template=cfg.student.prompt_template,
+                student=cfg.student,
             )
     console.print(f"exported the fine-tuned student -> {out}")
     console.print_json(json.dumps(metrics))
@@ -693,9 +711,7 @@ def eval_cmd(
             if reference_is_file:
                 ref = evaluation.load_answers(reference, qs)
             else:
-                ref = evaluation.answer_with_endpoint(
-                    qs, session.client("teacher"), cfg.student.prompt_template
-                )
+                ref = evaluation.answer_with_endpoint(qs, session.client("teacher"))
             judged, result = evaluation.judge_pairs(
                 qs,
                 cand,
@@ -786,7 +802,7 @@ def serve_cmd(
 
     from ray import serve
 
-    from lion_ray.engines.serving import deploy, run_template
+    from lion_ray.engines.serving import deploy
     from lion_ray.session import Session
 
     if (run_dir is None) == (model is None):
@@ -805,11 +821,9 @@ def serve_cmd(
             overrides.append(f"serve.{key}={value}")
     with user_errors():
         cfg = _load(config, overrides)
-        template = cfg.student.prompt_template
-        if run_dir:  # the run knows its own template
-            template = run_template(run_dir, template)
+        model, run_dir = _path(model), _path(run_dir)
         with Session(cfg, need_endpoints=False, quiet=True):
-            url = deploy(cfg.serve, template=template, model_dir=model, run_dir=run_dir)
+            url = deploy(cfg.serve, student=cfg.student, model_dir=model, run_dir=run_dir)
             console.print(
                 f"serving {model or 'the newest student of ' + run_dir} at {url} "
                 f"(OpenAI API under {url}/v1, chat page at {url}/)"

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lion_ray.errors import LionError
 
@@ -158,7 +166,20 @@ ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 class TinyStudentConfig(_Strict):
-    """Shape of the tiny Llama student built locally by `lion-ray student init`."""
+    """Shape of the tiny student built locally by `lion-ray student init`."""
+
+    architecture: Literal["llama", "qwen2"] = Field(
+        "llama", description="Model architecture: 'llama' or 'qwen2' (Qwen2's q/k/v biases)."
+    )
+    chat_template: Literal["none", "chatml", "llama3"] = Field(
+        "none",
+        description="Chat template written into the tokenizer: 'chatml' (Qwen style, "
+        "<|im_start|>/<|im_end|>), 'llama3' (<|start_header_id|>/<|eot_id|>) or 'none'.",
+    )
+    tie_word_embeddings: bool = Field(True, description="Share the input and output embeddings.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype the checkpoint is saved in."
+    )
 
     hidden_size: int = Field(128, gt=0, description="Model width.")
     num_layers: int = Field(4, gt=0, description="Transformer blocks.")
@@ -190,10 +211,26 @@ class StudentConfig(_Strict):
         description="Hugging Face model directory or URI to start from. Empty: build the tiny "
         "student (see `tiny`) into <run_dir>/student_init.",
     )
-    prompt_template: Literal["alpaca", "compact"] = Field(
+    prompt_format: Literal["alpaca", "compact", "chat"] = Field(
         "alpaca",
-        description="Training and inference template: 'alpaca' (the paper's, with preamble) or "
-        "'compact' (no preamble; shorter sequences for tiny CPU students).",
+        validation_alias=AliasChoices("prompt_format", "prompt_template"),
+        description="How an instruction becomes the student's prompt, the same in training, "
+        "inference and serving: 'alpaca' (the paper's template), 'compact' (no preamble; "
+        "shorter sequences for tiny CPU students) or 'chat' (the tokenizer's own chat template).",
+    )
+    system_prompt: str = Field(
+        "", description="With prompt_format 'chat': a system message before every instruction."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Compute dtype for inference: 'auto' is the checkpoint's own dtype on GPU "
+        "and float32 on CPU. Exports always keep the checkpoint's dtype.",
+    )
+    attn_implementation: str | None = Field(
+        None, description="transformers attn_implementation (eager, sdpa, flash_attention_2)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow the checkpoint's own modelling code (only for models you trust)."
     )
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="Inference backend: 'hf' (transformers, CPU or GPU) or 'vllm' (GPU)."
@@ -224,6 +261,25 @@ class StudentConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    """Low-rank adapters (peft) instead of full fine-tuning."""
+
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: int = Field(32, gt=0, description="Scaling numerator (lora_alpha).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names to adapt, or 'all-linear'.",
+    )
+    export: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="What each round exports, and so where the next round starts: 'merged' (the "
+        "base with the adapter merged in, a plain model; the next round trains a fresh adapter "
+        "on it) or 'adapter' (the adapter beside a pointer to its base; the next round trains "
+        "the same adapter further).",
+    )
+
+
 class TrainConfig(_Strict):
     """Imitation fine-tuning: Ray Train workers running DeepSpeed ZeRO."""
 
@@ -245,6 +301,12 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     packing: bool = Field(
         False, description="Pack short examples into one sequence (no cross-example attention)."
+    )
+    lora: LoraConfig | None = Field(
+        None, description="Train low-rank adapters (peft) instead of every weight. null: full."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory, ~30% slower)."
     )
     workers: int = Field(2, gt=0, description="Ray Train workers (one process each).")
     gpus_per_worker: int = Field(0, ge=0, description="0 trains on CPU (gloo, fp32), else bf16.")

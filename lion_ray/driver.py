@@ -331,7 +331,6 @@ class Driver:
         table, used = teacher_answers(
             storage.read_parquet(io.inputs["pool"]),
             self.session.client("teacher"),
-            template=self.cfg.student.prompt_template,
             label=io.key,
         )
         storage.write_parquet(io.outputs["answers"], table)
@@ -348,7 +347,7 @@ class Driver:
             out_uri=model_uri,
             storage_path=model_uri.rsplit("/", 1)[0],  # Ray Train checkpoints beside the model
             name="train",
-            template=self.cfg.student.prompt_template,
+            student=self.cfg.student,
             show_progress=self.show_progress,
         )
         return StageResult(
@@ -522,6 +521,10 @@ def run(
 ) -> list[dict]:
     """Run (or resume) the whole Lion loop for ``cfg``; returns per-round summaries."""
     console = console or make_console()
+    if cfg.student.model_path:  # before Ray, the sandbox or any paid call
+        from lion_ray.models import check_model_path
+
+        check_model_path(cfg.student.model_path)
     with Session(cfg, show_progress=show_progress) as session:
         if session.dashboard_url:
             console.print(f"Ray dashboard: {session.dashboard_url}")

@@ -75,14 +75,10 @@ def answer_with_student(
     )
 
 
-def answer_with_endpoint(
-    questions: list[Question], client: ChatClient, template: str
-) -> dict[str, str]:
+def answer_with_endpoint(questions: list[Question], client: ChatClient) -> dict[str, str]:
     from lion_ray.imitation import teacher_answers
 
-    table, summary = teacher_answers(
-        _pool(questions), client, template=template, label="reference answers"
-    )
+    table, summary = teacher_answers(_pool(questions), client, label="reference answers")
     if summary["failed"]:
         raise LionError(
             f"the reference endpoint failed on {summary['failed']} questions; rerun to retry them"

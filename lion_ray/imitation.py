@@ -11,24 +11,18 @@ import pyarrow as pa
 
 from lion_ray.logic.chat import ChatClient, ChatRequest, usage
 from lion_ray.logic.pools import ANSWER_SCHEMA
-from lion_ray.logic.prompts import TemplateName, teacher_messages
+from lion_ray.logic.prompts import teacher_messages
 
 
 def teacher_answers(
-    pool: pa.Table,
-    teacher: ChatClient,
-    *,
-    template: TemplateName,
-    label: str = "teacher answers",
+    pool: pa.Table, teacher: ChatClient, *, label: str = "teacher answers"
 ) -> tuple[pa.Table, dict]:
     """One teacher answer per pool row (failed rows are kept, marked, never invented);
-    returns the answers and the teacher's API usage."""
+    returns the answers and the teacher's API usage. The request does not depend on the
+    student's prompt format, so the same cached answers serve any student."""
     rows = pool.to_pylist()
     results = teacher.ask(
-        [
-            ChatRequest(r["id"], teacher_messages(r["instruction"], r["input"], template))
-            for r in rows
-        ],
+        [ChatRequest(r["id"], teacher_messages(r["instruction"], r["input"])) for r in rows],
         label=label,
     )
     answers = [

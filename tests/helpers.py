@@ -6,26 +6,25 @@ from pathlib import Path
 
 
 def memorize(
-    model_dir: Path, pairs: list[tuple[str, str]], template: str = "compact", steps: int = 150
+    model_dir: Path,
+    pairs: list[tuple[str | list[dict], str]],
+    template: str = "compact",
+    steps: int = 150,
 ) -> None:
-    """Teach a tiny student to answer ``pairs`` exactly (plain torch, in-process, ~seconds)."""
+    """Teach a tiny student to answer ``pairs`` exactly (plain torch, in-process, ~seconds).
+    A question is an instruction, or (with the chat format) a whole conversation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lion_ray.logic.examples import encode_example, pad_batch, unpacked
-    from lion_ray.logic.prompts import build_prompt
+    from lion_ray.formats import PromptFormat
+    from lion_ray.logic.examples import pad_batch, unpacked
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    fmt = PromptFormat(tok, template)
     examples = [
-        encode_example(
-            lambda t: tok(t, add_special_tokens=False).input_ids,
-            build_prompt(i, "", template),
-            a,
-            tok.eos_token_id,
-            256,
-        )
-        for i, a in pairs
+        fmt.conversation_example(q, a, 256) if isinstance(q, list) else fmt.example(q, "", a, 256)
+        for q, a in pairs
     ]
     batch = {k: torch.tensor(v) for k, v in pad_batch(unpacked(examples), tok.pad_token_id).items()}
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -46,3 +45,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def answers_table(rows: list[dict]):
+    """Answer rows (id, instruction, answer, and whatever else is given) in ANSWER_SCHEMA,
+    the other fields neutral: what a teacher or student stage would have written."""
+    import pyarrow as pa
+
+    from lion_ray.logic.pools import ANSWER_SCHEMA
+
+    neutral = {
+        "input": "",
+        "status": "ok",
+        "error": "",
+        "finish_reason": "stop",
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "cost_usd": 0.0,
+        "cached": False,
+    }
+    return pa.Table.from_pylist([neutral | r for r in rows], schema=ANSWER_SCHEMA)
+
+
+def answer_command(config: str, pool, output, run_dir, *sets: str) -> list[str]:
+    """`lion-ray answer --role teacher` over a pool, as a user types it."""
+    import sys
+
+    cmd = [sys.executable, "-m", "lion_ray", "answer", "--role", "teacher", "--config", config]
+    cmd += ["--input", str(pool), "--output", str(output), "--set", f"storage.run_dir={run_dir}"]
+    for item in sets:
+        cmd += ["--set", item]
+    return cmd

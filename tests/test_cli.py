@@ -165,7 +165,7 @@ def test_serve_command_until_ctrl_c(tmp_path, taught_student):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lion_ray", "serve", "--model", str(taught_student)]
-        + ["--port", str(port), "--set", "student.prompt_template=compact"],
+        + ["--port", str(port), "--set", "student.prompt_format=compact"],
         cwd=ROOT,
         env={**os.environ, "RAY_ADDRESS": "", "COLUMNS": "200"},
         stdout=subprocess.PIPE,
@@ -191,3 +191,20 @@ def test_serve_command_until_ctrl_c(tmp_path, taught_student):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_student_path_that_cannot_load_stops_the_run_before_any_call(tmp_path):
+    run_dir = tmp_path / "run"
+    res = lion(
+        "run",
+        "--config",
+        "tests/data/mini.yaml",
+        "--set",
+        f"student.model_path={tmp_path / 'missing-model'}",
+        "--set",
+        f"storage.run_dir={run_dir}",
+        env={**os.environ, "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1"},
+    )
+    assert res.returncode == 1
+    assert "student.model_path: " in res.stderr and "is not a local model directory" in res.stderr
+    assert not (run_dir / "cache").exists() and not (run_dir / "spend").exists()

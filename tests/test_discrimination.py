@@ -3,36 +3,23 @@ with the real engine against the sandbox over HTTP on a local Ray cluster."""
 
 import json
 
-import pyarrow as pa
-
 from lion_ray.discrimination import judge, pair_answers
-from lion_ray.logic.pools import ANSWER_SCHEMA, import_records
+from lion_ray.logic.pools import import_records
 from lion_ray.sandbox.tasks import generate_tasks
 from lion_ray.sandbox.world import WorldOptions
 
 from .conftest import sandbox_engine
 from .fakes import WorldClient
+from .helpers import answers_table
 
 
 def _answers(pool, fn, status="ok"):
-    rows = []
-    for r in pool.to_pylist():
-        rows.append(
-            {
-                "id": r["id"],
-                "instruction": r["instruction"],
-                "input": "",
-                "answer": fn(r),
-                "status": status,
-                "error": "",
-                "finish_reason": "stop",
-                "prompt_tokens": 1,
-                "completion_tokens": 1,
-                "cost_usd": 0.0,
-                "cached": False,
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA)
+    return answers_table(
+        [
+            {"id": r["id"], "instruction": r["instruction"], "answer": fn(r), "status": status}
+            for r in pool.to_pylist()
+        ]
+    )
 
 
 def _setup(n=40, seed=0):

@@ -348,3 +348,38 @@ def test_a_run_dir_keeps_its_config(tmp_path):
         LionError, match=r"different config \(loop.tau: 1.0 -> 2.0, train.lr: 0.003 -> 0.1\)"
     ):
         Driver(changed, FakeSession()).check_config()
+
+
+@pytest.mark.slow
+def test_one_round_with_a_chat_template_student_and_a_lora_adapter(tmp_path):
+    """The loop with a Qwen2-style chat student trained through LoRA: the round exports an
+    adapter, which the student and held-out stages load on its base."""
+    run_dir = tmp_path / "chat"
+    proc = lion_run(
+        run_dir,
+        *("--set", "student.prompt_format=chat", "--set", "student.system_prompt=Be brief."),
+        *("--set", "student.tiny.architecture=qwen2", "--set", "student.tiny.chat_template=chatml"),
+        *(
+            "--set",
+            "train.lora.r=8",
+            "--set",
+            "train.lora.export=adapter",
+            "--set",
+            "train.lr=0.01",
+        ),
+    )
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    model = run_dir / "round_1" / "imitation" / "model"
+    assert (model / "adapter_config.json").exists() and not (model / "model.safetensors").exists()
+    assert (
+        json.loads((model / "lion_ray_base.json").read_text())["relative"]
+        == "../../../student_init"
+    )
+    stages = manifest(run_dir)["stages"]
+    train = stages["round_1/imitation.train"]["metrics"]
+    assert train["trainable_parameters"] < train["parameters"] / 5
+    assert stages["round_1/discrimination.student"]["rows"] == 60
+    assert stages["round_1/eval.heldout"]["metrics"]["n"] == 30
+    teacher = pq.read_table(run_dir / "round_1" / "imitation" / "teacher.parquet")
+    assert set(teacher.column("status").to_pylist()) == {"ok"}

@@ -25,9 +25,9 @@ def _questions():
 def test_relative_scores_from_real_judgements(ray_local, sandbox, taught_student, tmp_path):
     qs = _questions()
     cand = answer_with_student(
-        qs, str(taught_student), StudentConfig(prompt_template="compact", max_new_tokens=8)
+        qs, str(taught_student), StudentConfig(prompt_format="compact", max_new_tokens=8)
     )
-    ref = answer_with_endpoint(qs, sandbox_engine(sandbox, tmp_path, "teacher"), "compact")
+    ref = answer_with_endpoint(qs, sandbox_engine(sandbox, tmp_path, "teacher"))
     judged, result = judge_pairs(qs, cand, ref, sandbox_engine(sandbox, tmp_path, "referee"))
     rows = {r["id"]: r for r in judged.to_pylist()}
     # both orders were judged, and each side's score is the mean of its two

@@ -131,3 +131,75 @@ def test_cli_diff_and_recover(models, tmp_path):
     )
     assert bad.returncode == 1 and "is not the base" in bad.stderr
     shutil.rmtree(tmp_path / "t")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch, tied, lora",
+    [("qwen2", True, []), ("llama", False, ["--set", "train.lora.r=4"])],
+    ids=["qwen2-bf16-tied-full", "llama-bf16-untied-lora-merged"],
+)
+def test_release_flow_from_the_command_line_in_bf16(tmp_path, arch, tied, lora):
+    """`student init` -> `train` -> `weights diff` -> `weights recover`, as a user types them
+    (relative paths): the export keeps the base's dtype and tied weights, and its delta
+    round-trips bit for bit."""
+    import pyarrow.parquet as pq
+
+    from .helpers import answers_table
+
+    def lion(*args):
+        res = subprocess.run(
+            [sys.executable, "-m", "lion_ray", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ, "RAY_ADDRESS": ""},
+            timeout=600,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    tiny = [
+        *("--set", f"student.tiny.architecture={arch}"),
+        *("--set", "student.tiny.dtype=bfloat16"),
+        *("--set", f"student.tiny.tie_word_embeddings={str(tied).lower()}"),
+        *("--set", "student.tiny.hidden_size=64", "--set", "student.tiny.num_heads=1"),
+        *("--set", "student.tiny.num_layers=2", "--set", "student.tiny.intermediate_size=128"),
+    ]
+    lion("student", "init", "--out", "base", *tiny)
+    rows = [
+        {"id": str(i), "instruction": f"Reverse 'ab{i}'.", "answer": f"{i}ba"} for i in range(16)
+    ]
+    pq.write_table(answers_table(rows), tmp_path / "answers.parquet")
+    lion(
+        "train",
+        *("--data", "answers.parquet", "--model", "base", "--out", "runs/tuned"),
+        *("--set", "train.epochs=1", "--set", "train.max_length=64"),
+        *("--set", "train.micro_batch_size=4", "--set", "train.effective_batch_size=8"),
+        *("--set", "student.prompt_format=compact"),
+        *lora,
+    )
+    tuned = load_tensors(tmp_path / "runs" / "tuned")
+    base = load_tensors(tmp_path / "base")
+    assert set(tuned) == set(base)  # tied stays tied: no lm_head of its own
+    assert ("lm_head.weight" in base) is (not tied)
+    assert {t.dtype for t in tuned.values()} == {torch.bfloat16}
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)  # it did train
+    lion("weights", "diff", "--base", "base", "--tuned", "runs/tuned", "--out", "delta")
+    lion("weights", "recover", "--base", "base", "--diff", "delta", "--out", "recovered")
+    assert _bits_equal(tuned, load_tensors(tmp_path / "recovered"))
+
+
+def test_a_path_that_is_not_a_model_is_refused_in_one_line(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "lion_ray", "train", "--data", "a.parquet"]
+        + ["--model", "no/such/dir", "--out", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--model: " in lines[0]
+    assert f"{tmp_path}/no/such/dir is not a local model directory" in lines[0]

@@ -24,8 +24,7 @@ import pyarrow as pa
 
 from lion_ray.config import StudentConfig
 from lion_ray.logic.pools import ANSWER_SCHEMA
-from lion_ray.logic.prompts import build_prompt
-from lion_ray.student import local_model_dir
+from lion_ray.models import check_model_path
 
 INPUT_SCHEMA = pa.schema(
     [("id", pa.string()), ("instruction", pa.string()), ("input", pa.string())]
@@ -33,17 +32,23 @@ INPUT_SCHEMA = pa.schema(
 
 
 class HFGenerator:
-    """Batched transformers generation with the training template.
+    """Batched transformers generation on prompts in the student's own format.
 
-    Prompts are sorted by length before batching (less padding), left-padded, and only
-    the generated tokens are decoded. ``finish_reason`` is ``stop`` when EOS was produced.
+    Prompts are token ids from :class:`~lion_ray.formats.PromptFormat` (exactly what the
+    student trained on), sorted by length before batching (less padding), left-padded; only
+    the generated tokens are decoded. ``finish_reason`` is ``stop`` when an end token
+    (EOS / end of turn) was produced, else ``length``.
     """
 
     def __init__(
         self,
-        model_dir: str,
+        model_uri: str,
         *,
-        template: str = "alpaca",
+        prompt_format: str = "alpaca",
+        system: str = "",
+        dtype: str = "auto",
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -52,49 +57,67 @@ class HFGenerator:
         seed: int = 0,
     ):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from lion_ray.formats import PromptFormat
+        from lion_ray.models import load_causal_lm, load_tokenizer
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.tokenizer.padding_side = "left"
-        self.tokenizer.truncation_side = "left"  # keep the response marker at the end
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        model, tokenizer_dir = load_causal_lm(
+            model_uri,
+            dtype=dtype,
+            device=self.device,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
         )
-        self.template = template
+        self.model = model.eval()
+        self.tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+        self.format = PromptFormat(self.tokenizer, prompt_format, system)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
         self.batch_size = batch_size
         self.seed = seed
-        self.position_limit = getattr(self.model.config, "max_position_embeddings", 2048)
+        config = getattr(self.model, "config", None)
+        self.position_limit = getattr(config, "max_position_embeddings", 2048)
 
-    def prompt(self, instruction: str, input_text: str) -> str:
-        return build_prompt(instruction, input_text, self.template)
+    @classmethod
+    def for_student(cls, model_uri: str, student: StudentConfig) -> HFGenerator:
+        return cls(
+            model_uri,
+            prompt_format=student.prompt_format,
+            system=student.system_prompt,
+            dtype=student.dtype,
+            attn_implementation=student.attn_implementation,
+            trust_remote_code=student.trust_remote_code,
+            max_new_tokens=student.max_new_tokens,
+            temperature=student.temperature,
+            top_p=student.top_p,
+            batch_size=student.batch_size,
+            seed=student.seed,
+        )
 
-    def encode(self, prompt: str, max_new_tokens: int | None = None) -> list[int]:
-        """Prompt token ids, cut from the left to leave room for the answer."""
-        room = max(8, self.position_limit - (max_new_tokens or self.max_new_tokens))
-        return self.tokenizer(prompt, add_special_tokens=False).input_ids[-room:]
+    def fit(self, ids: list[int], max_new_tokens: int | None = None) -> list[int]:
+        """A prompt that fits the context with room to answer: a short prompt is kept whole
+        (the answer gets what the context leaves); a long one loses tokens from its start,
+        keeping at least half the context (or max_new_tokens, if less) for the answer."""
+        answer = min(max_new_tokens or self.max_new_tokens, self.position_limit // 2)
+        return ids[-(self.position_limit - answer) :]
 
     def generate(self, items: list[tuple[str, str]], **sampling) -> list[dict]:
         """One result per (instruction, input): answer, finish_reason, token counts."""
-        return self.generate_prompts([self.prompt(i, x) for i, x in items], **sampling)
+        return self.generate_ids([self.format.prompt_ids(i, x) for i, x in items], **sampling)
 
-    def generate_prompts(
+    def generate_ids(
         self,
-        prompts: list[str],
+        prompts: list[list[int]],
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
     ) -> list[dict]:
-        """Like :meth:`generate` for prompts already in the template; sampling overrides the
+        """Like :meth:`generate` for prompts already as token ids; sampling overrides the
         defaults given at construction."""
-        encoded = [self.encode(p, max_new_tokens) for p in prompts]
+        encoded = [self.fit(p, max_new_tokens) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda k: len(encoded[k]))
         results: list[dict | None] = [None] * len(prompts)
         for start in range(0, len(order), self.batch_size):
@@ -114,19 +137,18 @@ class HFGenerator:
             "do_sample": sample,
             "temperature": temperature if sample else None,
             "top_p": (self.top_p if top_p is None else top_p) if sample else None,
-            "eos_token_id": self.tokenizer.eos_token_id,
+            "eos_token_id": self.format.stop_ids,
             "pad_token_id": self.tokenizer.pad_token_id,
         }
 
     def _finish(self, ids: list[int], gen: list[int]) -> dict:
-        eos = self.tokenizer.eos_token_id
-        finish = "stop" if eos in gen else "length"
-        if finish == "stop":
-            gen = gen[: gen.index(eos) + 1]
+        stop = next((k for k, t in enumerate(gen) if t in self.format.stop_ids), None)
+        if stop is not None:
+            gen = gen[: stop + 1]
         text = self.tokenizer.decode(gen, skip_special_tokens=True)
         return {
             "answer": text.strip(),
-            "finish_reason": finish,
+            "finish_reason": "stop" if stop is not None else "length",
             "prompt_tokens": len(ids),
             "completion_tokens": len(gen),
         }
@@ -144,6 +166,7 @@ class HFGenerator:
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
         sampling = self._sampling(max_new_tokens, temperature, top_p)
+        sampling["max_new_tokens"] = min(sampling["max_new_tokens"], self.position_limit - width)
         if sampling["do_sample"]:  # reproducible per batch content, whatever the batch order
             torch.manual_seed(
                 self.seed + int(hashlib.sha256(repr(batch_ids).encode()).hexdigest()[:8], 16)
@@ -161,7 +184,7 @@ class HFGenerator:
 
     def stream(
         self,
-        prompt: str,
+        ids: list[int],
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
@@ -169,16 +192,21 @@ class HFGenerator:
         """Text deltas as they are generated ({"delta": str}), then one final {"finish": ...}."""
         from transformers import TextIteratorStreamer
 
-        ids = self.encode(prompt, max_new_tokens)
+        ids = self.fit(ids, max_new_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         output: dict = {}
+        sampling = self._sampling(max_new_tokens, temperature, top_p)
+        sampling["max_new_tokens"] = min(sampling["max_new_tokens"], self.position_limit - len(ids))
 
         def run() -> None:
             with self.torch.no_grad():
                 output["ids"] = self.model.generate(
                     input_ids=self.torch.tensor([ids], device=self.device),
+                    attention_mask=self.torch.ones(
+                        (1, len(ids)), dtype=self.torch.long, device=self.device
+                    ),
                     streamer=streamer,
-                    **self._sampling(max_new_tokens, temperature, top_p),
+                    **sampling,
                 )[0, len(ids) :].tolist()
 
         thread = threading.Thread(target=run, daemon=True)
@@ -197,16 +225,7 @@ class HFPredictor:
     max_batch_retries = 2
 
     def __init__(self, model_uri: str, student: dict):
-        cfg = StudentConfig.model_validate(student)
-        self.generator = HFGenerator(
-            local_model_dir(model_uri),
-            template=cfg.prompt_template,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-        )
+        self.generator = HFGenerator.for_student(model_uri, StudentConfig.model_validate(student))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -256,7 +275,7 @@ def _vllm_dataset(ds, cfg: StudentConfig, model_uri: str):
         detokenize_stage=False,
         should_continue_on_error=True,
     )
-    template, max_tokens = cfg.prompt_template, cfg.max_new_tokens
+    max_tokens = cfg.max_new_tokens
     sampling = {
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
@@ -265,11 +284,9 @@ def _vllm_dataset(ds, cfg: StudentConfig, model_uri: str):
     }
 
     def pre(row: dict) -> dict:
-        return {
-            **row,
-            "prompt": build_prompt(row["instruction"], row["input"], template),
-            "sampling_params": sampling,
-        }
+        # token ids from the student's PromptFormat (computed by the driver): vLLM adds no
+        # BOS or template of its own, so it sees exactly what training saw
+        return {**row, "tokenized_prompt": list(row["prompt_ids"]), "sampling_params": sampling}
 
     def post(row: dict) -> dict:
         error = str(row.get("__inference_error__") or "")
@@ -289,6 +306,31 @@ def _vllm_dataset(ds, cfg: StudentConfig, model_uri: str):
         }
 
     return build_processor(config, preprocess=pre, postprocess=post)(ds)
+
+
+def _prompt_ids(student: StudentConfig, model_uri: str):
+    """A Ray Data column function: each row's prompt ids in the student's format."""
+    from lion_ray.formats import PromptFormat
+    from lion_ray.models import load_tokenizer, local_model_dir
+
+    fmt = PromptFormat(
+        load_tokenizer(local_model_dir(model_uri), student.trust_remote_code),
+        student.prompt_format,
+        student.system_prompt,
+    )
+
+    def column(batch: pa.Table) -> pa.Array:
+        return pa.array(
+            [
+                fmt.prompt_ids(i, x)
+                for i, x in zip(
+                    batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True
+                )
+            ],
+            type=pa.list_(pa.int64()),
+        )
+
+    return column
 
 
 # A dead actor is restarted and its rows redone, a bounded number of times, then the stage
@@ -319,7 +361,7 @@ def student_answers(
         raise LionError("no student model: set student.model_path or pass --model DIR")
     rows = pool.select(INPUT_SCHEMA.names).cast(INPUT_SCHEMA).to_pylist()
     if student.backend == "hf":
-        local_model_dir(model_uri)  # fail here, with the path, rather than inside an actor
+        check_model_path(model_uri, "the student model")  # here, not inside an actor
     per_block = student.batch_size
     chunks = [
         pa.Table.from_pylist(rows[i : i + per_block], schema=INPUT_SCHEMA)
@@ -332,7 +374,13 @@ def student_answers(
         if rows:
             ds = ray.data.from_arrow(chunks)
             if student.backend == "vllm":
-                ds = _vllm_dataset(ds, student, model_uri)
+                ds = _vllm_dataset(
+                    ds.add_column(
+                        "prompt_ids", _prompt_ids(student, model_uri), batch_format="pyarrow"
+                    ),
+                    student,
+                    model_uri,
+                )
             else:
                 with warnings.catch_warnings():
                     # Ray 2.60 deprecates remote args on map_batches (removal in 2.64, and we

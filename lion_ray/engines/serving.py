@@ -4,8 +4,9 @@
     lion-ray serve --model runs/demo/round_3/imitation/model
     serve run lion_ray.engines.serving:build_app model_dir=...   # Serve config / RayService
 
-Routes: ``/v1/chat/completions`` and ``/v1/completions`` (both wrap the prompt in the training
-template; SSE streaming or not), ``/v1/models``, ``/v1/admin/reload``, and a chat page at
+Routes: ``/v1/chat/completions`` (the conversation through the student's own prompt format:
+its chat template with system messages, history and content parts, or the text template it
+trained on) and ``/v1/completions`` (the prompt as an instruction); SSE streaming or not, ``/v1/models``, ``/v1/admin/reload``, and a chat page at
 ``/``. Non-streaming requests are batched dynamically (``serve.batch``). The deployment swaps
 to a new checkpoint without dropping in-flight requests: a request keeps the model object it
 started with while the new one loads beside it (``reconfigure``, the reload route, or a
@@ -31,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from lion_ray import storage
-from lion_ray.config import ServeConfig
-from lion_ray.logic.prompts import build_prompt
+from lion_ray.config import ServeConfig, StudentConfig
+from lion_ray.errors import LionError
 from lion_ray.rundir import RunDir
 
 
@@ -64,7 +65,7 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str = Field(pattern="^(system|user|assistant|developer)$")
-    content: str
+    content: str | list[dict]  # text, or OpenAI content parts [{"type": "text", "text": ...}]
 
 
 class ChatRequest(BaseModel):
@@ -89,26 +90,15 @@ class CompletionRequest(BaseModel):
     stream: bool = False
 
 
-def chat_to_instruction(messages: list[ChatMessage]) -> tuple[str, str]:
-    """(instruction, input) for the training template: the last user message is the
-    instruction; earlier turns, if any, become the input block as a transcript."""
-    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
-    if last_user is None:
-        raise ServeError(400, "messages must contain a user message", param="messages")
-    history = [
-        f"{m.role}: {m.content}" for m in messages[:last_user] if m.role in ("user", "assistant")
-    ]
-    return messages[last_user].content, "\n".join(history)
-
-
-def run_template(run_uri: str, default: str) -> str:
-    """The prompt template a run trained with (its saved config), else ``default``."""
+def run_student(run_uri: str, default: StudentConfig) -> StudentConfig:
+    """The student settings a run trained with (its saved config), else ``default``: the
+    served prompt format must be the one the student learned."""
     from lion_ray.config import parse_config
 
     saved = storage.join(run_uri, "config.yaml")
     if not storage.exists(saved):
         return default
-    return parse_config(storage.read_text(saved), saved).student.prompt_template
+    return parse_config(storage.read_text(saved), saved).student
 
 
 def newest_model(run_uri: str) -> str | None:
@@ -227,48 +217,53 @@ def _check_key(request: Request) -> None:
         )
 
 
-def _load_generator(model_dir: str, template: str, backend: str):
-    from lion_ray.student import local_model_dir
-
+def _load_generator(model_dir: str, student: StudentConfig, backend: str):
     if backend == "vllm":
-        return VLLMGenerator(local_model_dir(model_dir), template=template)
+        return VLLMGenerator(model_dir, student)
     from lion_ray.engines.inference import HFGenerator
 
-    return HFGenerator(local_model_dir(model_dir), template=template, batch_size=64)
+    return HFGenerator.for_student(model_dir, student)
 
 
 class VLLMGenerator:
-    """The same interface as HFGenerator (generate_prompts, stream, encode) on vLLM's async
-    engine, for GPU replicas. Imported only when the vllm backend is chosen."""
+    """The same interface as HFGenerator (format, generate_ids, position_limit) on vLLM's
+    async engine, for GPU replicas. Imported only when the vllm backend is chosen."""
 
-    def __init__(self, model_dir: str, template: str, **engine_kwargs: Any):
+    def __init__(self, model_uri: str, student: StudentConfig, **engine_kwargs: Any):
+        from transformers import AutoConfig
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        self.template = template
+        from lion_ray.formats import PromptFormat
+        from lion_ray.models import load_tokenizer, local_model_dir
+
+        model_dir = local_model_dir(model_uri)
         self.engine = AsyncLLMEngine.from_engine_args(
             AsyncEngineArgs(model=model_dir, **engine_kwargs)
         )
-        from transformers import AutoConfig, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = load_tokenizer(model_dir, student.trust_remote_code)
+        self.format = PromptFormat(self.tokenizer, student.prompt_format, student.system_prompt)
         self.position_limit = engine_kwargs.get("max_model_len") or getattr(
             AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 2048
         )
 
-    def encode(self, prompt: str, max_new_tokens: int | None = None) -> list[int]:
-        return self.tokenizer(prompt, add_special_tokens=False).input_ids
-
-    async def _run(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float):
+    async def _run(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float):
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-        async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+        params = SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_token_ids=self.format.stop_ids,
+        )
+        async for out in self.engine.generate(
+            {"prompt_token_ids": ids}, params, request_id=uuid.uuid4().hex
+        ):
             yield out
 
     async def agenerate(self, prompts, max_new_tokens, temperature, top_p) -> list[dict]:
-        async def one(p):
+        async def one(ids):
             final = None
-            async for out in self._run(p, max_new_tokens, temperature, top_p):
+            async for out in self._run(ids, max_new_tokens, temperature, top_p):
                 final = out
             o = final.outputs[0]
             return {
@@ -302,7 +297,7 @@ class StudentServer:
 
     def __init__(self, settings: dict):
         self.settings = ServeConfig.model_validate(settings["serve"])
-        self.template = settings["template"]
+        self.student = StudentConfig.model_validate(settings["student"])
         self.run_dir: str | None = settings.get("run_dir")
         self.model_dir: str | None = None
         self.model = None
@@ -329,7 +324,7 @@ class StudentServer:
         with self._swap_lock:
             if model_dir == self.model_dir:
                 return False
-            fresh = _load_generator(model_dir, self.template, self.settings.backend)
+            fresh = _load_generator(model_dir, self.student, self.settings.backend)
             self.model, self.model_dir = fresh, model_dir
             self.swaps += 1
             return True
@@ -367,15 +362,14 @@ class StudentServer:
                 results = await model.agenerate(prompts, max_tokens, temperature, top_p)
             else:
                 results = await asyncio.to_thread(
-                    model.generate_prompts, prompts, max_tokens, temperature, top_p
+                    model.generate_ids, prompts, max_tokens, temperature, top_p
                 )
             for i, r in zip(idx, results, strict=True):
                 out[i] = r
         return out  # type: ignore[return-value]
 
-    def _prepare(
-        self, instruction: str, input_text: str, max_tokens: int | None
-    ) -> tuple[str, int]:
+    def _prepare(self, ids: list[int], max_tokens: int | None) -> tuple[list[int], int]:
+        """Check a prompt (token ids in the student's format) and the answer's room."""
         s = self.settings
         if max_tokens and max_tokens > s.max_tokens_cap:
             raise ServeError(
@@ -384,8 +378,7 @@ class StudentServer:
                 param="max_tokens",
                 code="max_tokens_too_large",
             )
-        prompt = build_prompt(instruction, input_text, self.template)
-        n = len(self.model.tokenizer(prompt, add_special_tokens=False).input_ids)
+        n = len(ids)
         if n > s.max_prompt_tokens:
             raise ServeError(
                 400,
@@ -410,9 +403,9 @@ class StudentServer:
                 param="messages",
                 code="context_length_exceeded",
             )
-        return prompt, max_tokens or min(256, s.max_tokens_cap, room)
+        return ids, max_tokens or min(256, s.max_tokens_cap, room)
 
-    async def _stream(self, prompt: str, max_tokens: int, temperature: float, top_p: float):
+    async def _stream(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float):
         model = self.model
         if isinstance(model, VLLMGenerator):
             seen = ""
@@ -469,10 +462,11 @@ class StudentServer:
 
     @api.post("/v1/chat/completions", dependencies=[Depends(_check_key)])
     async def chat(self, body: ChatRequest):
-        instruction, history = chat_to_instruction(body.messages)
-        prompt, max_tokens = self._prepare(
-            instruction, history, body.max_completion_tokens or body.max_tokens
-        )
+        try:  # the whole conversation, through the student's own format
+            ids = self.model.format.conversation_ids([m.model_dump() for m in body.messages])
+        except LionError as exc:
+            raise ServeError(400, str(exc), param="messages") from None
+        prompt, max_tokens = self._prepare(ids, body.max_completion_tokens or body.max_tokens)
         rid, created, name = (
             f"chatcmpl-{uuid.uuid4().hex[:24]}",
             int(time.time()),
@@ -543,7 +537,9 @@ class StudentServer:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ServeError(400, "prompt must not be empty", param="prompt")
-        prepared = [self._prepare(p, "", body.max_tokens) for p in prompts]
+        prepared = [
+            self._prepare(self.model.format.prompt_ids(p, ""), body.max_tokens) for p in prompts
+        ]
         rid, created, name = (
             f"cmpl-{uuid.uuid4().hex[:24]}",
             int(time.time()),
@@ -606,31 +602,35 @@ class StudentServer:
 
 def build_app(args: dict):
     """A Serve application for ``serve run``/RayService: args are model_dir or run_dir, and
-    optionally template and any ServeConfig field (strings, as Serve passes them)."""
+    optionally prompt_format (or its old name, template), system_prompt and any ServeConfig
+    field (strings, as Serve passes them). A run directory's own student settings win."""
     fields = set(ServeConfig.model_fields)
     settings = ServeConfig.model_validate({k: v for k, v in args.items() if k in fields})
+    student = StudentConfig(
+        prompt_format=args.get("prompt_format", args.get("template", "alpaca")),
+        system_prompt=args.get("system_prompt", ""),
+    )
     return student_app(
-        settings,
-        template=args.get("template", "alpaca"),
-        model_dir=args.get("model_dir"),
-        run_dir=args.get("run_dir"),
+        settings, student=student, model_dir=args.get("model_dir"), run_dir=args.get("run_dir")
     )
 
 
 def student_app(
     settings: ServeConfig,
     *,
-    template: str,
+    student: StudentConfig,
     model_dir: str | None = None,
     run_dir: str | None = None,
 ):
-    """The bound Serve application (with body-size limit, replicas and backpressure)."""
+    """The bound Serve application (with body-size limit, replicas and backpressure). With
+    ``run_dir``, the prompt format is the one the run trained with, whatever path deploys it
+    (CLI, ray job, RayService)."""
     if not model_dir and not run_dir:
         raise ValueError("give model_dir (one student) or run_dir (the newest round's student)")
     if run_dir and not model_dir and not newest_model(run_dir):
-        from lion_ray.errors import LionError
-
         raise LionError(f"{run_dir}: no round has finished training yet; nothing to serve")
+    if run_dir:
+        student = run_student(run_dir, student)
     resources_ = {"num_cpus": settings.cpus_per_replica}
     if settings.gpus_per_replica:
         resources_["num_gpus"] = settings.gpus_per_replica
@@ -644,7 +644,7 @@ def student_app(
     return deployment.bind(
         {
             "serve": settings.model_dump(),
-            "template": template,
+            "student": student.model_dump(),
             "model_dir": model_dir,
             "run_dir": run_dir,
         }
@@ -657,7 +657,7 @@ APP_NAME = "lion-student"
 def deploy(
     settings: ServeConfig,
     *,
-    template: str,
+    student: StudentConfig,
     model_dir: str | None = None,
     run_dir: str | None = None,
     name: str = APP_NAME,
@@ -670,7 +670,7 @@ def deploy(
     """
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(
-        student_app(settings, template=template, model_dir=model_dir, run_dir=run_dir),
+        student_app(settings, student=student, model_dir=model_dir, run_dir=run_dir),
         name=name,
         route_prefix=route_prefix,
     )

@@ -28,9 +28,9 @@ from typing import Any
 import pyarrow as pa
 
 from lion_ray import storage
-from lion_ray.config import TrainConfig
-from lion_ray.logic.examples import Sequence, encode_example, pack, pad_batch, unpacked
-from lion_ray.logic.prompts import build_prompt
+from lion_ray.config import StudentConfig, TrainConfig
+from lion_ray.errors import LionError
+from lion_ray.logic.examples import Sequence, pack, pad_batch, unpacked
 
 
 def deepspeed_config(train: TrainConfig, use_gpu: bool) -> dict:
@@ -69,22 +69,10 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return factor
 
 
-def build_sequences(rows: list[dict], tokenizer, template: str, max_length: int, packing: bool):
-    """Encoded (and packed) training sequences plus counts, from answer rows."""
-
-    def tokenize(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    examples = [
-        encode_example(
-            tokenize,
-            build_prompt(r["instruction"], r["input"], template),
-            r["answer"],
-            tokenizer.eos_token_id,
-            max_length,
-        )
-        for r in rows
-    ]
+def build_sequences(rows: list[dict], fmt, max_length: int, packing: bool):
+    """Encoded (and packed) training sequences plus counts, from answer rows, in the
+    student's prompt format (``fmt``: a :class:`~lion_ray.formats.PromptFormat`)."""
+    examples = [fmt.example(r["instruction"], r["input"], r["answer"], max_length) for r in rows]
     seqs = pack(examples, max_length) if packing else unpacked(examples)
     stats = {
         "examples": len(examples),
@@ -94,6 +82,66 @@ def build_sequences(rows: list[dict], tokenizer, template: str, max_length: int,
         "sequences": len(seqs),
     }
     return seqs, stats
+
+
+def _load_for_training(config: dict, train: TrainConfig, use_gpu: bool):
+    """(model, tokenizer, full base dir, export dtype): the base in the compute dtype,
+    wrapped in a LoRA adapter when asked (the previous round's, trainable, when it exported
+    one), gradient checkpointing on if asked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lion_ray.config import StudentConfig
+    from lion_ray.models import (
+        adapter_base,
+        checkpoint_dtype,
+        is_adapter,
+        load_tokenizer,
+        local_model_dir,
+    )
+
+    student = StudentConfig.model_validate(config["student"])
+    model_dir = local_model_dir(config["base_model"])
+    previous_adapter = is_adapter(model_dir)
+    base_dir = local_model_dir(adapter_base(model_dir)) if previous_adapter else model_dir
+    if previous_adapter and train.lora is None:
+        raise LionError(
+            f"{config['base_model']} is a LoRA adapter, but train.lora is not set; set train.lora "
+            "to train it further, or start from a merged model"
+        )
+    kwargs = {"dtype": torch.bfloat16 if use_gpu else torch.float32}
+    if student.attn_implementation:
+        kwargs["attn_implementation"] = student.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, trust_remote_code=student.trust_remote_code, **kwargs
+    )
+    model.config.use_cache = False
+    if train.lora is not None:
+        from peft import PeftModel, get_peft_model
+
+        if previous_adapter:  # the next round trains the same adapter further
+            model = PeftModel.from_pretrained(model, model_dir, is_trainable=True)
+        else:
+            model = get_peft_model(model, peft_config(train))
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train.lora is not None:
+            model.enable_input_require_grads()
+    tokenizer = load_tokenizer(model_dir, student.trust_remote_code)
+    return model, tokenizer, base_dir, checkpoint_dtype(base_dir)
+
+
+def peft_config(train: TrainConfig):
+    from peft import LoraConfig
+
+    lora = train.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
 
 
 def _progress_uri(storage_path: str, name: str) -> str:
@@ -111,11 +159,12 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lion_ray.student import local_model_dir
+    from lion_ray.config import StudentConfig
+    from lion_ray.formats import PromptFormat
 
     train = TrainConfig.model_validate(config["train"])
+    student = StudentConfig.model_validate(config["student"])
     use_gpu = train.gpus_per_worker > 0
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -129,13 +178,9 @@ def train_loop_per_worker(config: dict) -> None:
     dist.all_gather_object(gathered, mine)
     rows = sorted((r for part in gathered for r in part), key=lambda r: r["id"])[rank::world]
 
-    model_dir = local_model_dir(config["base_model"])
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    seqs, data_stats = build_sequences(
-        rows, tokenizer, config["template"], train.max_length, train.packing
-    )
+    model, tokenizer, base_dir, export_dtype = _load_for_training(config, train, use_gpu)
+    fmt = PromptFormat(tokenizer, student.prompt_format, student.system_prompt)
+    seqs, data_stats = build_sequences(rows, fmt, train.max_length, train.packing)
     most_seqs = torch.tensor([len(seqs)], dtype=torch.long)
     dist.all_reduce(most_seqs, op=dist.ReduceOp.MAX)
     totals = torch.tensor(
@@ -150,13 +195,10 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = max(1, math.ceil(total_micro / train.grad_accum_steps))
     warmup = math.ceil(train.warmup_ratio * total_steps)
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if use_gpu else torch.float32
-    )
-    model.config.use_cache = False
+    trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=model.parameters(),
+        model_parameters=trainable,
         config=deepspeed_config(train, use_gpu),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, cosine_with_warmup(total_steps, warmup)
@@ -168,7 +210,10 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            _, client = engine.load_checkpoint(ckpt_dir, tag="ds")
+            # a LoRA checkpoint holds the adapter only; the frozen base comes from base_dir
+            _, client = engine.load_checkpoint(
+                ckpt_dir, tag="ds", load_module_strict=train.lora is None
+            )
         start_micro = client["micro_step"]
         resumed_from = engine.global_steps  # restored by DeepSpeed with the optimizer state
 
@@ -238,7 +283,12 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
         if step % train.checkpoint_every_steps == 0 and step < total_steps:
             tmp = tempfile.mkdtemp(prefix="lion-ckpt-")
-            engine.save_checkpoint(tmp, tag="ds", client_state={"micro_step": micro + 1})
+            engine.save_checkpoint(
+                tmp,
+                tag="ds",
+                client_state={"micro_step": micro + 1},
+                exclude_frozen_parameters=train.lora is not None,
+            )
             # one directory name for all ranks, so every rank's ZeRO shards land together
             ray.train.report(
                 metrics,
@@ -248,10 +298,11 @@ def train_loop_per_worker(config: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - started
 
-    # Export in Hugging Face format (ZeRO-3 gathers the partitioned parameters first).
+    # Export in Hugging Face format, in the base checkpoint's dtype (ZeRO-3 gathers the
+    # partitioned parameters first).
     out_uri = config["out_uri"]
     export_tmp = tempfile.mkdtemp(prefix="lion-export-") if rank == 0 else None
-    params = list(engine.module.parameters())
+    params = [p for p in engine.module.parameters() if train.lora is None or p.requires_grad]
     gather = (
         deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         if train.zero_stage == 3
@@ -261,11 +312,7 @@ def train_loop_per_worker(config: dict) -> None:
         gather.__enter__()
     try:
         if rank == 0:
-            state = {
-                k: v.detach().to("cpu", torch.float32).clone()
-                for k, v in engine.module.state_dict().items()
-            }
-            engine.module.save_pretrained(export_tmp, state_dict=state)
+            export(engine.module, export_tmp, train, base_dir, export_dtype, config, out_uri)
     finally:
         if gather:
             gather.__exit__(None, None, None)
@@ -283,7 +330,19 @@ def train_loop_per_worker(config: dict) -> None:
         "train_s": elapsed,
         "resumed_from_step": resumed_from,
         "exported": out_uri,
+        "export_dtype": str(export_dtype).removeprefix("torch."),
+        "parameters": sum(
+            p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()
+        ),
+        "trainable_parameters": sum(
+            p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable
+        ),
     }
+    import resource
+
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])  # MB
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    final["peak_rss_mb"] = round(float(peak), 1)  # the largest worker's peak resident memory
     nodes: list[str] = [""] * world
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     final["worker_nodes"] = nodes
@@ -295,6 +354,55 @@ def train_loop_per_worker(config: dict) -> None:
         storage.write_json(config["progress_uri"].replace("progress.json", "final.json"), final)
     dist.barrier()
     ray.train.report(final)
+
+
+def _state_in_dtype(module, dtype) -> dict:
+    """The module's state on CPU in ``dtype``; tensors that share storage (tied embeddings)
+    still share it, so save_pretrained writes them once, as the base has them."""
+    import torch
+
+    cast: dict[int, torch.Tensor] = {}
+    state = {}
+    for name, tensor in module.state_dict().items():
+        key = tensor.data_ptr()
+        if key not in cast:
+            cast[key] = tensor.detach().to("cpu", dtype).clone()
+        state[name] = cast[key]
+    return state
+
+
+def export(module, out_dir: str, train: TrainConfig, base_dir: str, dtype, config, out_uri):
+    """Write the trained student: a full model, an adapter beside a pointer to its base, or
+    the base with the adapter merged in. Always in the base checkpoint's dtype."""
+    if train.lora is None:
+        module.save_pretrained(out_dir, state_dict=_state_in_dtype(module, dtype))
+        return
+    import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from lion_ray.models import adapter_base, is_adapter, local_model_dir, write_base_pointer
+
+    adapter = {
+        k: v.detach().to("cpu", torch.float32).clone()
+        for k, v in get_peft_model_state_dict(module).items()
+    }
+    if train.lora.export == "adapter":
+        module.save_pretrained(out_dir, state_dict={k: v.to(dtype) for k, v in adapter.items()})
+        given = config["base_model"]
+        base_uri = (
+            adapter_base(local_model_dir(given)) if is_adapter(local_model_dir(given)) else given
+        )
+        write_base_pointer(out_dir, base_uri, out_uri)
+        return
+    # merged: the adapter applied to a fresh copy of the base, in float32, then cast
+    from peft import get_peft_model
+
+    fresh = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(fresh, peft_config(train))
+    set_peft_model_state_dict(peft_model, adapter)
+    merged = peft_model.merge_and_unload()
+    merged.to(dtype).save_pretrained(out_dir)
 
 
 def _publish(local_dir: str, out_uri: str) -> None:
@@ -319,7 +427,7 @@ def train_student(
     base_model: str,
     out_uri: str,
     storage_path: str,
-    template: str,
+    student: StudentConfig,
     name: str = "train",
     placement_strategy: str | None = None,
     show_progress: bool = True,
@@ -338,6 +446,8 @@ def train_student(
     from lion_ray.errors import LionError
     from lion_ray.progress import StageProgress
 
+    if storage.is_local(storage_path):  # Ray Train needs an absolute path or a URI
+        storage_path = storage.resolve(storage_path)[1]
     rows = answers.to_pylist()
     usable = [
         {
@@ -362,7 +472,7 @@ def train_student(
             "train": train.model_dump(),
             "base_model": base_model,
             "out_uri": out_uri,
-            "template": template,
+            "student": student.model_dump(),
             "progress_uri": progress_uri,
             "crash_at_step": crash_at_step,
         },

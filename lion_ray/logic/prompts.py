@@ -2,7 +2,7 @@
 
 * The student template (training and inference use the same text; loss covers only what
   follows the response marker, plus EOS).
-* The teacher call: a system message and the instruction in the student template.
+* The teacher call: a system message and the instruction as a plain user message.
 * The referee call: instruction, two fenced answers, the rubric, and a required output
   format ending in two ``Score of the Assistant N: <score>`` lines.
 * The generator call: "act as an instruction writer", the hard or easy rule, the given
@@ -62,12 +62,13 @@ TEACHER_SYSTEM = (
 )
 
 
-def teacher_messages(
-    instruction: str, input_text: str = "", template: TemplateName = "alpaca"
-) -> list[dict]:
+def teacher_messages(instruction: str, input_text: str = "") -> list[dict]:
+    """The teacher gets the instruction (and its input) as a plain chat message: whatever
+    format the student uses, the same request, so one cached answer serves any student."""
+    user = instruction.strip() + (f"\n\n{input_text.strip()}" if input_text else "")
     return [
         {"role": "system", "content": TEACHER_SYSTEM},
-        {"role": "user", "content": build_prompt(instruction, input_text, template)},
+        {"role": "user", "content": user},
     ]
 
 

@@ -51,19 +51,26 @@ def _user_text(messages: list[dict]) -> str:
 
 
 def classify(messages: list[dict]) -> str:
-    """'teacher', 'referee' or 'generator'; raises UnrecognisedRequest otherwise."""
+    """'referee' or 'generator' for lion-ray's prompts of those roles, else 'teacher' (any
+    instruction); raises UnrecognisedRequest for a request without user text."""
     user = _user_text(messages)
     if prompts.parse_referee_prompt(user) is not None:
         return "referee"
     if prompts.parse_generator_prompt(user) is not None:
         return "generator"
-    if prompts.split_prompt(user) is not None:
-        return "teacher"
-    raise UnrecognisedRequest(
-        "the sandbox answers only lion-ray's teacher (instruction template), referee "
-        "(two fenced answers and score lines) and generator (#Given Instruction#) prompts; "
-        "this request matched none of them"
-    )
+    if not user.strip():
+        raise UnrecognisedRequest("the last user message is empty")
+    return "teacher"
+
+
+def _instruction_of(user: str) -> tuple[str, str]:
+    """(instruction, input) of a teacher request: a plain message (the input after a blank
+    line), or the instruction template lion-ray 0.1.0 sent."""
+    split = prompts.split_prompt(user)
+    if split is not None:
+        return split
+    instruction, _, input_text = user.strip().partition("\n\n")
+    return instruction.strip(), input_text.strip()
 
 
 def _generic_answer(instruction: str) -> str:
@@ -93,7 +100,7 @@ def _corrupt(task: Task, rng: random.Random) -> str:
 
 
 def teacher_reply(messages: list[dict], seed: int | None, options: WorldOptions) -> str:
-    instruction, input_text = prompts.split_prompt(_user_text(messages)) or ("", "")
+    instruction, input_text = _instruction_of(_user_text(messages))
     full = instruction + (f"\n\n{input_text}" if input_text else "")
     task = parse_instruction(instruction)
     if task is None:

@@ -104,12 +104,12 @@ def test_rayservice_imports_the_serve_app_with_known_arguments():
     module, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attr))
     args = app["args"]
-    assert set(args) <= set(ServeConfig.model_fields) | {"run_dir", "model_dir", "template"}
+    assert set(args) <= set(ServeConfig.model_fields) | {"run_dir", "model_dir", "prompt_format"}
     ServeConfig.model_validate({k: v for k, v in args.items() if k in ServeConfig.model_fields})
     paper = load_config(ROOT / "configs" / "paper.yaml")
     assert (
         args["run_dir"] == paper.storage.run_dir
-        and args["template"] == paper.student.prompt_template
+        and args["prompt_format"] == paper.student.prompt_format
     )
     assert app["runtime_env"]["working_dir"] == _dockerfile_workdir()
 

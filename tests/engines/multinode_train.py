@@ -12,8 +12,10 @@ import ray
 from ray.cluster_utils import Cluster
 
 from lion_ray import storage
-from lion_ray.config import TrainConfig
+from lion_ray.config import StudentConfig, TrainConfig
 from lion_ray.engines.training import train_student
+
+COMPACT = StudentConfig(prompt_format="compact")  # the tiny students' text template
 
 base_model, table_path, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 
@@ -44,7 +46,7 @@ first = train_student(
     out_uri=str(work / "m1"),
     storage_path=str(work / "s"),
     name="spread",
-    template="compact",
+    student=COMPACT,
     placement_strategy="STRICT_SPREAD",
     show_progress=False,
 )
@@ -62,7 +64,7 @@ def run():
             out_uri=str(work / "m2"),
             storage_path=str(work / "s"),
             name="node-loss",
-            template="compact",
+            student=COMPACT,
             placement_strategy="STRICT_SPREAD",
             show_progress=False,
         )

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pyarrow.parquet as pq
@@ -28,6 +27,7 @@ from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 from lion_ray.sandbox.tasks import generate_tasks
 
 from ..conftest import ROOT, sandbox_endpoint, sandbox_engine
+from ..helpers import answer_command
 
 
 def _requests(n, seed=0, prefix=""):
@@ -232,28 +232,15 @@ def test_sigkill_mid_stage_then_rerun_pays_only_the_window(tmp_path):
         "".join(json.dumps(t.as_record()) + "\n" for t in generate_tasks(n, seed=21))
     )
     with SandboxProcess(ServerOptions(latency_ms=50)) as sb:
-        cmd = [
-            sys.executable,
-            "-m",
-            "lion_ray",
-            "answer",
-            "--role",
-            "teacher",
-            "--config",
+        cmd = answer_command(
             "configs/demo.yaml",
-            "--input",
-            str(pool_path),
-            "--output",
-            str(tmp_path / "out.parquet"),
-            "--set",
+            pool_path,
+            tmp_path / "out.parquet",
+            tmp_path / "run",
             f"teacher.base_url={sb.base_url}",
-            "--set",
-            f"storage.run_dir={tmp_path / 'run'}",
-            "--set",
             "teacher.requests_per_minute=900",
-            "--set",
             "teacher.concurrency=8",
-        ]
+        )
         env = {**os.environ, "RAY_ADDRESS": ""}
         proc = subprocess.Popen(
             cmd,

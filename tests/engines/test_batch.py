@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -18,6 +17,7 @@ from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 from lion_ray.sandbox.tasks import generate_tasks
 
 from ..conftest import ROOT, sandbox_engine
+from ..helpers import answer_command
 
 PRICE = {"price_per_1k_input": 1.0, "price_per_1k_output": 1.0}
 
@@ -100,23 +100,15 @@ def test_sigkill_while_waiting_on_a_batch_resumes_the_same_batch(tmp_path):
     pool.write_text("".join(json.dumps(t.as_record()) + "\n" for t in generate_tasks(n, seed=6)))
     out = tmp_path / "out.parquet"
     with SandboxProcess(ServerOptions(batch_delay_s=8)) as sb:
-        cmd = [
-            sys.executable,
-            "-m",
-            "lion_ray",
-            "answer",
-            "--role",
-            "teacher",
-            "--config",
+        cmd = answer_command(
             "configs/demo.yaml",
-            "--input",
-            str(pool),
-            "--output",
-            str(out),
-            *("--set", f"teacher.base_url={sb.base_url}"),
-            *("--set", f"storage.run_dir={tmp_path / 'run'}"),
-            *("--set", "teacher.mode=batch", "--set", "teacher.batch_poll_s=0.5"),
-        ]
+            pool,
+            out,
+            tmp_path / "run",
+            f"teacher.base_url={sb.base_url}",
+            "teacher.mode=batch",
+            "teacher.batch_poll_s=0.5",
+        )
         env = {**os.environ, "RAY_ADDRESS": ""}
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
         records = tmp_path / "run" / "batches" / "teacher"

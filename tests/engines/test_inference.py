@@ -25,7 +25,7 @@ def _pool(n, seed=0):
 
 
 def test_generator_decodes_only_new_tokens_and_stops_at_eos(taught_student):
-    gen = HFGenerator(str(taught_student), template="compact", max_new_tokens=12, batch_size=8)
+    gen = HFGenerator(str(taught_student), prompt_format="compact", max_new_tokens=12, batch_size=8)
     out = gen.generate([(i, "") for i, _ in MEMORIZED])
     assert [o["answer"] for o in out] == [a for _, a in MEMORIZED]
     assert all(o["finish_reason"] == "stop" for o in out)
@@ -34,18 +34,16 @@ def test_generator_decodes_only_new_tokens_and_stops_at_eos(taught_student):
         assert (
             o["completion_tokens"] == len(tok(ans, add_special_tokens=False).input_ids) + 1
         )  # + EOS
-        assert o["prompt_tokens"] == len(
-            tok(gen.prompt(inst, ""), add_special_tokens=False).input_ids
-        )
+        assert o["prompt_tokens"] == len(gen.format.prompt_ids(inst, ""))
 
 
 def test_batching_and_left_padding_do_not_change_greedy_answers(tiny_student):
     items = [(t.instruction, "") for t in generate_tasks(12, seed=5)]
     one = HFGenerator(
-        str(tiny_student), template="compact", max_new_tokens=6, batch_size=1
+        str(tiny_student), prompt_format="compact", max_new_tokens=6, batch_size=1
     ).generate(items)
     many = HFGenerator(
-        str(tiny_student), template="compact", max_new_tokens=6, batch_size=12
+        str(tiny_student), prompt_format="compact", max_new_tokens=6, batch_size=12
     ).generate(items)
     assert [o["answer"] for o in one] == [o["answer"] for o in many]
     assert all(o["finish_reason"] == "length" and o["completion_tokens"] == 6 for o in many)
@@ -55,7 +53,7 @@ def test_stage_answers_every_row_in_order(ray_local, taught_student):
     pool = _pool(70)
     cfg = StudentConfig(
         model_path=str(taught_student),
-        prompt_template="compact",
+        prompt_format="compact",
         max_new_tokens=4,
         batch_size=16,
         num_engines=2,
@@ -108,7 +106,7 @@ class DyingPredictor(HFPredictor):
 
 def test_failing_batches_are_retried_or_marked(ray_local, taught_student):
     cfg = StudentConfig(
-        model_path=str(taught_student), prompt_template="compact", max_new_tokens=3, batch_size=10
+        model_path=str(taught_student), prompt_format="compact", max_new_tokens=3, batch_size=10
     )
     pool = _pool(25, seed=1)
     table, summary = student_answers(pool, cfg, show_progress=False, predictor_cls=FlakyPredictor)
@@ -126,7 +124,7 @@ def test_dead_actor_is_restarted_and_rows_redone(ray_local, taught_student, tmp_
     flag.write_text("")
     DyingPredictor.flag = str(flag)
     cfg = StudentConfig(
-        model_path=str(taught_student), prompt_template="compact", max_new_tokens=3, batch_size=10
+        model_path=str(taught_student), prompt_format="compact", max_new_tokens=3, batch_size=10
     )
     pool = _pool(30, seed=2)
     table, summary = student_answers(pool, cfg, show_progress=False, predictor_cls=DyingPredictor)
@@ -137,8 +135,12 @@ def test_dead_actor_is_restarted_and_rows_redone(ray_local, taught_student, tmp_
 def test_missing_model_is_a_clear_error(ray_local, tmp_path):
     from lion_ray.errors import LionError
 
-    with pytest.raises(LionError, match="not a Hugging Face model directory"):
+    with pytest.raises(LionError, match="without config.json; expected a Hugging Face model"):
         student_answers(_pool(2), StudentConfig(model_path=str(tmp_path)), show_progress=False)
+    with pytest.raises(LionError, match="is not a local model directory or an object-store URI"):
+        student_answers(
+            _pool(2), StudentConfig(model_path=str(tmp_path / "nowhere")), show_progress=False
+        )
 
 
 @pytest.mark.slow
@@ -192,7 +194,7 @@ def test_vllm_backend_answers_like_hf(ray_local, taught_student):
     cfg = StudentConfig(
         model_path=str(taught_student),
         backend="vllm",
-        prompt_template="compact",
+        prompt_format="compact",
         max_new_tokens=8,
         engine_kwargs={"dtype": "float32", "enforce_eager": True, "max_model_len": 256},
     )

@@ -15,11 +15,13 @@ import openai
 import pytest
 from openai import OpenAI
 
-from lion_ray.config import ServeConfig
+from lion_ray.config import ServeConfig, StudentConfig
 from lion_ray.engines.serving import deploy
 
 from ..conftest import MEMORIZED, MEMORIZED_B, ROOT, SERVE_KEYS_ENV
 from ..helpers import free_port
+
+COMPACT = StudentConfig(prompt_format="compact")  # the tiny students' text template
 
 KEY = "test-key-1"
 
@@ -41,7 +43,7 @@ def served(ray_local, taught_student, serve_port):
         max_body_bytes=20_000,
         max_batch_size=8,
     )
-    url = deploy(settings, template="compact", model_dir=str(taught_student))
+    url = deploy(settings, student=COMPACT, model_dir=str(taught_student))
     yield url, settings
     serve.shutdown()
 
@@ -160,7 +162,7 @@ def test_backpressure_answers_503_not_collapse(ray_local, served, tiny_student):
     )
     bp = deploy(
         settings,
-        template="compact",
+        student=COMPACT,
         model_dir=str(tiny_student),
         name="backpressure",
         route_prefix="/bp",
@@ -216,7 +218,7 @@ def test_hot_swap_under_concurrent_requests(served, taught_student, taught_stude
     for t in threads:
         t.start()
     time.sleep(2)
-    deploy(settings, template="compact", model_dir=str(taught_student_b))  # rolling update in place
+    deploy(settings, student=COMPACT, model_dir=str(taught_student_b))  # rolling update in place
     deadline = time.time() + 60
     while time.time() < deadline and (not seen or seen[-1] != MEMORIZED_B[0][1]):
         time.sleep(0.5)
@@ -253,7 +255,7 @@ def test_run_dir_follows_new_rounds(ray_local, served, taught_student, taught_st
     run.manifest.record(StageRecord(key="round_1/imitation.train", rows=1))
     settings = ServeConfig(port=int(url.rsplit(":", 1)[1]), watch_interval_s=0.5)
     follow = deploy(
-        settings, template="compact", run_dir=run.uri, name="follow", route_prefix="/follow"
+        settings, student=COMPACT, run_dir=run.uri, name="follow", route_prefix="/follow"
     )
     c = client(follow, None)
     ask = {"model": "m", "messages": [{"role": "user", "content": MEMORIZED[0][0]}]}

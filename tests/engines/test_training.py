@@ -13,19 +13,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lion_ray.config import TrainConfig
+from lion_ray.config import StudentConfig, TrainConfig
 from lion_ray.engines.training import (
     build_sequences,
     cosine_with_warmup,
     deepspeed_config,
     train_student,
 )
+from lion_ray.formats import PromptFormat
 from lion_ray.logic.examples import IGNORE
 from lion_ray.logic.pools import ANSWER_SCHEMA
 from lion_ray.logic.prompts import build_prompt
 from lion_ray.sandbox.tasks import generate_tasks
 
 from ..conftest import ROOT
+
+COMPACT = StudentConfig(prompt_format="compact")  # the tiny students' text template
 
 
 def _answers(n=48, failed=0, seed=0):
@@ -88,7 +91,7 @@ def test_cosine_schedule_with_warmup():
 def test_loss_covers_only_response_tokens(tiny_student):
     tok = AutoTokenizer.from_pretrained(tiny_student)
     rows = [{"instruction": "Reverse 'kato'.", "input": "", "answer": "otak"}]
-    seqs, stats = build_sequences(rows, tok, "compact", 96, packing=False)
+    seqs, stats = build_sequences(rows, PromptFormat(tok, "compact"), 96, packing=False)
     prompt_ids = tok(
         build_prompt("Reverse 'kato'.", "", "compact"), add_special_tokens=False
     ).input_ids
@@ -116,8 +119,8 @@ def test_packing_keeps_attention_inside_examples(tiny_student):
         {"instruction": t.instruction, "input": "", "answer": t.answer}
         for t in generate_tasks(6, seed=1)
     ]
-    packed, _ = build_sequences(rows, tok, "compact", 200, packing=True)
-    single, _ = build_sequences(rows, tok, "compact", 200, packing=False)
+    packed, _ = build_sequences(rows, PromptFormat(tok, "compact"), 200, packing=True)
+    single, _ = build_sequences(rows, PromptFormat(tok, "compact"), 200, packing=False)
     assert len(packed) < len(single)
     model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
     model.config.use_cache = False
@@ -151,7 +154,7 @@ def test_two_workers_train_and_export(ray_local, tiny_student, tmp_path, stage):
         base_model=str(tiny_student),
         out_uri=str(tmp_path / "model"),
         storage_path=str(tmp_path / "ckpt"),
-        template="compact",
+        student=COMPACT,
         show_progress=False,
     )
     assert (
@@ -180,7 +183,7 @@ def test_worker_failure_resumes_from_checkpoint(ray_local, tiny_student, tmp_pat
         base_model=str(tiny_student),
         out_uri=str(tmp_path / "model"),
         storage_path=str(tmp_path / "ckpt"),
-        template="compact",
+        student=COMPACT,
         show_progress=False,
         crash_at_step=10,
     )

@@ -79,12 +79,15 @@ def test_referee_order_swap_over_http(openai_client):
 def test_unrecognised_request_is_an_openai_shaped_400(openai_client):
     with pytest.raises(openai.BadRequestError) as err:
         openai_client.chat.completions.create(
-            model="x", messages=[{"role": "user", "content": "hi"}]
+            model="x", messages=[{"role": "system", "content": "no user message"}]
         )
     assert err.value.status_code == 400
-    assert (
-        err.value.body["code"] == "unrecognised_prompt" and "teacher" in err.value.body["message"]
+    assert err.value.body["code"] == "unrecognised_prompt" and "user" in err.value.body["message"]
+    # anything else a user asks is an instruction for the teacher
+    hi = openai_client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "hi"}]
     )
+    assert hi.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="messages"):
         openai_client.chat.completions.create(model="x", messages=[])
 

@@ -13,15 +13,22 @@ def test_classify_recognises_the_three_prompts():
     assert world.classify(prompts.teacher_messages("Reverse 'kato'.")) == "teacher"
     assert world.classify(prompts.referee_messages("Reverse 'kato'.", "", "a", "b")) == "referee"
     assert world.classify(prompts.generator_messages("easy", "Reverse 'kato'.")) == "generator"
+    assert world.classify([{"role": "user", "content": "hello there"}]) == "teacher"
     with pytest.raises(world.UnrecognisedRequest):
-        world.classify([{"role": "user", "content": "hello there"}])
+        world.classify([{"role": "system", "content": "no user message"}])
+
+
+def test_teacher_answers_correctly():
+    for task in generate_tasks(50, seed=2):
+        kind, text = world.reply(prompts.teacher_messages(task.instruction))
+        assert kind == "teacher" and text == task.answer
 
 
 @pytest.mark.parametrize("template", ["alpaca", "compact"])
-def test_teacher_answers_correctly(template):
-    for task in generate_tasks(50, seed=2):
-        kind, text = world.reply(prompts.teacher_messages(task.instruction, template=template))
-        assert kind == "teacher" and text == task.answer
+def test_teacher_answers_the_templated_requests_of_lion_ray_0_1(template):
+    for task in generate_tasks(20, seed=3):
+        legacy = [{"role": "user", "content": prompts.build_prompt(task.instruction, "", template)}]
+        assert world.reply(legacy) == ("teacher", task.answer)
 
 
 def test_teacher_error_rate_is_honoured():

@@ -1,0 +1,169 @@
+"""Student checkpoints: where they are, what they are, and loading them the same way everywhere.
+
+A student directory is a Hugging Face model (config.json + weights + tokenizer), or a LoRA
+adapter (adapter_config.json + adapter weights + tokenizer) with ``lion_ray_base.json``
+naming the model it adapts. Directories lion-ray writes carry ``lion_ray_checksums.json``.
+Torch and transformers are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+
+from lion_ray import storage
+from lion_ray.errors import LionError
+
+BASE_POINTER = "lion_ray_base.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """'org/name', as a model hub names a model (and no local path by that name exists)."""
+    return bool(_HUB_ID.match(text)) and not os.path.exists(text)
+
+
+def is_adapter(model_dir: str) -> bool:
+    return storage.exists(storage.join(model_dir, "adapter_config.json"))
+
+
+def check_model_path(uri: str, field: str = "student.model_path") -> None:
+    """Refuse, before any work starts, a model path that cannot be loaded."""
+    if "://" in uri:
+        if not storage.exists(storage.join(uri, "config.json")) and not is_adapter(uri):
+            raise LionError(
+                f"{field}: {uri} holds no config.json; expected a Hugging Face model directory "
+                "(config.json, weights, tokenizer) at that URI"
+            )
+        return
+    path = os.path.abspath(os.path.expanduser(uri))
+    if os.path.isdir(path):
+        if not (os.path.exists(os.path.join(path, "config.json")) or is_adapter(path)):
+            raise LionError(
+                f"{field}: {path} is a directory without config.json; expected a Hugging Face "
+                "model directory (config.json, weights, tokenizer)"
+            )
+        return
+    if _HUB_ID.match(uri) and not os.environ.get("HF_HUB_OFFLINE"):
+        return  # a hub id, resolved where a hub is reachable (see local_model_dir)
+    raise LionError(
+        f"{field}: {uri} is not a local model directory or an object-store URI"
+        + (" (and hub ids are off: HF_HUB_OFFLINE is set)" if _HUB_ID.match(uri) else "")
+        + "; point it at a Hugging Face model directory (config.json, weights, tokenizer)"
+    )
+
+
+def local_model_dir(model_uri: str) -> str:
+    """A local directory holding the model: a local path as is; an object-store URI copied
+    once per machine (a copy is trusted only when its checksums match); a hub id through
+    the hub's own cache."""
+    if storage.is_local(model_uri):
+        path = storage.resolve(model_uri)[1]
+        if os.path.isdir(path):
+            if not (os.path.exists(os.path.join(path, "config.json")) or is_adapter(path)):
+                raise LionError(f"{model_uri}: not a Hugging Face model directory (no config.json)")
+            return path
+        if _HUB_ID.match(model_uri) and not os.environ.get("HF_HUB_OFFLINE"):
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(model_uri)
+        raise LionError(f"{model_uri}: no such model directory")
+    target = os.path.join(
+        tempfile.gettempdir(),
+        "lion-ray-models",
+        hashlib.sha256(model_uri.encode()).hexdigest()[:16],
+    )
+    if storage.verify_checksums(target) is None:
+        return target
+    staging = f"{target}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    storage.download_dir(model_uri, staging)
+    problem = storage.verify_checksums(staging, deep=True)
+    if problem and storage.exists(storage.join(staging, storage.CHECKSUMS)):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise LionError(f"{model_uri}: the copy does not match its checksums ({problem})")
+    if problem:  # a model from elsewhere: record what we copied, so the next use can check
+        storage.write_checksums(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def adapter_base(adapter_dir: str) -> str:
+    """The model an exported adapter adapts (relative to the adapter when both are local, so
+    a moved run directory still finds it)."""
+    pointer = storage.read_json(storage.join(adapter_dir, BASE_POINTER))
+    if pointer.get("relative") and storage.is_local(adapter_dir):
+        candidate = os.path.normpath(os.path.join(adapter_dir, pointer["relative"]))
+        if os.path.isdir(candidate):
+            return candidate
+    return pointer["base"]
+
+
+def write_base_pointer(adapter_dir: str, base_uri: str, final_uri: str) -> None:
+    """Record the base of an adapter that will be published at ``final_uri``."""
+    relative = None
+    if storage.is_local(base_uri) and storage.is_local(final_uri):
+        relative = os.path.relpath(storage.resolve(base_uri)[1], storage.resolve(final_uri)[1])
+    storage.write_json(
+        storage.join(adapter_dir, BASE_POINTER), {"base": base_uri, "relative": relative}
+    )
+
+
+def checkpoint_dtype(model_dir: str):
+    """The dtype a checkpoint was saved in (config.json's dtype, float32 when unsaid)."""
+    import torch
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).removeprefix("torch."), torch.float32)
+
+
+def compute_dtype(model_dir: str, dtype: str, on_gpu: bool):
+    """'auto': the checkpoint's dtype on GPU, float32 on CPU; or the named dtype."""
+    import torch
+
+    if dtype == "auto":
+        return checkpoint_dtype(model_dir) if on_gpu else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(
+    model_uri: str,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    trainable_adapter: bool = False,
+):
+    """(model, tokenizer directory) for a model or an exported adapter (loaded on its base)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = local_model_dir(model_uri)
+    base_dir = local_model_dir(adapter_base(model_dir)) if is_adapter(model_dir) else model_dir
+    kwargs = {"dtype": compute_dtype(base_dir, dtype, device.startswith("cuda"))}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, trust_remote_code=trust_remote_code, **kwargs
+    )
+    if model_dir != base_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, model_dir, is_trainable=trainable_adapter)
+    return model.to(device), model_dir
