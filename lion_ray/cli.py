@@ -54,15 +54,18 @@ def user_errors():
         raise typer.Exit(1) from None
 
 
-def _path(value: str | None) -> str | None:
+def _path(value: str | None, model: bool = False) -> str | None:
     """A path as the user typed it: relative to where the command runs, resolved once, at
-    the start (object-store URIs unchanged)."""
+    the start (object-store URIs unchanged; a ``model`` that exists nowhere here and reads
+    'org/name' is left as a hub id)."""
     if value is None or "://" in value:
         return value
     path = os.path.abspath(os.path.expanduser(value))
-    from lion_ray.models import looks_like_hub_id
+    if model and not os.path.exists(path):
+        from lion_ray.models import looks_like_hub_id
 
-    return value if not os.path.exists(path) and looks_like_hub_id(value) else path
+        return value if looks_like_hub_id(value) else path
+    return path
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -374,7 +377,7 @@ def answer(
         if model is not None:
             from lion_ray.models import check_model_path
 
-            model = _path(model)
+            model = _path(model, model=True)
             check_model_path(model, "--model")
             overrides = {"model_path": model} | ({"backend": backend} if backend else {})
             cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update=overrides)})
@@ -462,7 +465,8 @@ def train_cmd(
             overrides.append(f"train.{key}={value}")
     from lion_ray.models import check_model_path
 
-    data, model, out, checkpoints = (_path(p) for p in (data, model, out, checkpoints))
+    data, out, checkpoints = (_path(p) for p in (data, out, checkpoints))
+    model = _path(model, model=True)
     with user_errors():
         cfg = _load(config, overrides)
         check_model_path(model, "--model")
@@ -821,7 +825,7 @@ def serve_cmd(
             overrides.append(f"serve.{key}={value}")
     with user_errors():
         cfg = _load(config, overrides)
-        model, run_dir = _path(model), _path(run_dir)
+        model, run_dir = _path(model, model=True), _path(run_dir)
         with Session(cfg, need_endpoints=False, quiet=True):
             url = deploy(cfg.serve, student=cfg.student, model_dir=model, run_dir=run_dir)
             console.print(
