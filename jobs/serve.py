@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/bold red] {exc}")
         return 1
     console.print(f"student served at {url} (OpenAI API under /v1, chat page at /)")
+    if not cfg.serve.api_keys_env:
+        console.print("warning: serving WITHOUT authentication (set serve.api_keys_env)")
     return 0
 
 

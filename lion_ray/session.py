@@ -38,6 +38,10 @@ class Session:
         self._stage = ""
 
     def __enter__(self) -> Session:
+        if self.need_ray:
+            from lion_ray.engines.cluster import init_ray
+
+            self.dashboard_url = init_ray(self.cfg.cluster, quiet=self.quiet)
         if self.need_endpoints and any(e.is_sandbox for e in self.cfg.endpoints().values()):
             from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 
@@ -50,12 +54,21 @@ class Session:
                 malformed_rate=sb.malformed_rate,
                 teacher_error_rate=sb.teacher_error_rate,
             )
-            self.sandbox = SandboxProcess(options, host=sb.host, port=sb.port).start()
-        if self.need_ray:
-            from lion_ray.engines.cluster import init_ray
-
-            self.dashboard_url = init_ray(self.cfg.cluster, quiet=self.quiet)
+            self.sandbox = SandboxProcess(options, host=self._sandbox_host(), port=sb.port)
+            self.sandbox.start()
         return self
+
+    def _sandbox_host(self) -> str:
+        """Loopback on one node; the node's address when other nodes must reach it."""
+        host = self.cfg.sandbox.host
+        if host != "auto":
+            return host
+        if self.need_ray:
+            import ray
+
+            if sum(1 for n in ray.nodes() if n["Alive"]) > 1:
+                return ray.util.get_node_ip_address()
+        return "127.0.0.1"
 
     def endpoint(self, role: str) -> EndpointConfig:
         ep = self.cfg.endpoints()[role]

@@ -18,6 +18,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # so the keys are set before the session's Ray starts (never passed in a runtime env).
 SERVE_KEYS_ENV = "LION_TEST_SERVE_KEYS"
 os.environ[SERVE_KEYS_ENV] = "test-key-1,test-key-2"
+ADMIN_KEYS_ENV = "LION_TEST_ADMIN_KEYS"
+os.environ[ADMIN_KEYS_ENV] = "admin-key-1"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,11 +6,16 @@
 
 Routes: ``/v1/chat/completions`` (the conversation through the student's own prompt format:
 its chat template with system messages, history and content parts, or the text template it
-trained on) and ``/v1/completions`` (the prompt as an instruction); SSE streaming or not, ``/v1/models``, ``/v1/admin/reload``, and a chat page at
-``/``. Non-streaming requests are batched dynamically (``serve.batch``). The deployment swaps
+trained on) and ``/v1/completions`` (the prompt as an instruction); SSE streaming or not, ``/v1/models``, ``/v1/admin/reload`` and
+``/v1/admin/status`` (admin keys only), and a chat page at ``/``. Non-streaming requests are batched dynamically (``serve.batch``). The deployment swaps
 to a new checkpoint without dropping in-flight requests: a request keeps the model object it
 started with while the new one loads beside it (``reconfigure``, the reload route, or a
 watcher that sees a newer round in the run directory).
+
+Access fails closed: when ``serve.api_keys_env``/``serve.admin_keys_env`` are set, the
+deploying process reads the keys and hands replicas their digests (so a replica on a node
+without the variable still checks keys); a missing variable stops the deployment. A server
+without keys binds only a loopback address unless ``serve.allow_unauthenticated``.
 """
 
 # No `from __future__ import annotations`: Serve re-wraps the route methods, and FastAPI
@@ -19,6 +24,7 @@ watcher that sees a newer round in the run directory).
 import asyncio
 import gc
 import json
+import logging
 import os
 import threading
 import time
@@ -35,7 +41,10 @@ from ray import serve
 from lion_ray import storage
 from lion_ray.config import ServeConfig, StudentConfig
 from lion_ray.errors import LionError
+from lion_ray.logic.access import Access, is_loopback, read_key_digests, within
 from lion_ray.rundir import RunDir
+
+log = logging.getLogger("ray.serve")
 
 
 class ServeError(Exception):
@@ -113,14 +122,46 @@ def newest_model(run_uri: str) -> str | None:
 # process, so module state is the replica's. The deployment class is pickled by value (so
 # its methods see copies of this module's globals); `configure_replica` is pickled by
 # reference and so writes to the module the middleware reads.
-REPLICA: dict = {"max_body_bytes": ServeConfig().max_body_bytes, "keys": set()}
+REPLICA: dict = {"max_body_bytes": ServeConfig().max_body_bytes, "access": Access()}
 
 
-def configure_replica(settings: ServeConfig) -> None:
-    env = settings.api_keys_env
-    keys = os.environ.get(env, "") if env else ""
+def resolve_access(settings: ServeConfig, environ=os.environ) -> dict[str, list[str]]:
+    """Read the configured keys where the server is deployed (fail closed) and check the bind
+    address; returns the key digests the replicas get."""
+    digests = {"user": [], "admin": []}
+    if settings.api_keys_env:
+        digests["user"] = read_key_digests(environ, settings.api_keys_env, "api_keys_env")
+    if settings.admin_keys_env:
+        digests["admin"] = read_key_digests(environ, settings.admin_keys_env, "admin_keys_env")
+    if (
+        not digests["user"]
+        and not settings.allow_unauthenticated
+        and not is_loopback(settings.host)
+    ):
+        raise LionError(
+            f"serve.host is {settings.host!r}, reachable from other machines, but no keys are "
+            "configured: set serve.api_keys_env (and serve.admin_keys_env) to a variable "
+            "holding keys, or pass --allow-unauthenticated (serve.allow_unauthenticated=true) "
+            "to serve without keys on purpose"
+        )
+    return digests
+
+
+def configure_replica(settings: ServeConfig, digests: dict | None) -> None:
+    """Install this replica's limits and key digests; a replica whose config names keys but
+    that was given none refuses to start (the deployment then fails, and says why)."""
+    digests = digests or {}
+    for setting, kind in (("api_keys_env", "user"), ("admin_keys_env", "admin")):
+        if getattr(settings, setting) and not digests.get(kind):
+            raise LionError(
+                f"serve.{setting} is set but this replica received no {kind} keys: deploy "
+                "through lion_ray.engines.serving (deploy, student_app or build_app), which "
+                "reads them where the deployment starts; refusing to serve without them"
+            )
     REPLICA["max_body_bytes"] = settings.max_body_bytes
-    REPLICA["keys"] = {k.strip() for k in keys.split(",") if k.strip()}
+    REPLICA["access"] = Access(
+        user=frozenset(digests.get("user", ())), admin=frozenset(digests.get("admin", ()))
+    )
 
 
 class BodyLimit:
@@ -179,8 +220,15 @@ class _TooLarge(Exception):
     pass
 
 
+OPEN_BANNER = (
+    '<p class="warning" id="open-server">This server runs without authentication: anyone who '
+    "can reach it can use it (set serve.api_keys_env).</p>"
+)
+
+
 def _page() -> str:
-    return resources.files("lion_ray").joinpath("serving_static/index.html").read_text()
+    page = resources.files("lion_ray").joinpath("serving_static/index.html").read_text()
+    return page.replace("<!--ACCESS-->", OPEN_BANNER if REPLICA["access"].open else "")
 
 
 api = FastAPI(title="lion-ray student", docs_url=None, redoc_url=None)
@@ -205,17 +253,20 @@ async def _invalid(request: Request, exc: RequestValidationError):
 
 
 def _check_key(request: Request) -> None:
-    keys = REPLICA["keys"]
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    if not header.startswith("Bearer ") or header[len("Bearer ") :] not in keys:
+    if REPLICA["access"].check_user(request.headers.get("authorization", "")) != 200:
         raise ServeError(
             401,
             "missing or invalid API key: send 'Authorization: Bearer <key>'",
             "invalid_request_error",
             "invalid_api_key",
         )
+
+
+def _check_admin(request: Request) -> None:
+    status, reason = REPLICA["access"].check_admin(request.headers.get("authorization", ""))
+    if status != 200:
+        code = "invalid_api_key" if status == 401 else "permission_denied"
+        raise ServeError(status, reason, "invalid_request_error", code)
 
 
 def _load_generator(model_dir: str, student: StudentConfig, backend: str):
@@ -326,7 +377,14 @@ class StudentServer:
         self.model = None
         self.swaps = 0
         self._swap_lock = threading.Lock()
-        configure_replica(self.settings)
+        configure_replica(self.settings, settings.get("access"))
+        if REPLICA["access"].open:
+            log.warning(
+                "serving WITHOUT authentication: every /v1 route answers anyone who can reach "
+                "%s:%s (set serve.api_keys_env)",
+                self.settings.host,
+                self.settings.port,
+            )
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
         self.swap_to(
@@ -502,20 +560,32 @@ class StudentServer:
             ],
         }
 
-    @api.get("/v1/admin/status", dependencies=[Depends(_check_key)])
+    @api.get("/v1/admin/status", dependencies=[Depends(_check_admin)])
     async def status(self) -> dict:
+        import ray
+
         return {
+            "node_id": ray.get_runtime_context().get_node_id(),
             "model_dir": self.model_dir,
             "swaps": self.swaps,
             "backend": self.settings.backend,
             "rss_mb": _process_tree_rss_mb(),
         }
 
-    @api.post("/v1/admin/reload", dependencies=[Depends(_check_key)])
+    @api.post("/v1/admin/reload", dependencies=[Depends(_check_admin)])
     async def reload(self, request: Request) -> dict:
         body = await request.json() if await request.body() else {}
+        roots = ([self.run_dir] if self.run_dir else []) + self.settings.reload_allow
+        if body.get("model_dir") and not within(body["model_dir"], roots):
+            raise ServeError(
+                403,
+                f"model_dir {body['model_dir']!r} is outside what this server may load: the run "
+                "directory it serves and serve.reload_allow",
+                code="permission_denied",
+                param="model_dir",
+            )
         target = body.get("model_dir") or (newest_model(self.run_dir) if self.run_dir else None)
-        if not target or not storage.exists(storage.join(target, "config.json")):
+        if not target or not storage.exists(storage.join(storage.current(target), "config.json")):
             raise ServeError(400, f"no exported student at {target!r}", param="model_dir")
         swapped = await asyncio.to_thread(self.swap_to, target)
         return {"model_dir": self.model_dir, "swapped": swapped, "swaps": self.swaps}
@@ -691,6 +761,7 @@ def student_app(
         raise LionError(f"{run_dir}: no round has finished training yet; nothing to serve")
     if run_dir:
         student = run_student(run_dir, student)
+    access = resolve_access(settings)  # before anything starts: fail closed
     resources_ = {"num_cpus": settings.cpus_per_replica}
     if settings.gpus_per_replica:
         resources_["num_gpus"] = settings.gpus_per_replica
@@ -711,6 +782,7 @@ def student_app(
             "student": student.model_dump(),
             "model_dir": model_dir,
             "run_dir": run_dir,
+            "access": access,
         }
     )
 

@@ -25,13 +25,14 @@ class LocalCluster:
     """Head + workers started with the project's scripts; stopped by killing only the
     processes of this cluster (`ray stop` would also stop the test session's own Ray)."""
 
-    def __init__(self, workers: int = 1, cpus: int = 4):
+    def __init__(self, workers: int = 1, cpus: int = 4, head_env: dict | None = None):
         # short paths: Ray's unix sockets live under the temp dir (107-byte limit)
         base = Path(tempfile.mkdtemp(prefix="lr-", dir="/tmp"))
         self.port, self.dashboard = free_port(), free_port()
         self.dirs = [base / "h"] + [base / f"w{i}" for i in range(workers)]
         self.base = base
         self.cpus = cpus
+        self.head_env = head_env or {}  # e.g. secrets that only the head node's pod has
         self.env = {
             **os.environ,
             "PATH": f"{BIN}:{os.environ['PATH']}",
@@ -39,9 +40,11 @@ class LocalCluster:
             "RAY_ADDRESS": "",
         }
 
-    def sh(self, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    def sh(
+        self, *cmd: str, timeout: float = 120, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
         res = subprocess.run(
-            cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+            cmd, cwd=ROOT, env=env or self.env, capture_output=True, text=True, timeout=timeout
         )
         assert res.returncode == 0, f"{cmd}: {res.stdout[-1500:]} {res.stderr[-1500:]}"
         return res
@@ -59,6 +62,7 @@ class LocalCluster:
             str(self.cpus),
             "--temp-dir",
             str(self.dirs[0]),
+            env={**self.env, **self.head_env},
         )
         for d in self.dirs[1:]:
             self.sh(
@@ -109,13 +113,42 @@ class LocalCluster:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+def _call(url: str, method: str, route: str, key: str, body: dict | None = None):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        url + route,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 @pytest.mark.slow
 def test_ray_job_submit_on_a_head_and_a_worker(tmp_path):
+    """The loop as a job on two nodes, then the student served from it with keys that only the
+    head node's environment holds (as with a Kubernetes secret on the head pod)."""
     run_dir = tmp_path / "run"
-    with LocalCluster() as cluster:
+    keys = {"LION_SERVE_KEYS": "user-key-1", "LION_ADMIN_KEYS": "admin-key-1"}
+    with LocalCluster(head_env=keys) as cluster:
         cluster.env["RAY_ADDRESS"] = f"127.0.0.1:{cluster.port}"
         nodes = cluster.node_ids()
         assert len(nodes) == 2
+        # the embedded sandbox binds the node's address, and every node reaches it
+        reach = cluster.submit(
+            "tests/cluster/reach_sandbox.py", "--config", str(DATA / "mini.yaml"), timeout=300
+        )
+        assert reach.returncode == 0, reach.stdout[-3000:] + reach.stderr[-2000:]
+        seen = json.loads([ln for ln in reach.stdout.splitlines() if ln.startswith("{")][-1])
+        assert seen["host"] != "127.0.0.1" and set(seen["nodes"]) == nodes
+        assert {r["node"] for r in seen["replies"]} == nodes
+        assert len({r["answer"] for r in seen["replies"]}) == 1 and seen["replies"][0]["answer"]
         job = cluster.submit(
             "jobs/distill.py",
             "--config",
@@ -130,19 +163,47 @@ def test_ray_job_submit_on_a_head_and_a_worker(tmp_path):
         assert "succeeded" in job.stdout + job.stderr
         # the trained student goes behind Serve by a second job; the app outlives the job
         port = free_port()
+        serve_job = ("jobs/serve.py", "--run", str(run_dir), "--set", f"serve.port={port}")
+        missing = cluster.submit(
+            *serve_job, "--set", "serve.api_keys_env=LION_KEYS_NOBODY_SET", timeout=300
+        )
+        assert missing.returncode != 0  # fails closed, and says which variable, where
+        assert "$LION_KEYS_NOBODY_SET, but it is not set" in missing.stdout + missing.stderr
         served = cluster.submit(
-            "jobs/serve.py", "--run", str(run_dir), "--set", f"serve.port={port}", timeout=300
+            *serve_job,
+            *("--set", "serve.api_keys_env=LION_SERVE_KEYS"),
+            *("--set", "serve.admin_keys_env=LION_ADMIN_KEYS"),
+            *("--set", "serve.num_replicas=2"),
+            timeout=300,
         )
         assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-2000:]
+        import openai
         from openai import OpenAI
 
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=3)
+        url = f"http://127.0.0.1:{port}"
+        with pytest.raises(openai.AuthenticationError):
+            OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0).models.list()
+        client = OpenAI(base_url=f"{url}/v1", api_key="user-key-1", max_retries=3)
         assert client.models.list().data[0].root.endswith("round_1/imitation/model")
         reply = client.chat.completions.create(
             model="m", messages=[{"role": "user", "content": "Reverse 'kato'."}], max_tokens=8
         )
         assert reply.choices[0].finish_reason in ("stop", "length")
         assert reply.usage.completion_tokens >= 1
+        # both replicas check keys, the one on the worker node (no variable there) too
+        replica_nodes: set[str] = set()
+        for _ in range(40):
+            status, body = _call(url, "GET", "/v1/admin/status", "admin-key-1")
+            assert status == 200
+            replica_nodes.add(body["node_id"])
+            if replica_nodes == nodes:
+                break
+        assert replica_nodes == nodes
+        assert _call(url, "GET", "/v1/admin/status", "user-key-1")[0] == 403
+        outside = {"model_dir": str(tmp_path)}  # an admin key, a path outside the run
+        assert _call(url, "POST", "/v1/admin/reload", "admin-key-1", outside)[0] == 403
+        newest = {"model_dir": str(run_dir / "round_1" / "imitation" / "model")}
+        assert _call(url, "POST", "/v1/admin/reload", "admin-key-1", newest)[0] == 200
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["finished_rounds"] == 1
     workers = manifest["stages"]["round_1/imitation.train"]["metrics"]["worker_nodes"]

@@ -18,12 +18,13 @@ from openai import OpenAI
 from lion_ray.config import ServeConfig, StudentConfig
 from lion_ray.engines.serving import deploy
 
-from ..conftest import MEMORIZED, MEMORIZED_B, ROOT, SERVE_KEYS_ENV
+from ..conftest import ADMIN_KEYS_ENV, MEMORIZED, MEMORIZED_B, ROOT, SERVE_KEYS_ENV
 from ..helpers import free_port
 
 COMPACT = StudentConfig(prompt_format="compact")  # the tiny students' text template
 
 KEY = "test-key-1"
+ADMIN_KEY = "admin-key-1"
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +33,14 @@ def serve_port():
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, taught_student, serve_port):
+def served(ray_local, taught_student, taught_student_b, serve_port):
     from ray import serve
 
     settings = ServeConfig(
         port=serve_port,
         api_keys_env=SERVE_KEYS_ENV,
+        admin_keys_env=ADMIN_KEYS_ENV,
+        reload_allow=[str(taught_student.parent), str(taught_student_b.parent)],
         max_tokens_cap=64,
         max_prompt_tokens=200,
         max_body_bytes=20_000,
@@ -103,7 +106,39 @@ def test_bearer_keys(served):
         assert err.value.body["code"] == "invalid_api_key"
     assert client(url, "test-key-2").models.list().data  # every configured key works
     page = urllib.request.urlopen(f"{url}/").read().decode()  # the page itself is public
-    assert "lion-ray student" in page
+    assert "lion-ray student" in page and "without authentication" not in page
+
+
+def _admin(url: str, route: str, key: str | None, body: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"{url}/v1/admin/{route}",
+        method="POST" if body is not None else "GET",
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"}
+        | ({"Authorization": f"Bearer {key}"} if key else {}),
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_admin_routes_take_admin_keys_and_load_only_allowed_paths(served, taught_student, tmp_path):
+    url, _ = served
+    assert _admin(url, "status", None)[0] == 401
+    status, body = _admin(url, "status", KEY)  # an ordinary user key is not an admin key
+    assert status == 403 and body["error"]["code"] == "permission_denied"
+    status, body = _admin(url, "status", ADMIN_KEY)
+    assert status == 200 and body["model_dir"] == str(taught_student)
+    assert _admin(url, "reload", KEY, {"model_dir": str(taught_student)})[0] == 403
+    # an admin key still cannot make the server load a path outside the allowed roots
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(taught_student, outside)
+    for path in (str(outside), f"{taught_student.parent}/../{tmp_path.name}/elsewhere"):
+        status, body = _admin(url, "reload", ADMIN_KEY, {"model_dir": path})
+        assert status == 403 and "outside what this server may load" in body["error"]["message"]
+    assert _admin(url, "status", ADMIN_KEY)[1]["model_dir"] == str(taught_student)
 
 
 def _post(url: str, body: bytes, key: str = KEY) -> tuple[int, dict]:
@@ -234,7 +269,7 @@ def test_hot_swap_under_concurrent_requests(served, taught_student, taught_stude
         f"{url}/v1/admin/reload",
         method="POST",
         data=json.dumps({"model_dir": str(taught_student)}).encode(),
-        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
     )
     assert json.loads(urllib.request.urlopen(req).read())["swapped"] is True
     assert (
@@ -258,6 +293,8 @@ def test_run_dir_follows_new_rounds(ray_local, served, taught_student, taught_st
         settings, student=COMPACT, run_dir=run.uri, name="follow", route_prefix="/follow"
     )
     c = client(follow, None)
+    page = urllib.request.urlopen(f"{follow}/").read().decode()  # an open server says so
+    assert "without authentication" in page
     ask = {"model": "m", "messages": [{"role": "user", "content": MEMORIZED[0][0]}]}
     # no max_tokens: the answer gets the context the prompt leaves; too many is refused
     assert c.chat.completions.create(**ask).choices[0].message.content == MEMORIZED[0][1]
