@@ -37,7 +37,9 @@ app.add_typer(sandbox_app, name="sandbox")
 console = make_console()
 err_console = make_console(stderr=True)
 
-ConfigPath = Annotated[Path, typer.Argument(help="YAML run config.", exists=False)]
+ConfigPath = Annotated[
+    Path, typer.Argument(help="YAML run config, or a packaged one (demo, paper).", exists=False)
+]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a field, e.g. --set train.lr=1e-5 (repeatable)."),
@@ -622,9 +624,10 @@ def _read_table(uri: str):
 
 @app.command("run")
 def run_cmd(
-    config: Annotated[Path, typer.Option("--config", help="Run config (YAML).")] = Path(
-        "configs/demo.yaml"
-    ),
+    config: Annotated[
+        Path,
+        typer.Option("--config", help="Run config: a YAML file, or a packaged one (demo, paper)."),
+    ] = Path("demo"),
     set_: SetOption = None,
     no_progress: Annotated[
         bool, typer.Option("--no-progress", help="Plain log lines instead of bars.")
@@ -793,6 +796,16 @@ def serve_cmd(
     api_keys_env: Annotated[
         str | None, typer.Option(help="Variable with comma-separated bearer keys.")
     ] = None,
+    admin_keys_env: Annotated[
+        str | None, typer.Option(help="Variable with comma-separated admin keys.")
+    ] = None,
+    allow_unauthenticated: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unauthenticated",
+            help="Serve without keys on a non-loopback host (off: refused).",
+        ),
+    ] = False,
     detach: Annotated[
         bool, typer.Option(help="Deploy and return (needs a running cluster: RAY_ADDRESS).")
     ] = False,
@@ -820,6 +833,8 @@ def serve_cmd(
         ("port", port),
         ("backend", backend),
         ("api_keys_env", api_keys_env),
+        ("admin_keys_env", admin_keys_env),
+        ("allow_unauthenticated", "true" if allow_unauthenticated else None),
     ):
         if value is not None:
             overrides.append(f"serve.{key}={value}")
@@ -832,6 +847,11 @@ def serve_cmd(
                 f"serving {model or 'the newest student of ' + run_dir} at {url} "
                 f"(OpenAI API under {url}/v1, chat page at {url}/)"
             )
+            if not cfg.serve.api_keys_env:
+                console.print(
+                    "[yellow]warning:[/yellow] serving WITHOUT authentication: anyone who can "
+                    "reach it can use it (set serve.api_keys_env)"
+                )
             if detach:
                 return
             console.print("Ctrl-C to stop")

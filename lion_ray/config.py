@@ -393,7 +393,11 @@ class LoopConfig(_Strict):
 class SandboxConfig(_Strict):
     """The embedded sandbox world: started when an endpoint's base_url is 'sandbox'."""
 
-    host: str = Field("127.0.0.1", description="Interface the sandbox server binds.")
+    host: str = Field(
+        "auto",
+        description="Interface the sandbox server binds. 'auto': 127.0.0.1 on one node, the "
+        "node's address when the Ray cluster has more nodes (so work there can reach it).",
+    )
     port: int = Field(0, ge=0, le=65535, description="Port; 0 picks a free one.")
     seed_tasks: int = Field(
         300, gt=0, description="Seed-pool size when loop.seed_pool is 'sandbox'."
@@ -422,6 +426,22 @@ class ServeConfig(_Strict):
         None,
         description="Environment variable holding comma-separated bearer keys; when set, every "
         "/v1 route answers 401 without one. The keys never appear in configs or logs.",
+    )
+    admin_keys_env: str | None = Field(
+        None,
+        description="Environment variable holding comma-separated admin keys; /v1/admin routes "
+        "(reload, status) accept only these. With user keys but no admin keys, admin routes "
+        "are off.",
+    )
+    reload_allow: list[str] = Field(
+        default_factory=list,
+        description="Directories (or object-store prefixes) /v1/admin/reload may load a model "
+        "from, besides the run directory being served.",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve without keys on a non-loopback host. Off: a server with no "
+        "serve.api_keys_env binds only 127.0.0.1/localhost.",
     )
     num_replicas: int = Field(1, gt=0, description="Serve replicas.")
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs per replica.")
@@ -577,15 +597,41 @@ def parse_config(
         raise ConfigError(_format_validation_error(exc, source)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LionConfig:
-    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
-    if not path:
-        return parse_config("", "<defaults>", overrides)
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped inside the package (``--config demo``)."""
+    from importlib import resources
+
+    folder = resources.files("lion_ray").joinpath("configs")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def config_source(path: str | Path) -> tuple[str, str]:
+    """(text, name for messages) of a config file, or of a packaged config named by its bare
+    name (``demo``, ``paper``), so a wheel install needs no checkout."""
+    from importlib import resources
+
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text(), str(path)
+    except FileNotFoundError:
+        name = str(path).removesuffix(".yaml")
+        if name in packaged_configs():
+            packaged = resources.files("lion_ray").joinpath("configs", f"{name}.yaml")
+            return packaged.read_text(), f"<packaged {name}.yaml>"
+        raise ConfigError(
+            f"{path}: no such config file, and not a packaged config "
+            f"(packaged: {', '.join(packaged_configs())})"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
-    return parse_config(text, str(path), overrides)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LionConfig:
+    """Read a YAML config (a file, a packaged config's name, or the defaults when ``path`` is
+    None), apply overrides, validate."""
+    if not path:
+        return parse_config("", "<defaults>", overrides)
+    text, source = config_source(path)
+    return parse_config(text, source, overrides)
 
 
 def dump_config(config: LionConfig) -> str:

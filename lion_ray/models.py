@@ -28,13 +28,14 @@ def looks_like_hub_id(text: str) -> bool:
 
 
 def is_adapter(model_dir: str) -> bool:
-    return storage.exists(storage.join(model_dir, "adapter_config.json"))
+    return storage.exists(storage.join(storage.current(model_dir), "adapter_config.json"))
 
 
 def check_model_path(uri: str, field: str = "student.model_path") -> None:
     """Refuse, before any work starts, a model path that cannot be loaded."""
     if "://" in uri:
-        if not storage.exists(storage.join(uri, "config.json")) and not is_adapter(uri):
+        files = storage.current(uri)
+        if not storage.exists(storage.join(files, "config.json")) and not is_adapter(uri):
             raise LionError(
                 f"{field}: {uri} holds no config.json; expected a Hugging Face model directory "
                 "(config.json, weights, tokenizer) at that URI"
@@ -72,13 +73,19 @@ def local_model_dir(model_uri: str) -> str:
 
             return snapshot_download(model_uri)
         raise LionError(f"{model_uri}: no such model directory")
+    model_uri = storage.current(model_uri)  # a new version gets its own copy
     target = os.path.join(
         tempfile.gettempdir(),
         "lion-ray-models",
         hashlib.sha256(model_uri.encode()).hexdigest()[:16],
     )
-    if storage.verify_checksums(target) is None:
-        return target
+    remote_marker = storage.join(model_uri, storage.CHECKSUMS)
+    if storage.verify_checksums(target) is None and (
+        not storage.exists(remote_marker)
+        or storage.read_bytes(remote_marker)
+        == storage.read_bytes(os.path.join(target, storage.CHECKSUMS))
+    ):
+        return target  # complete, and the same content as the store's copy
     staging = f"{target}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     storage.download_dir(model_uri, staging)

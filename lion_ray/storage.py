@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -154,6 +155,53 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     return Path(local_dir)
 
 
+# --- model directories on object stores ------------------------------------------------------
+
+# An object store has no rename, so a model directory there is published as a new version
+# beside the old one (``<dir>/v-.../``), then switched to by rewriting one small pointer
+# object (a single PUT: readers see the old copy or the new one, never a mix); older
+# versions are deleted after the switch. Readers resolve the pointer with ``current``.
+CURRENT = "lion_ray_current.json"
+
+
+def current(uri: str) -> str:
+    """Where a model directory's files are: the pointed-to version on an object store (if
+    published that way), else the directory itself."""
+    if is_local(uri):
+        return uri
+    pointer = join(uri, CURRENT)
+    if exists(pointer):
+        return join(uri, read_json(pointer)["version"])
+    return uri
+
+
+def publish_dir(local_dir: str | Path, uri: str) -> None:
+    """Make the finished directory ``local_dir`` the content of ``uri``; a reader never sees
+    half of it, and the old content stays readable until the new one is complete."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        staging = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+        upload_dir(local_dir, staging)
+        retired = f"{path.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
+        if os.path.exists(path):
+            os.replace(path, retired)  # two renames: the gap has no half-written model
+        os.replace(staging, path)
+        delete_dir(retired)
+        return
+    version = f"v-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    upload_dir(local_dir, join(uri, version))
+    before = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    write_json(join(uri, CURRENT), {"version": version})  # the switch
+    for info in before:  # older versions, or files of a copy published before versions
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if name in (CURRENT, version):
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:
+            fs.delete_file(info.path)
+
+
 # --- content fingerprints -------------------------------------------------------------------
 
 # Written last into every model directory lion-ray exports: per-file sizes and sha256. Its
@@ -219,6 +267,7 @@ def fingerprint(uri: str) -> str:
     (after checking sizes). Other directories (a user's base model): listing with sizes plus
     the contents of small files (configs, tokenizers).
     """
+    uri = current(uri)
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:

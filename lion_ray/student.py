@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 
 from lion_ray import storage
 from lion_ray.config import TinyStudentConfig
@@ -142,15 +141,7 @@ def init_student(out_uri: str, cfg: TinyStudentConfig, texts: Iterable[str] | No
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         storage.write_checksums(tmp)
-        if storage.is_local(out_uri):
-            dest = Path(storage.resolve(out_uri)[1])
-            staging = dest.with_name(f".{dest.name}.tmp")
-            storage.delete_dir(str(staging))
-            storage.upload_dir(tmp, str(staging))
-            storage.delete_dir(str(dest))
-            staging.rename(dest)
-        else:
-            storage.upload_dir(tmp, out_uri)
+        storage.publish_dir(tmp, out_uri)
     return {"path": out_uri, "parameters": count_parameters(model), "vocab_size": len(tokenizer)}
 
 

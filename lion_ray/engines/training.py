@@ -407,16 +407,7 @@ def export(module, out_dir: str, train: TrainConfig, base_dir: str, dtype, confi
 
 def _publish(local_dir: str, out_uri: str) -> None:
     """Move a finished export into place: never a half-written model at ``out_uri``."""
-    if storage.is_local(out_uri):
-        dest = storage.resolve(out_uri)[1]
-        staging = f"{dest}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(local_dir, staging)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(staging, dest)
-    else:
-        storage.delete_dir(out_uri)
-        storage.upload_dir(local_dir, out_uri)
+    storage.publish_dir(local_dir, out_uri)
     shutil.rmtree(local_dir, ignore_errors=True)
 
 

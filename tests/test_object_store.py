@@ -1,0 +1,212 @@
+"""A run directory on a real S3-compatible server (moto's standalone server, over HTTP):
+model publishing that never exposes half a copy, cached copies that are checked, and a whole
+round of the loop killed, resumed and served from the object store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lion_ray import storage
+
+from .conftest import DATA, ROOT
+from .helpers import free_port
+
+BUCKET = "lion-test"
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A moto S3 server in its own process, and the environment that points pyarrow (ours,
+    Ray Train's, every Ray worker's) at it; restored afterwards."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail("moto's S3 server did not start within 60 s")
+            time.sleep(0.2)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.kill()
+    server.wait()
+
+
+def _model(tmp_path, name: str, content: bytes):
+    local = tmp_path / name
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"name": name}))
+    (local / "weights.bin").write_bytes(content)
+    storage.write_checksums(local)
+    return local
+
+
+def test_publish_switches_to_a_complete_new_copy(s3_env, tmp_path, monkeypatch):
+    uri = f"s3://{BUCKET}/publish/model"
+    storage.publish_dir(_model(tmp_path, "a", b"A" * 1000), uri)
+    first = storage.current(uri)
+    assert first != uri and storage.read_json(storage.join(first, "config.json")) == {"name": "a"}
+    # a publish that dies while uploading leaves the old copy current and whole
+    real_upload = storage.upload_dir
+
+    def dies_halfway(local_dir, dest):
+        storage.write_bytes(storage.join(dest, "config.json"), b"{half")
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(storage, "upload_dir", dies_halfway)
+    with pytest.raises(OSError):
+        storage.publish_dir(_model(tmp_path, "b", b"B" * 1000), uri)
+    assert storage.current(uri) == first and storage.verify_checksums(first) is None
+    monkeypatch.setattr(storage, "upload_dir", real_upload)
+    storage.publish_dir(_model(tmp_path, "c", b"C" * 1000), uri)
+    now = storage.current(uri)
+    assert now != first and storage.read_json(storage.join(now, "config.json")) == {"name": "c"}
+    assert not storage.exists(first)  # the old version is gone once the new one is current
+    left = {p.rsplit("/", 1)[1] for p in storage.list_files(uri)}
+    assert left == {storage.CURRENT}
+
+
+def test_a_cached_copy_is_used_only_while_it_matches(s3_env, tmp_path):
+    from lion_ray.models import local_model_dir
+
+    uri = f"s3://{BUCKET}/cached/model"
+    storage.publish_dir(_model(tmp_path, "a", b"A" * 1000), uri)
+    copy = local_model_dir(uri)
+    assert Path(copy, "weights.bin").read_bytes() == b"A" * 1000
+    assert local_model_dir(uri) == copy  # verified, reused
+    with open(os.path.join(copy, "weights.bin"), "wb") as f:  # a truncated copy
+        f.write(b"A" * 10)
+    again = local_model_dir(uri)
+    assert Path(again, "weights.bin").read_bytes() == b"A" * 1000
+    storage.publish_dir(_model(tmp_path, "b", b"B" * 1000), uri)  # a redone round
+    newer = local_model_dir(uri)
+    assert Path(newer, "weights.bin").read_bytes() == b"B" * 1000
+    # a store copy whose files do not match its own checksums is refused, not trusted
+    broken = f"s3://{BUCKET}/cached/broken"
+    storage.upload_dir(_model(tmp_path, "c", b"C" * 1000), broken)
+    storage.write_bytes(storage.join(broken, "weights.bin"), b"D" * 1000)
+    from lion_ray.errors import LionError
+
+    with pytest.raises(LionError, match="does not match its checksums"):
+        local_model_dir(broken)
+
+
+def _all_paths(uri: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(uri)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    return [i.path for i in fs.get_file_info(selector)]
+
+
+def _lion(*args: str, env: dict, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lion_ray", *args],
+        cwd=ROOT,
+        env={**os.environ, **env, "RAY_ADDRESS": ""},
+        start_new_session=True,
+        **kw,
+    )
+
+
+@pytest.mark.slow
+def test_a_round_on_s3_killed_resumed_and_served(s3_env, tmp_path):
+    run = f"s3://{BUCKET}/runs/mini"
+    args = (
+        *("run", "--config", str(DATA / "mini.yaml")),
+        *("--set", f"storage.run_dir={run}", "--set", "train.epochs=10"),
+    )
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - the child writes to it
+    first = _lion(*args, env=s3_env, stdout=log, stderr=subprocess.STDOUT)
+    train_dir = f"{run}/round_1/imitation/train"
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None:
+        if any("checkpoint_" in p for p in _all_paths(train_dir)):
+            break
+        time.sleep(0.5)
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(first.pid, signal.SIGKILL)  # the driver dies mid-training
+    first.wait()
+    manifest = storage.read_json(f"{run}/manifest.json")
+    assert "round_1/imitation.train" not in manifest["stages"]
+    assert "round_1/imitation.teacher" in manifest["stages"]
+
+    rerun = _lion(*args, env=s3_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-4000:]
+    manifest = storage.read_json(f"{run}/manifest.json")
+    assert manifest["finished_rounds"] == 1
+    final = storage.read_json(f"{train_dir}/final.json")
+    assert final["resumed_from_step"] > 0 and final["step"] == final["total_steps"]
+    model = storage.current(f"{run}/round_1/imitation/model")
+    assert model != f"{run}/round_1/imitation/model"  # published as a version, then switched
+    assert storage.verify_checksums(model) is None
+
+    port = free_port()
+    server = _lion(
+        *("serve", "--run", run, "--port", str(port)),
+        env=s3_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        deadline = time.time() + 240
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except Exception:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail("lion-ray serve --run s3://... did not come up")
+                time.sleep(1)
+        assert models.data[0].root == f"{run}/round_1/imitation/model"
+        reply = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Reverse 'kato'."}], max_tokens=8
+        )
+        assert reply.usage.completion_tokens >= 1
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
