@@ -372,13 +372,34 @@ class LoopConfig(_Strict):
         description="'paper': next Train Pool = new instructions only; 'accumulate': old Train "
         "Pool + new. The Cache Pool always grows by the new instructions.",
     )
-    parent_selection: Literal["lion", "random"] = Field(
-        "lion",
-        description="'lion': hard-rule instructions come from hard parents and easy-rule ones from "
-        "easy parents (the method); 'random': parents drawn from the whole judged Cache Pool "
-        "regardless of label (the control arm of bench/hard_mining).",
+    selection: Literal["referee", "student_loss", "random"] = Field(
+        "referee",
+        description="How discrimination finds the instructions the student fails. 'referee': "
+        "teacher and student answer, the referee scores both orders, hard when the gap >= tau "
+        "(the paper's method). 'student_loss': the student's mean per-token loss on the "
+        "teacher's answer, hardest loop.hard_fraction are hard (no referee calls). 'random': "
+        "no discrimination; parents drawn from the whole Cache Pool (the control arm).",
+    )
+    hard_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="With selection 'student_loss': the fraction of the Cache Pool, highest "
+        "loss first, labelled hard.",
     )
     seed: int = Field(0, description="Seed for parent sampling and ordering.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_parent_selection(cls, data):
+        # 0.1.x spelled it parent_selection: lion | random
+        if isinstance(data, dict) and "parent_selection" in data:
+            data = dict(data)
+            old = data.pop("parent_selection")
+            if "selection" in data and data["selection"] != {"lion": "referee"}.get(old, old):
+                raise ValueError("give loop.selection only (loop.parent_selection is its old name)")
+            data["selection"] = {"lion": "referee"}.get(old, old)
+        return data
 
     @model_validator(mode="after")
     def _something_to_generate(self) -> LoopConfig:

@@ -1,6 +1,8 @@
 """Stage 2 of a Lion round, discrimination: teacher and student both answer every Cache Pool
 instruction, the referee scores each pair in both orders, and the instruction is labelled
-hard (``teacher - student >= tau``) or easy.
+hard (``teacher - student >= tau``) or easy. Two other selections write the same table:
+``split_by_loss`` (hard = highest student loss on the teacher's answer, no referee) and
+``unjudged`` (no labels: the random control arm).
 
 A review whose score lines cannot be read is asked again (with a new ``seed``, so the cache
 does not hand back the same text) up to ``max_reasks`` times; rows still unreadable are
@@ -15,6 +17,7 @@ import pyarrow as pa
 from lion_ray.logic.chat import ChatClient, ChatRequest, merge_usage, usage
 from lion_ray.logic.prompts import REFEREE_RESPONSE_FORMAT, referee_messages
 from lion_ray.logic.referee import UnparseableReview, parse_scores, split_metrics, verdict
+from lion_ray.logic.selection import label_by_loss, loss_metrics
 
 JUDGED_SCHEMA = pa.schema(
     [
@@ -37,6 +40,7 @@ JUDGED_SCHEMA = pa.schema(
         ("consistent", pa.bool_()),
         ("referee_calls", pa.int32()),
         ("error", pa.string()),
+        ("student_loss", pa.float64()),  # selection 'student_loss' only
     ]
 )
 ORDERS = ("a", "b")
@@ -152,19 +156,20 @@ def judge(
     }
 
 
-def pair_answers(pool: pa.Table, teacher: pa.Table, student: pa.Table) -> pa.Table:
-    """Pool rows with both answers, and why a row cannot be judged when an answer failed."""
+def pair_answers(pool: pa.Table, teacher: pa.Table, student: pa.Table | None) -> pa.Table:
+    """Pool rows with both answers (the teacher's only, when ``student`` is None), and why a
+    row cannot be judged when an answer failed."""
     t = {r["id"]: r for r in teacher.to_pylist()}
-    s = {r["id"]: r for r in student.to_pylist()}
+    s = {r["id"]: r for r in student.to_pylist()} if student is not None else None
     rows = []
     for r in pool.to_pylist():
-        ta, sa = t.get(r["id"]), s.get(r["id"])
+        ta, sa = t.get(r["id"]), s.get(r["id"]) if s is not None else None
         problems = []
         if ta is None or ta["status"] != "ok":
             problems.append(
                 f"teacher answer {'missing' if ta is None else 'failed: ' + ta['error']}"
             )
-        if sa is None or sa["status"] != "ok":
+        if s is not None and (sa is None or sa["status"] != "ok"):
             problems.append(
                 f"student answer {'missing' if sa is None else 'failed: ' + sa['error']}"
             )
@@ -179,3 +184,61 @@ def pair_answers(pool: pa.Table, teacher: pa.Table, student: pa.Table) -> pa.Tab
             }
         )
     return pa.Table.from_pylist(rows)
+
+
+def _row(r: dict, **fields) -> dict:
+    """A judged row with every column; ``fields`` fill what the selection knows."""
+    base = dict.fromkeys(JUDGED_SCHEMA.names)
+    base.update(
+        id=r["id"],
+        instruction=r["instruction"],
+        input=r["input"],
+        teacher_answer=r.get("teacher_answer", ""),
+        student_answer="",
+        review_a="",
+        review_b="",
+        referee_calls=0,
+        error="",
+    )
+    return base | fields
+
+
+def split_by_loss(
+    pairs: pa.Table, losses: dict[str, float | None], hard_fraction: float
+) -> tuple[pa.Table, dict]:
+    """Label pool rows by the student's loss on the teacher's answer (``pairs`` from
+    ``pair_answers``, with an empty student side); rows whose teacher answer or loss failed
+    are ``failed``."""
+    rows = pairs.to_pylist()
+    scored = {r["id"]: (None if r["upstream_error"] else losses.get(r["id"])) for r in rows}
+    labels = label_by_loss(scored, hard_fraction)
+    out = [
+        _row(
+            r,
+            student_loss=scored[r["id"]],
+            label=labels[r["id"]],
+            status="ok" if labels[r["id"]] else "failed",
+            error=r["upstream_error"] or ("" if labels[r["id"]] else "no student loss"),
+        )
+        for r in rows
+    ]
+    return pa.Table.from_pylist(out, schema=JUDGED_SCHEMA), {
+        "metrics": loss_metrics(scored, labels),
+        "api": {},
+    }
+
+
+def unjudged(pool: pa.Table) -> tuple[pa.Table, dict]:
+    """Every pool row as a parent with no label (selection 'random': nothing is asked)."""
+    out = [_row(r, status="ok") for r in pool.to_pylist()]
+    return pa.Table.from_pylist(out, schema=JUDGED_SCHEMA), {
+        "metrics": {
+            "rows": len(out),
+            "judged": 0,
+            "hard": 0,
+            "easy": 0,
+            "unparsed": 0,
+            "failed": 0,
+        },
+        "api": {},
+    }

@@ -147,25 +147,8 @@ class Driver:
                 {"answers": teacher_train, "base_model": base_model},
                 {"model": model},
             ),
-            # 2. discrimination: teacher and student answer the Cache Pool, the referee judges
-            Stage(
-                "discrimination.teacher",
-                self.teacher_answers,
-                {"pool": cache_pool},
-                {"answers": teacher_cache},
-            ),
-            Stage(
-                "discrimination.student",
-                self.student_answers,
-                {"pool": cache_pool, "model": model},
-                {"answers": student_cache},
-            ),
-            Stage(
-                "discrimination.referee",
-                self.referee,
-                {"pool": cache_pool, "teacher": teacher_cache, "student": student_cache},
-                {"judged": judged},
-            ),
+            # 2. discrimination: which Cache Pool instructions does the student still fail?
+            *self.discrimination_stages(cache_pool, model, judged, teacher_cache, student_cache),
             # the held-out score of this round's student (sandbox runs), beside discrimination
             *(
                 [
@@ -192,6 +175,51 @@ class Driver:
                 self.next_pools,
                 {"train_pool": train_pool, "cache_pool": cache_pool, "new": new},
                 {"train": run.pool(r + 1, "train"), "cache": run.pool(r + 1, "cache")},
+            ),
+        ]
+
+    def discrimination_stages(self, cache_pool, model, judged, teacher_cache, student_cache):
+        """The stages of ``loop.selection``; each writes the judged Cache Pool."""
+        selection = self.cfg.loop.selection
+        if selection == "random":  # the control arm: no labels, nothing asked
+            return [
+                Stage(
+                    "discrimination.random",
+                    self.unlabelled,
+                    {"pool": cache_pool},
+                    {"judged": judged},
+                )
+            ]
+        teacher = Stage(
+            "discrimination.teacher",
+            self.teacher_answers,
+            {"pool": cache_pool},
+            {"answers": teacher_cache},
+        )
+        if selection == "student_loss":  # the student's loss on the teacher's answer
+            return [
+                teacher,
+                Stage(
+                    "discrimination.student_loss",
+                    self.loss_split,
+                    {"pool": cache_pool, "teacher": teacher_cache, "model": model},
+                    {"judged": judged},
+                ),
+            ]
+        # the paper's: the student answers too, the referee scores both orders
+        return [
+            teacher,
+            Stage(
+                "discrimination.student",
+                self.student_answers,
+                {"pool": cache_pool, "model": model},
+                {"answers": student_cache},
+            ),
+            Stage(
+                "discrimination.referee",
+                self.referee,
+                {"pool": cache_pool, "teacher": teacher_cache, "student": student_cache},
+                {"judged": judged},
             ),
         ]
 
@@ -391,6 +419,39 @@ class Driver:
             api={"referee": info["api"]},
             metrics=m,
         )
+
+    def loss_split(self, io: StageIO) -> StageResult:
+        from lion_ray.discrimination import pair_answers, split_by_loss
+        from lion_ray.engines.inference import student_losses
+
+        pairs = pair_answers(
+            storage.read_parquet(io.inputs["pool"]),
+            storage.read_parquet(io.inputs["teacher"]),
+            None,
+        )
+        scorable = [
+            {k: r[k] for k in ("id", "instruction", "input")} | {"answer": r["teacher_answer"]}
+            for r in pairs.to_pylist()
+            if not r["upstream_error"]
+        ]
+        losses, summary = student_losses(
+            scorable,
+            self.cfg.student,
+            model_uri=io.inputs["model"],
+            label=io.key,
+            show_progress=self.show_progress,
+        )
+        judged, info = split_by_loss(pairs, losses, self.cfg.loop.hard_fraction)
+        storage.write_parquet(io.outputs["judged"], judged)
+        m = info["metrics"] | {"scoring_s": summary["wall_s"], "scoring_errors": summary["errors"]}
+        return StageResult(rows=judged.num_rows, failed=m["failed"], metrics=m)
+
+    def unlabelled(self, io: StageIO) -> StageResult:
+        from lion_ray.discrimination import unjudged
+
+        judged, info = unjudged(storage.read_parquet(io.inputs["pool"]))
+        storage.write_parquet(io.outputs["judged"], judged)
+        return StageResult(rows=judged.num_rows, metrics=info["metrics"])
 
     def heldout_eval(self, io: StageIO) -> StageResult:
         from lion_ray.engines.inference import student_answers

@@ -102,7 +102,7 @@ def generate(
     new_rows, candidates, usages = [], [], []
     stats: dict = {}
     for kind, target in (("hard", loop.hard_per_round), ("easy", loop.easy_per_round)):
-        mined = loop.parent_selection == "lion"
+        mined = loop.selection != "random"
         parents = sorted(
             (r for r in judged_rows if not mined or r["label"] == kind), key=lambda r: r["id"]
         )

@@ -22,10 +22,15 @@ STAGE_ORDER = (
     "discrimination.teacher",
     "discrimination.student",
     "discrimination.referee",
+    "discrimination.student_loss",
+    "discrimination.random",
     "eval.heldout",
     "generation",
     "pools",
 )
+
+# loop.selection -> the stage that labels the Cache Pool
+SELECTION_STAGES = {"referee": "referee", "student_loss": "student_loss", "random": "random"}
 
 
 def collect(run: RunDir, upto: int) -> dict:
@@ -51,6 +56,19 @@ def collect(run: RunDir, upto: int) -> dict:
                 acc = api.setdefault(role, dict.fromkeys(API_FIGURES, 0))
                 for k in API_FIGURES:
                     acc[k] += getattr(used, k)
+        discrimination = {"requests": 0, "cost_usd": 0.0, "cached": 0}
+        for stage, rec in records.items():
+            for used in (rec.api if rec and stage.startswith("discrimination.") else {}).values():
+                for k in discrimination:
+                    discrimination[k] += getattr(used, k)
+        selection = next(
+            (
+                name
+                for name, stage in SELECTION_STAGES.items()
+                if records.get(f"discrimination.{stage}")
+            ),
+            None,
+        )
         rows = {s: rec.rows for s, rec in records.items() if rec}
         rounds.append(
             {
@@ -58,11 +76,14 @@ def collect(run: RunDir, upto: int) -> dict:
                 "pools": metrics("pools").get("sizes")
                 or {
                     "train": rows.get("imitation.teacher"),
-                    "cache": rows.get("discrimination.teacher"),
+                    "cache": rows.get("discrimination.teacher")
+                    or rows.get("discrimination.random"),
                 },
                 "next_pools": metrics("pools").get("next"),
                 "train": metrics("imitation.train"),
-                "split": metrics("discrimination.referee"),
+                "selection": selection,
+                "split": metrics(f"discrimination.{SELECTION_STAGES.get(selection, 'referee')}"),
+                "discrimination_api": discrimination,
                 "generation": metrics("generation"),
                 "heldout": metrics("eval.heldout") or None,
                 "api": api,
@@ -212,6 +233,9 @@ def round_summary(r: dict) -> dict:
         "new": gen.get("new_instructions"),
         "att/new": gen.get("attempts_per_accepted"),
         "held-out": r["heldout"]["accuracy"] if r["heldout"] else None,
+        "select": r.get("selection"),
+        "disc req": r.get("discrimination_api", {}).get("requests"),
+        "disc $": round(r.get("discrimination_api", {}).get("cost_usd", 0.0), 4),
         "cost $": round(sum(a.get("cost_usd", 0.0) for a in api.values()), 4),
         "s": round(sum(r["seconds"].values())),
     }

@@ -56,6 +56,21 @@ def spend(run: RunDir) -> dict[str, dict]:
     return out
 
 
+def discrimination(run: RunDir) -> dict[int, dict]:
+    """Per round: the selection used and the API calls and cost its stages made."""
+    out: dict[int, dict] = {}
+    for rec in run.manifest.data.stages.values():
+        if rec.round is None or not rec.stage.startswith("discrimination."):
+            continue
+        acc = out.setdefault(rec.round, {"selection": "referee", "requests": 0, "cost_usd": 0.0})
+        kind = rec.stage.removeprefix("discrimination.")
+        if kind in ("student_loss", "random"):
+            acc["selection"] = kind
+        acc["requests"] += sum(a.requests for a in rec.api.values())
+        acc["cost_usd"] = round(acc["cost_usd"] + rec.cost_usd, 6)
+    return dict(sorted(out.items()))
+
+
 def status_table(run_uri: str) -> tuple[Table, dict]:
     run = RunDir(run_uri)
     data = run.manifest.data
@@ -85,8 +100,19 @@ def status_table(run_uri: str) -> tuple[Table, dict]:
         for role, s in spent.items()
     )
     total = sum(s["spent_usd"] for s in spent.values())
+    per_round = discrimination(run)
     table.caption = (
         f"{len(data.stages)} stages done, {total_tokens:,} API tokens in them; "
-        f"spent ${total:.4f} over the whole run" + (f": {by_role}" if by_role else "")
+        f"spent ${total:.4f} over the whole run"
+        + (f": {by_role}" if by_role else "")
+        + "".join(
+            f"\nround {r} discrimination ({d['selection']}): "
+            f"{d['requests']:,} API requests, ${d['cost_usd']:.4f}"
+            for r, d in per_round.items()
+        )
     )
-    return table, data.model_dump(mode="json") | {"spend": spent, "spent_usd": round(total, 6)}
+    return table, data.model_dump(mode="json") | {
+        "spend": spent,
+        "spent_usd": round(total, 6),
+        "discrimination": {str(r): d for r, d in per_round.items()},
+    }

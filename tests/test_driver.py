@@ -137,6 +137,10 @@ def test_run_records_every_stage_and_updates_pools(reference_run):
         assert (report / name).stat().st_size > 0, name
     data = json.loads((report / "report.json").read_text())
     assert data["summary"][0]["train"] == 60 and data["rounds"][0]["heldout"]["n"] == 30
+    referee = stages["round_1/discrimination.referee"]["api"]["referee"]
+    assert data["summary"][0]["select"] == "referee"
+    assert data["summary"][0]["disc req"] == referee["requests"] >= 120  # both orders
+    assert lion_status(run_dir)["discrimination"]["1"]["requests"] == referee["requests"]
     assert "Ray dashboard: http" in out and "report:" in out and "round 1 done" in out
     # off a terminal (ray job logs, CI) the round table is wide enough for every column
     header = next(line for line in out.splitlines() if line.strip().startswith("round   train"))
@@ -351,9 +355,10 @@ def test_a_run_dir_keeps_its_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_one_round_with_a_chat_template_student_and_a_lora_adapter(tmp_path):
-    """The loop with a Qwen2-style chat student trained through LoRA: the round exports an
-    adapter, which the student and held-out stages load on its base."""
+def test_one_round_with_a_chat_template_student_a_lora_adapter_and_student_loss(tmp_path):
+    """The loop with a Qwen2-style chat student trained through LoRA, selecting by the
+    student's own loss: the round exports an adapter, which the loss and held-out stages load
+    on its base, and discrimination asks the referee nothing."""
     run_dir = tmp_path / "chat"
     proc = lion_run(
         run_dir,
@@ -367,6 +372,7 @@ def test_one_round_with_a_chat_template_student_and_a_lora_adapter(tmp_path):
             "--set",
             "train.lr=0.01",
         ),
+        *("--set", "loop.selection=student_loss", "--set", "loop.hard_fraction=0.25"),
     )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
@@ -379,7 +385,24 @@ def test_one_round_with_a_chat_template_student_and_a_lora_adapter(tmp_path):
     stages = manifest(run_dir)["stages"]
     train = stages["round_1/imitation.train"]["metrics"]
     assert train["trainable_parameters"] < train["parameters"] / 5
-    assert stages["round_1/discrimination.student"]["rows"] == 60
     assert stages["round_1/eval.heldout"]["metrics"]["n"] == 30
+    # selection by loss: no student answers, no referee, a quarter of the pool hard
+    assert "round_1/discrimination.referee" not in stages
+    assert "round_1/discrimination.student" not in stages
+    split = stages["round_1/discrimination.student_loss"]["metrics"]
+    assert split["judged"] == 60 and split["hard"] == 15 and split["failed"] == 0
+    assert split["mean_hard_loss"] > split["mean_easy_loss"] > 0
+    judged = pq.read_table(run_dir / "round_1" / "discrimination" / "judged.parquet").to_pylist()
+    hardest = max(judged, key=lambda r: r["student_loss"])
+    assert hardest["label"] == "hard" and all(r["referee_calls"] == 0 for r in judged)
+    status = lion_status(run_dir)
+    assert status["spend"].get("referee", {"spent_usd": 0.0})["spent_usd"] == 0.0
+    assert status["discrimination"]["1"]["selection"] == "student_loss"
+    assert status["discrimination"]["1"]["cost_usd"] == 0.0  # the teacher's answers: cached
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert report["summary"][0]["select"] == "student_loss"
+    assert report["summary"][0]["disc $"] == 0.0 and report["summary"][0]["hard"] == 0.25
+    gen = stages["round_1/generation"]["metrics"]
+    assert gen["new_instructions"] > 0
     teacher = pq.read_table(run_dir / "round_1" / "imitation" / "teacher.parquet")
     assert set(teacher.column("status").to_pylist()) == {"ok"}

@@ -130,6 +130,40 @@ class HFGenerator:
                 results[k] = res
         return results  # type: ignore[return-value]
 
+    def losses(self, items: list[tuple[str, str, str]]) -> list[float]:
+        """The mean per-token loss of each (instruction, input, answer): the same ids, the
+        same masking and the same truncation the student trains with."""
+        torch = self.torch
+        examples = [self.format.example(i, x, a, self.position_limit) for i, x, a in items]
+        order = sorted(range(len(items)), key=lambda k: len(examples[k].input_ids))
+        out: list[float] = [0.0] * len(items)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            width = max(len(examples[k].input_ids) for k in idx)
+            ids = torch.full((len(idx), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            labels = torch.full((len(idx), width), -100, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            for row, k in enumerate(idx):  # right-padded: positions match training's
+                n = len(examples[k].input_ids)
+                ids[row, :n] = torch.tensor(examples[k].input_ids)
+                labels[row, :n] = torch.tensor(examples[k].labels)
+                attention[row, :n] = 1
+            with torch.no_grad():
+                logits = self.model(
+                    input_ids=ids.to(self.device), attention_mask=attention.to(self.device)
+                ).logits.float()
+            shifted, targets = logits[:, :-1], labels[:, 1:].to(self.device)
+            token_loss = torch.nn.functional.cross_entropy(
+                shifted.reshape(-1, shifted.size(-1)),
+                targets.reshape(-1),
+                ignore_index=-100,
+                reduction="none",
+            ).view(targets.shape)
+            counted = (targets != -100).sum(dim=1).clamp(min=1)
+            for row, k in enumerate(idx):
+                out[k] = float(token_loss[row].sum() / counted[row])
+        return out
+
     def _sampling(self, max_new_tokens, temperature, top_p) -> dict:
         temperature = self.temperature if temperature is None else temperature
         sample = temperature > 0
@@ -238,6 +272,40 @@ class HFPredictor:
             except Exception as exc:  # a bad batch must not take the stage down
                 error = f"{type(exc).__name__}: {str(exc)[:300]}"
         return _answers_table(rows, [None] * len(rows), error)
+
+
+class LossScorer:
+    """Ray Data actor: the student's loss on each row's teacher answer (``answer``); a
+    failing batch is retried, then its rows get no loss and the error."""
+
+    max_batch_retries = 2
+
+    def __init__(self, model_uri: str, student: dict):
+        self.generator = HFGenerator.for_student(model_uri, StudentConfig.model_validate(student))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        error = ""
+        for _ in range(self.max_batch_retries + 1):
+            try:
+                losses = self.generator.losses(
+                    [(r["instruction"], r["input"], r["answer"]) for r in rows]
+                )
+                return pa.Table.from_pylist(
+                    [
+                        {"id": r["id"], "loss": x, "error": ""}
+                        for r, x in zip(rows, losses, strict=True)
+                    ],
+                    schema=LOSS_SCHEMA,
+                )
+            except Exception as exc:  # a bad batch must not take the stage down
+                error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        return pa.Table.from_pylist(
+            [{"id": r["id"], "loss": None, "error": error} for r in rows], schema=LOSS_SCHEMA
+        )
+
+
+LOSS_SCHEMA = pa.schema([("id", pa.string()), ("loss", pa.float64()), ("error", pa.string())])
 
 
 def _answers_table(rows: list[dict], outs: list[dict | None], error: str = "") -> pa.Table:
@@ -406,6 +474,72 @@ def _prompt_ids(student: StudentConfig, model_uri: str):
 BOUNDED_RESTARTS = {"max_restarts": 3, "max_task_retries": 3}
 
 
+def _map_student(ds, actor_cls: type, student: StudentConfig, model_uri: str, blocks: int):
+    """``ds`` through a pool of actors that each load the student once (hf backend)."""
+    import ray
+
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates remote args on map_batches (removal in 2.64, and we pin <2.61)
+        # without offering another way to bound actor restarts.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return ds.map_batches(
+            actor_cls,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_constructor_kwargs={"model_uri": model_uri, "student": student.model_dump()},
+            compute=ray.data.ActorPoolStrategy(size=min(student.num_engines, blocks)),
+            num_cpus=student.cpus_per_engine,
+            num_gpus=student.gpus_per_engine or None,
+            **BOUNDED_RESTARTS,
+        )
+
+
+def student_losses(
+    rows: list[dict],
+    student: StudentConfig,
+    *,
+    model_uri: str,
+    label: str = "student loss",
+    show_progress: bool = True,
+) -> tuple[dict[str, float | None], dict]:
+    """The student's mean per-token loss on each row's ``answer`` (the teacher's; rows have
+    id, instruction, input, answer), by id;
+    None where scoring failed. Runs on the hf backend whatever ``student.backend`` is (a
+    forward pass, no generation)."""
+    import ray
+
+    from lion_ray.engines.cluster import data_context_quiet
+    from lion_ray.progress import StageProgress
+
+    check_model_path(model_uri, "the student model")
+    per_block = student.batch_size
+    chunks = [pa.Table.from_pylist(rows[i : i + per_block]) for i in range(0, len(rows), per_block)]
+    data_context_quiet()
+    losses: dict[str, float | None] = {}
+    errors: dict[str, str] = {}
+    started = time.monotonic()
+    with StageProgress(label, total=len(rows), enabled=show_progress, unit="rows") as bar:
+        if rows:
+            ds = _map_student(
+                ray.data.from_arrow(chunks), LossScorer, student, model_uri, len(chunks)
+            )
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for row in batch.to_pylist():
+                    losses[row["id"]] = row["loss"]
+                    if row["error"]:
+                        errors[row["id"]] = row["error"]
+                    bar.advance(1, failed=row["loss"] is None)
+    missing = [r["id"] for r in rows if r["id"] not in losses]
+    if missing:
+        raise RuntimeError(f"{len(missing)} rows came back without a loss: {missing[:5]}")
+    return losses, {
+        "rows": len(rows),
+        "failed": sum(x is None for x in losses.values()),
+        "errors": sorted(set(errors.values()))[:3],
+        "wall_s": round(time.monotonic() - started, 2),
+    }
+
+
 def student_answers(
     pool: pa.Table,
     student: StudentConfig,
@@ -449,25 +583,7 @@ def student_answers(
                     model_uri,
                 )
             else:
-                with warnings.catch_warnings():
-                    # Ray 2.60 deprecates remote args on map_batches (removal in 2.64, and we
-                    # pin <2.61) without offering another way to bound actor restarts.
-                    warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-                    ds = ds.map_batches(
-                        predictor_cls,
-                        batch_format="pyarrow",
-                        batch_size=None,
-                        fn_constructor_kwargs={
-                            "model_uri": model_uri,
-                            "student": student.model_dump(),
-                        },
-                        compute=ray.data.ActorPoolStrategy(
-                            size=min(student.num_engines, len(chunks))
-                        ),
-                        num_cpus=student.cpus_per_engine,
-                        num_gpus=student.gpus_per_engine or None,
-                        **BOUNDED_RESTARTS,
-                    )
+                ds = _map_student(ds, predictor_cls, student, model_uri, len(chunks))
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in batch.to_pylist():
                     row = _answer_row(row)

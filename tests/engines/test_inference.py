@@ -174,3 +174,23 @@ def test_cli_answers_a_pool_with_the_student(taught_student, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = pq.read_table(out).to_pylist()
     assert [r["answer"] for r in rows] == [a for _, a in MEMORIZED]
+
+
+def test_student_loss_is_the_training_loss_row_by_row(taught_student):
+    """Batched, right-padded scoring gives each row exactly the loss training computes for
+    it alone; a memorized answer costs the student less than a wrong one."""
+    import torch
+
+    student = StudentConfig(prompt_format="compact", batch_size=4)
+    generator = HFGenerator.for_student(str(taught_student), student)
+    items = [(q, "", a) for q, a in MEMORIZED] + [(MEMORIZED[0][0], "", "a wrong answer, long")]
+    losses = generator.losses(items)
+    for item, loss in zip(items, losses, strict=True):
+        example = generator.format.example(*item, generator.position_limit)
+        with torch.no_grad():
+            alone = generator.model(
+                input_ids=torch.tensor([example.input_ids]),
+                labels=torch.tensor([example.labels]),
+            ).loss.item()
+        assert loss == pytest.approx(alone, rel=1e-4, abs=1e-5)
+    assert max(losses[:3]) < losses[3]
