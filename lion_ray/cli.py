@@ -842,23 +842,24 @@ def serve_cmd(
         cfg = _load(config, overrides)
         model, run_dir = _path(model, model=True), _path(run_dir)
         with Session(cfg, need_endpoints=False, quiet=True):
-            url = deploy(cfg.serve, student=cfg.student, model_dir=model, run_dir=run_dir)
-            console.print(
-                f"serving {model or 'the newest student of ' + run_dir} at {url} "
-                f"(OpenAI API under {url}/v1, chat page at {url}/)"
-            )
-            if not cfg.serve.api_keys_env:
+            try:  # Ctrl-C at any point, even while deploying, stops the server cleanly
+                url = deploy(cfg.serve, student=cfg.student, model_dir=model, run_dir=run_dir)
                 console.print(
-                    "[yellow]warning:[/yellow] serving WITHOUT authentication: anyone who can "
-                    "reach it can use it (set serve.api_keys_env)"
+                    f"serving {model or 'the newest student of ' + run_dir} at {url} "
+                    f"(OpenAI API under {url}/v1, chat page at {url}/)"
                 )
-            if detach:
-                return
-            console.print("Ctrl-C to stop")
-            try:
+                if not cfg.serve.api_keys_env:
+                    console.print(
+                        "[yellow]warning:[/yellow] serving WITHOUT authentication: anyone who "
+                        "can reach it can use it (set serve.api_keys_env)"
+                    )
+                if detach:
+                    return
+                console.print("Ctrl-C to stop")
                 while True:
                     time.sleep(3600)
             except KeyboardInterrupt:
+                console.print("stopping the server")
                 serve.shutdown()
 
 

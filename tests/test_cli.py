@@ -155,6 +155,7 @@ def test_cli_chain_teacher_student_discriminate_generate(tmp_path, taught_studen
 def test_serve_command_until_ctrl_c(tmp_path, taught_student):
     """`lion-ray serve --model DIR` in the foreground: answers, then stops on Ctrl-C."""
     import signal
+    import threading
     import time
 
     from openai import OpenAI
@@ -180,6 +181,10 @@ def test_serve_command_until_ctrl_c(tmp_path, taught_student):
             assert line or proc.poll() is None, "".join(lines)[-3000:]
             lines.append(line)
         assert any(f"http://127.0.0.1:{port}/v1" in line for line in lines), "".join(lines)
+        # keep reading: Ray forwards replica logs to this pipe, and a full pipe would block
+        # the server's shutdown on a write
+        drain = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        drain.start()
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         question, answer = MEMORIZED[1]
         reply = client.chat.completions.create(
@@ -187,7 +192,7 @@ def test_serve_command_until_ctrl_c(tmp_path, taught_student):
         )
         assert reply.choices[0].message.content == answer
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0  # Serve and Ray shut down; slow on a loaded CI machine
+        assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]  # Serve and Ray shut down
     finally:
         if proc.poll() is None:
             proc.kill()

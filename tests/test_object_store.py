@@ -149,7 +149,9 @@ def test_a_round_on_s3_killed_resumed_and_served(s3_env, tmp_path):
     run = f"s3://{BUCKET}/runs/mini"
     args = (
         *("run", "--config", str(DATA / "mini.yaml")),
-        *("--set", f"storage.run_dir={run}", "--set", "train.epochs=10"),
+        *("--set", f"storage.run_dir={run}", "--set", "train.epochs=6"),
+        *("--set", "train.checkpoint_every_steps=4", "--set", "sandbox.heldout_tasks=10"),
+        *("--set", "loop.hard_per_round=6", "--set", "loop.easy_per_round=4"),
     )
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - the child writes to it
     first = _lion(*args, env=s3_env, stdout=log, stderr=subprocess.STDOUT)
@@ -178,12 +180,12 @@ def test_a_round_on_s3_killed_resumed_and_served(s3_env, tmp_path):
     assert storage.verify_checksums(model) is None
 
     port = free_port()
+    serve_log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - a file, never a full pipe
     server = _lion(
         *("serve", "--run", run, "--port", str(port)),
         env=s3_env,
-        stdout=subprocess.PIPE,
+        stdout=serve_log,
         stderr=subprocess.STDOUT,
-        text=True,
     )
     try:
         from openai import OpenAI
@@ -196,17 +198,24 @@ def test_a_round_on_s3_killed_resumed_and_served(s3_env, tmp_path):
                 break
             except Exception:
                 if time.time() > deadline or server.poll() is not None:
-                    pytest.fail("lion-ray serve --run s3://... did not come up")
+                    pytest.fail(
+                        "lion-ray serve --run s3://... did not come up: "
+                        + (tmp_path / "serve.log").read_text()[-3000:]
+                    )
                 time.sleep(1)
         assert models.data[0].root == f"{run}/round_1/imitation/model"
         reply = client.chat.completions.create(
             model="m", messages=[{"role": "user", "content": "Reverse 'kato'."}], max_tokens=8
         )
         assert reply.usage.completion_tokens >= 1
+        deadline = time.time() + 60  # what a user waits for before pressing Ctrl-C
+        while "Ctrl-C to stop" not in (tmp_path / "serve.log").read_text():
+            assert time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
     finally:
-        os.killpg(server.pid, signal.SIGINT)
+        server.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops it
         try:
-            server.wait(timeout=120)
+            assert server.wait(timeout=120) == 0
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
