@@ -424,6 +424,12 @@ class SandboxConfig(_Strict):
         300, gt=0, description="Seed-pool size when loop.seed_pool is 'sandbox'."
     )
     heldout_tasks: int = Field(200, ge=0, description="Held-out tasks scored after each round.")
+    heldout_distribution: Literal["seed", "target"] = Field(
+        "seed",
+        description="'seed': held-out tasks drawn like the seed pool; 'target': every family at "
+        "every difficulty generation can reach in this run (1 .. max_difficulty + rounds - 1, "
+        "at most 5) in equal parts.",
+    )
     task_seed: int = Field(0, description="Seed for generated tasks.")
     max_difficulty: int = Field(2, ge=1, le=5, description="Hardest level in the seed pool.")
     teacher_error_rate: float = Field(0.0, ge=0, le=1, description="Fraction of wrong answers.")

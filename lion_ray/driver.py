@@ -15,6 +15,7 @@ the same pools, and spends nothing twice.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -333,19 +334,26 @@ class Driver:
 
     def heldout_tasks(self, io: StageIO) -> StageResult:
         """Held-out sandbox tasks (with answers), disjoint from the seed pool."""
-        from lion_ray.sandbox.tasks import generate_tasks
+        from lion_ray.sandbox.tasks import FAMILIES, generate_tasks, stratified_tasks
 
         sb = self.cfg.sandbox
         seen = set(storage.read_parquet(io.inputs["cache_pool"]).column("instruction").to_pylist())
-        tasks = [
-            t
-            for t in generate_tasks(
-                sb.heldout_tasks * 2,
-                seed=sb.task_seed + HELDOUT_SEED_OFFSET,
-                max_difficulty=sb.max_difficulty,
-            )
-            if t.instruction not in seen
-        ]
+        if sb.heldout_distribution == "target":
+            # what generation can reach: one level up per round from the seed pool's hardest
+            top = min(5, sb.max_difficulty + self.cfg.loop.rounds - 1)
+            per_cell = max(1, -(-sb.heldout_tasks // (len(FAMILIES) * top)))
+            tasks = stratified_tasks(per_cell, sb.task_seed + HELDOUT_SEED_OFFSET, top, seen)
+            random.Random(sb.task_seed).shuffle(tasks)  # a cut keeps every cell about equal
+        else:
+            tasks = [
+                t
+                for t in generate_tasks(
+                    sb.heldout_tasks * 2,
+                    seed=sb.task_seed + HELDOUT_SEED_OFFSET,
+                    max_difficulty=sb.max_difficulty,
+                )
+                if t.instruction not in seen
+            ]
         records = [t.as_record() for t in tasks[: sb.heldout_tasks]]
         storage.write_text(io.outputs["tasks"], "".join(json.dumps(r) + "\n" for r in records))
         return StageResult(rows=len(records))
@@ -578,9 +586,14 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def run(
-    cfg: LionConfig, *, show_progress: bool = True, console: Console | None = None
+    cfg: LionConfig,
+    *,
+    show_progress: bool = True,
+    console: Console | None = None,
+    driver_cls: type[Driver] = Driver,
 ) -> list[dict]:
-    """Run (or resume) the whole Lion loop for ``cfg``; returns per-round summaries."""
+    """Run (or resume) the whole Lion loop for ``cfg``; returns per-round summaries.
+    ``driver_cls``: a Driver with stages replaced (an experiment's control arm)."""
     console = console or make_console()
     if cfg.student.model_path:  # before Ray, the sandbox or any paid call
         from lion_ray.models import check_model_path
@@ -590,7 +603,7 @@ def run(
         if session.dashboard_url:
             console.print(f"Ray dashboard: {session.dashboard_url}")
         console.print(f"run directory: {session.run.uri}")
-        summaries = Driver(cfg, session, console, show_progress).run_all()
+        summaries = driver_cls(cfg, session, console, show_progress).run_all()
     console.print(summary_table(summaries, title=f"{cfg.name}: {len(summaries)} rounds"))
     console.print(
         f"report: {storage.join(RunDir(cfg.storage.run_dir).path('report'), 'index.html')}"

@@ -289,6 +289,32 @@ def generate_tasks(
     return list(tasks.values())
 
 
+def stratified_tasks(
+    per_cell: int, seed: int = 0, max_difficulty: int = 5, exclude: set[str] | None = None
+) -> list[Task]:
+    """``per_cell`` distinct tasks for every family at every difficulty 1..max_difficulty
+    (the whole distribution hard mining can reach, in equal parts), none in ``exclude``."""
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    out: list[Task] = []
+    for family in FAMILIES:
+        for difficulty in range(1, max_difficulty + 1):
+            made, attempts = 0, 0
+            while made < per_cell:
+                attempts += 1
+                if attempts > 200 * per_cell:
+                    raise ValueError(
+                        f"could not make {per_cell} distinct {family.name} tasks at "
+                        f"difficulty {difficulty}"
+                    )
+                task = make_task(family, rng, difficulty)
+                if task.difficulty == difficulty and task.instruction not in seen:
+                    seen.add(task.instruction)
+                    out.append(task)
+                    made += 1
+    return out
+
+
 def normalize_answer(text: str) -> str:
     """An answer stripped of what does not change its meaning (space, quotes, final period)."""
     text = text.strip().splitlines()[0].strip() if text.strip() else ""
@@ -332,17 +358,23 @@ def rarer_families(name: str) -> list[Family]:
 
 
 def heldout_accuracy(tasks: list[dict], answers: dict[str, str]) -> dict:
-    """Exact-answer accuracy on held-out records (instruction, output, family), overall and
-    per family; ``answers`` maps instruction to the student's answer."""
+    """Exact-answer accuracy on held-out records (instruction, output, family, difficulty),
+    overall, per family and per difficulty; ``answers`` maps instruction to the student's
+    answer."""
     per: dict[str, list[int]] = {}
+    by_difficulty: dict[str, list[int]] = {}
     for rec in tasks:
         task = parse_instruction(rec["instruction"])
         got = answers.get(rec["instruction"], "")
         ok = task is not None and is_correct(task, got)
         per.setdefault(rec["family"], []).append(int(ok))
+        by_difficulty.setdefault(str(rec.get("difficulty", "?")), []).append(int(ok))
     total = [x for xs in per.values() for x in xs]
     return {
         "accuracy": round(sum(total) / len(total), 4) if total else 0.0,
         "n": len(total),
         "by_family": {f: round(sum(xs) / len(xs), 4) for f, xs in sorted(per.items())},
+        "by_difficulty": {
+            d: round(sum(xs) / len(xs), 4) for d, xs in sorted(by_difficulty.items())
+        },
     }

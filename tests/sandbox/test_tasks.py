@@ -100,3 +100,20 @@ def test_requested_difficulty_is_exact():
     for family in FAMILIES:
         for d in range(1, 6):
             assert all(make_task(family, rng, d).difficulty == d for _ in range(50)), family.name
+
+
+def test_the_target_distribution_covers_every_family_and_difficulty_equally():
+    from lion_ray.sandbox.tasks import heldout_accuracy, stratified_tasks
+
+    seeds = {t.instruction for t in generate_tasks(200, seed=1, max_difficulty=1)}
+    tasks = stratified_tasks(3, seed=10_000, max_difficulty=3, exclude=seeds)
+    cells = Counter((t.family, t.difficulty) for t in tasks)
+    assert set(cells) == {(f.name, d) for f in FAMILIES for d in (1, 2, 3)}
+    assert set(cells.values()) == {3}
+    assert not seeds & {t.instruction for t in tasks}
+    assert len({t.instruction for t in tasks}) == len(tasks)
+    records = [t.as_record() for t in tasks]
+    answers = {t.instruction: t.answer for t in tasks if t.difficulty == 1}
+    result = heldout_accuracy(records, answers)
+    assert result["by_difficulty"] == {"1": 1.0, "2": 0.0, "3": 0.0}
+    assert result["accuracy"] == pytest.approx(1 / 3, abs=1e-4)
