@@ -56,8 +56,6 @@ def test_a_round_from_a_wheel_install_outside_the_checkout(wheel, tmp_path):
             check=True,
         ).stdout.strip()
     )
-    # dependencies only: a plain path line does not run the editable install's finder
-    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     res = subprocess.run(
         [
             venv / "bin" / "python",
@@ -74,6 +72,10 @@ def test_a_round_from_a_wheel_install_outside_the_checkout(wheel, tmp_path):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]
+    # Only now the dependencies, by a plain path line (which does not run this environment's
+    # editable-install finder). Before the install, pip would have seen this environment's
+    # lion-ray there and uninstalled it.
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")} | {
@@ -89,6 +91,10 @@ def test_a_round_from_a_wheel_install_outside_the_checkout(wheel, tmp_path):
         check=True,
     ).stdout.strip()
     assert where.startswith(str(venv)), where  # the wheel's copy, not the checkout
+    import importlib.metadata
+
+    assert importlib.metadata.distribution("lion-ray")  # this environment's install is intact
+    assert (Path(sys.executable).parent / "lion-ray").exists()
     run = subprocess.run(
         [venv / "bin" / "lion-ray", "run", "--config", "demo", "--no-progress"]
         + ["--set", "loop.rounds=1", "--set", "sandbox.seed_tasks=40"]
