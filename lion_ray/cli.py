@@ -817,8 +817,6 @@ def serve_cmd(
     """Serve the student behind an OpenAI-compatible Ray Serve endpoint with a chat page at /."""
     import time
 
-    from ray import serve
-
     from lion_ray.engines.serving import deploy
     from lion_ray.session import Session
 
@@ -860,7 +858,25 @@ def serve_cmd(
                     time.sleep(3600)
             except KeyboardInterrupt:
                 console.print("stopping the server")
-                serve.shutdown()
+                _stop_bounded(console)
+
+
+def _stop_bounded(console, limit_s: float = 60.0) -> None:
+    """Shut Serve, then this driver's Ray, down, each within ``limit_s``: after Ctrl-C the
+    terminal must come back even when a teardown hangs (seen on a loaded CI machine)."""
+    import threading
+
+    import ray
+    from ray import serve
+
+    for name, stop in (("Serve", serve.shutdown), ("Ray", ray.shutdown)):
+        worker = threading.Thread(target=stop, daemon=True)
+        worker.start()
+        worker.join(limit_s)
+        if worker.is_alive():
+            console.print(f"[yellow]warning:[/yellow] {name} did not stop within {limit_s:.0f} s")
+            sys.stdout.flush()
+            os._exit(0)  # the local Ray processes share this process's fate
 
 
 def main() -> None:

@@ -192,7 +192,7 @@ def test_serve_command_until_ctrl_c(tmp_path, taught_student):
         )
         assert reply.choices[0].message.content == answer
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]  # Serve and Ray shut down
+        assert proc.wait(timeout=180) == 0, "".join(lines)[-3000:]  # Serve and Ray shut down
     finally:
         if proc.poll() is None:
             proc.kill()
