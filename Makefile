@@ -45,7 +45,11 @@ test: test-main test-vllm
 test-main: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q -rs --durations=15 -m "not vllm and not gpu"
+	# Ctrl-C of `lion-ray serve` runs first, in its own process: inside the full suite its
+	# shutdown failed on CI for a reason not yet found (see issue notes); alone it passes.
+	$(BIN)/pytest -q -rs tests/test_cli.py::test_serve_command_until_ctrl_c
+	$(BIN)/pytest -q -rs --durations=15 -m "not vllm and not gpu" \
+		--deselect tests/test_cli.py::test_serve_command_until_ctrl_c
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_BIN)/pytest -q -rs --durations=10 -m "vllm and not gpu"
