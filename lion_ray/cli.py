@@ -815,11 +815,14 @@ def serve_cmd(
     set_: SetOption = None,
 ) -> None:
     """Serve the student behind an OpenAI-compatible Ray Serve endpoint with a chat page at /."""
+    import signal
     import time
 
     from lion_ray.engines.serving import deploy
     from lion_ray.session import Session
 
+    # a parent that ignores SIGINT (a test runner, a job shell) passes that on; Ctrl-C must stop us
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if (run_dir is None) == (model is None):
         err_console.print(
             "[bold red]error:[/bold red] give exactly one of --run DIR or --model DIR"
