@@ -218,7 +218,7 @@ def test_backpressure_answers_503_not_collapse(ray_local, served, tiny_student):
         except urllib.error.HTTPError as exc:
             codes.append(exc.code)
 
-    threads = [threading.Thread(target=one) for _ in range(10)]
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(10)]
     for t in threads:
         t.start()
     for t in threads:
@@ -249,18 +249,21 @@ def test_hot_swap_under_concurrent_requests(served, taught_student, taught_stude
             except Exception as exc:  # any failed request fails the test
                 failures.append(repr(exc))
 
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    # daemon threads stopped in `finally`: a failure must not leave them looping forever
+    threads = [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(2)
-    deploy(settings, student=COMPACT, model_dir=str(taught_student_b))  # rolling update in place
-    deadline = time.time() + 60
-    while time.time() < deadline and (not seen or seen[-1] != MEMORIZED_B[0][1]):
-        time.sleep(0.5)
-    time.sleep(1)
-    stop.set()
-    for t in threads:
-        t.join()
+    try:
+        time.sleep(2)
+        deploy(settings, student=COMPACT, model_dir=str(taught_student_b))  # rolling update
+        deadline = time.time() + 60
+        while time.time() < deadline and (not seen or seen[-1] != MEMORIZED_B[0][1]):
+            time.sleep(0.5)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=150)
     assert not failures, failures[:3]
     assert seen[0] == MEMORIZED[0][1] and seen[-1] == MEMORIZED_B[0][1]
     assert set(seen) == {MEMORIZED[0][1], MEMORIZED_B[0][1]}

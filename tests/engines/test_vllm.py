@@ -163,12 +163,15 @@ def test_serving_on_vllm_and_a_hot_swap_that_frees_the_old_engine(
     b = tmp_path / "b"
     shutil.copytree(taught_student_b, b)
     student = StudentConfig(prompt_format="compact", vllm_device="cpu")
-    url = deploy(
-        ServeConfig(port=free_port(), backend="vllm", max_tokens_cap=64),
+    url = deploy(  # reload may load only from serve.reload_allow (no run dir here)
+        ServeConfig(
+            port=free_port(), backend="vllm", max_tokens_cap=64, reload_allow=[str(tmp_path)]
+        ),
         student=student,
         model_dir=str(taught_student),
         name="vllm-student",
     )
+    stop, threads = threading.Event(), []
     try:
         c = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         question, answer = MEMORIZED[0]
@@ -191,7 +194,7 @@ def test_serving_on_vllm_and_a_hot_swap_that_frees_the_old_engine(
         assert chunks[-1].finish_reason == "stop"
         before = _status(url)["rss_mb"]
 
-        seen, failures, stop = [], [], threading.Event()
+        seen, failures = [], []
 
         def hammer():
             client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
@@ -204,7 +207,9 @@ def test_serving_on_vllm_and_a_hot_swap_that_frees_the_old_engine(
                 except Exception as exc:  # any failed request fails the test
                     failures.append(repr(exc))
 
-        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        # daemon, and stopped in `finally`: a failed assertion must not leave them looping,
+        # which kept the pytest process alive until CI's timeout
+        threads += [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
         for t in threads:
             t.start()
         time.sleep(1)
@@ -228,4 +233,7 @@ def test_serving_on_vllm_and_a_hot_swap_that_frees_the_old_engine(
         after = _status(url)["rss_mb"]
         assert after < before * 1.15, (before, after)
     finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=150)
         serve.delete("vllm-student")
