@@ -76,3 +76,32 @@ def answer_command(config: str, pool, output, run_dir, *sets: str) -> list[str]:
     for item in sets:
         cmd += ["--set", item]
     return cmd
+
+
+def http_json(
+    url: str, key: str | None = None, body: dict | bytes | None = None, timeout: float = 120
+) -> tuple[int, dict]:
+    """One JSON request (POST when there is a body, else GET), with an optional bearer
+    key: (status, decoded body), error statuses included; a body that is not JSON (Serve's
+    own 503, say) comes back as {"text": ...}."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url,
+        method="GET" if body is None else "POST",
+        data=data,
+        headers={"Content-Type": "application/json"}
+        | ({"Authorization": f"Bearer {key}"} if key else {}),
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, {"text": raw.decode(errors="replace")}

@@ -253,6 +253,18 @@ class HFGenerator:
         yield {"finish": self._finish(ids, output.get("ids", []))}
 
 
+def _with_retries(work, rows: list[dict], retries: int):
+    """``work(rows)`` for one batch, tried ``retries + 1`` times: a bad batch must not take
+    the stage down. Returns (result, "") or (None, the last error)."""
+    error = ""
+    for _ in range(retries + 1):
+        try:
+            return work(rows), ""
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return None, error
+
+
 class HFPredictor:
     """Ray Data actor: loads the student once, answers batches; a failing batch is retried,
     then its rows are marked failed (never dropped)."""
@@ -264,14 +276,12 @@ class HFPredictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        error = ""
-        for _ in range(self.max_batch_retries + 1):
-            try:
-                outs = self.generator.generate([(r["instruction"], r["input"]) for r in rows])
-                return _answers_table(rows, outs)
-            except Exception as exc:  # a bad batch must not take the stage down
-                error = f"{type(exc).__name__}: {str(exc)[:300]}"
-        return _answers_table(rows, [None] * len(rows), error)
+        outs, error = _with_retries(
+            lambda rs: self.generator.generate([(r["instruction"], r["input"]) for r in rs]),
+            rows,
+            self.max_batch_retries,
+        )
+        return _answers_table(rows, outs or [None] * len(rows), error)
 
 
 class LossScorer:
@@ -285,23 +295,17 @@ class LossScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        error = ""
-        for _ in range(self.max_batch_retries + 1):
-            try:
-                losses = self.generator.losses(
-                    [(r["instruction"], r["input"], r["answer"]) for r in rows]
-                )
-                return pa.Table.from_pylist(
-                    [
-                        {"id": r["id"], "loss": x, "error": ""}
-                        for r, x in zip(rows, losses, strict=True)
-                    ],
-                    schema=LOSS_SCHEMA,
-                )
-            except Exception as exc:  # a bad batch must not take the stage down
-                error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        losses, error = _with_retries(
+            lambda rs: self.generator.losses(
+                [(r["instruction"], r["input"], r["answer"]) for r in rs]
+            ),
+            rows,
+            self.max_batch_retries,
+        )
+        losses = losses or [None] * len(rows)
         return pa.Table.from_pylist(
-            [{"id": r["id"], "loss": None, "error": error} for r in rows], schema=LOSS_SCHEMA
+            [{"id": r["id"], "loss": x, "error": error} for r, x in zip(rows, losses, strict=True)],
+            schema=LOSS_SCHEMA,
         )
 
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from ..conftest import DATA, ROOT
-from ..helpers import free_port
+from ..helpers import free_port, http_json
 
 BIN = Path(sys.executable).parent
 
@@ -113,23 +113,6 @@ class LocalCluster:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def _call(url: str, method: str, route: str, key: str, body: dict | None = None):
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(
-        url + route,
-        method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 @pytest.mark.slow
 def test_ray_job_submit_on_a_head_and_a_worker(tmp_path):
     """The loop as a job on two nodes, then the student served from it with keys that only the
@@ -193,17 +176,17 @@ def test_ray_job_submit_on_a_head_and_a_worker(tmp_path):
         # both replicas check keys, the one on the worker node (no variable there) too
         replica_nodes: set[str] = set()
         for _ in range(40):
-            status, body = _call(url, "GET", "/v1/admin/status", "admin-key-1")
+            status, body = http_json(f"{url}/v1/admin/status", "admin-key-1")
             assert status == 200
             replica_nodes.add(body["node_id"])
             if replica_nodes == nodes:
                 break
         assert replica_nodes == nodes
-        assert _call(url, "GET", "/v1/admin/status", "user-key-1")[0] == 403
+        assert http_json(f"{url}/v1/admin/status", "user-key-1")[0] == 403
         outside = {"model_dir": str(tmp_path)}  # an admin key, a path outside the run
-        assert _call(url, "POST", "/v1/admin/reload", "admin-key-1", outside)[0] == 403
+        assert http_json(f"{url}/v1/admin/reload", "admin-key-1", outside)[0] == 403
         newest = {"model_dir": str(run_dir / "round_1" / "imitation" / "model")}
-        assert _call(url, "POST", "/v1/admin/reload", "admin-key-1", newest)[0] == 200
+        assert http_json(f"{url}/v1/admin/reload", "admin-key-1", newest)[0] == 200
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["finished_rounds"] == 1
     workers = manifest["stages"]["round_1/imitation.train"]["metrics"]["worker_nodes"]

@@ -19,7 +19,7 @@ from lion_ray.config import ServeConfig, StudentConfig
 from lion_ray.engines.serving import deploy
 
 from ..conftest import ADMIN_KEYS_ENV, MEMORIZED, MEMORIZED_B, ROOT, SERVE_KEYS_ENV
-from ..helpers import free_port
+from ..helpers import free_port, http_json
 
 COMPACT = StudentConfig(prompt_format="compact")  # the tiny students' text template
 
@@ -110,18 +110,7 @@ def test_bearer_keys(served):
 
 
 def _admin(url: str, route: str, key: str | None, body: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        f"{url}/v1/admin/{route}",
-        method="POST" if body is not None else "GET",
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Content-Type": "application/json"}
-        | ({"Authorization": f"Bearer {key}"} if key else {}),
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return http_json(f"{url}/v1/admin/{route}", key, body)
 
 
 def test_admin_routes_take_admin_keys_and_load_only_allowed_paths(served, taught_student, tmp_path):
@@ -142,17 +131,7 @@ def test_admin_routes_take_admin_keys_and_load_only_allowed_paths(served, taught
 
 
 def _post(url: str, body: bytes, key: str = KEY) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        f"{url}/v1/chat/completions",
-        data=body,
-        method="POST",
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return http_json(f"{url}/v1/chat/completions", key, body, timeout=60)
 
 
 def test_validation_and_caps(served):
@@ -205,18 +184,8 @@ def test_backpressure_answers_503_not_collapse(ray_local, served, tiny_student):
     codes: list[int] = []
 
     def one():
-        req = urllib.request.Request(
-            f"{bp}/v1/chat/completions",
-            method="POST",
-            data=json.dumps(
-                {"messages": [{"role": "user", "content": "x"}], "max_tokens": 200}
-            ).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            codes.append(urllib.request.urlopen(req, timeout=120).status)
-        except urllib.error.HTTPError as exc:
-            codes.append(exc.code)
+        ask = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 200}
+        codes.append(http_json(f"{bp}/v1/chat/completions", body=ask)[0])
 
     threads = [threading.Thread(target=one, daemon=True) for _ in range(10)]
     for t in threads:
@@ -268,13 +237,8 @@ def test_hot_swap_under_concurrent_requests(served, taught_student, taught_stude
     assert seen[0] == MEMORIZED[0][1] and seen[-1] == MEMORIZED_B[0][1]
     assert set(seen) == {MEMORIZED[0][1], MEMORIZED_B[0][1]}
     # and back, through the admin route this time
-    req = urllib.request.Request(
-        f"{url}/v1/admin/reload",
-        method="POST",
-        data=json.dumps({"model_dir": str(taught_student)}).encode(),
-        headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
-    )
-    assert json.loads(urllib.request.urlopen(req).read())["swapped"] is True
+    back = {"model_dir": str(taught_student)}
+    assert _admin(url, "reload", ADMIN_KEY, back)[1]["swapped"] is True
     assert (
         client(url)
         .chat.completions.create(model="m", messages=[{"role": "user", "content": question}])

