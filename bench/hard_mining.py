@@ -51,25 +51,29 @@ from lion_ray.session import Session
 ARMS = ("referee", "student_loss", "random", "one_shot")
 SHARED = ("imitation.teacher", "imitation.train", "eval.heldout")  # round 1, every arm
 SIZES = {
+    # a smoke size: every arm, stage and statistic runs; the student learns too little here
+    # for its numbers to say anything about the method
     "quick": {
         "seeds": 3,
         "rounds": 2,
         "overrides": [
-            "sandbox.seed_tasks=200",
+            "sandbox.seed_tasks=150",
             "sandbox.heldout_tasks=100",
-            "loop.hard_per_round=80",
-            "loop.easy_per_round=40",
-            "train.epochs=8",
+            "loop.hard_per_round=60",
+            "loop.easy_per_round=30",
+            "train.epochs=6",
         ],
     },
+    # the size of docs/method.md: large enough that the student learns part of the target
+    # in round 1 (the demo's seed pool is 1000), small enough for about an hour on 2 cores
     "full": {
         "seeds": 3,
         "rounds": 3,
         "overrides": [
-            "sandbox.seed_tasks=300",
+            "sandbox.seed_tasks=800",
             "sandbox.heldout_tasks=300",
-            "loop.hard_per_round=150",
-            "loop.easy_per_round=75",
+            "loop.hard_per_round=200",
+            "loop.easy_per_round=100",
             "train.epochs=10",
         ],
     },
