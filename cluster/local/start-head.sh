@@ -7,6 +7,8 @@
 # Then start workers (cluster/local/start-worker.sh HEAD_IP:6379) and submit the loop:
 #   RAY_AUTH_MODE=token ray job submit --address http://HEAD_IP:8265 --working-dir . -- \
 #       python jobs/distill.py --config configs/demo.yaml
+# A submit in the first seconds after start may answer "No available agent to submit job":
+# the head's dashboard agent is still registering; submit again a few seconds later.
 #
 # Ray 2.60 turns token auth on for local clusters: every node and every client must agree
 # on RAY_AUTH_MODE and share the token. On one machine the token file ~/.ray/auth_token is
@@ -25,7 +27,7 @@ while [ $# -gt 0 ]; do
     --dashboard-host) dashboard_host="$2"; shift 2 ;;
     --num-cpus) num_cpus="$2"; shift 2 ;;
     --temp-dir) temp_dir="$2"; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "start-head.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done

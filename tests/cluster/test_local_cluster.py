@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -80,16 +81,23 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard}"
 
     def submit(self, *entrypoint: str, timeout: float) -> subprocess.CompletedProcess:
-        """`ray job submit` of this working tree, as a user runs it against the dashboard."""
-        return subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url]
-            + ["--working-dir", ".", "--", "python", *entrypoint],
-            cwd=ROOT,
-            env={**self.env, "RAY_ADDRESS": ""},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        """`ray job submit` of this working tree, as a user runs it against the dashboard.
+        Right after `ray start` the head's job agent may not be registered yet (Ray waits
+        10 s for it, then answers "No available agent ... try again later"): try again."""
+        deadline = time.monotonic() + 90
+        while True:
+            res = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url]
+                + ["--working-dir", ".", "--", "python", *entrypoint],
+                cwd=ROOT,
+                env={**self.env, "RAY_ADDRESS": ""},
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+            if "No available agent" not in res.stderr + res.stdout or time.monotonic() > deadline:
+                return res
+            time.sleep(2)
 
     def node_ids(self) -> set[str]:
         code = (
