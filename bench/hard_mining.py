@@ -3,6 +3,7 @@
     python -m bench.hard_mining --quick          # about 10 minutes on 2 cores
     python -m bench.hard_mining                  # the full size of docs/method.md
     python -m bench.hard_mining --docs           # and write its table and plot into docs/
+    python -m bench.hard_mining --report-only    # summarize finished arms again, run nothing
 
 The world: the sandbox's ten task families. What the user cares about (the target) is every
 family at every difficulty the run's generation can reach; the held-out set is drawn from
@@ -25,7 +26,8 @@ below was fixed before the first run.
 
 Prints one JSON line: per arm the final held-out accuracy (mean and 95% t-interval over
 seeds), per pair the mean paired difference and its interval, plus accuracy by round, by
-family and by difficulty, and what discrimination cost. Writes ``accuracy.png`` and
+family and by difficulty, what each arm added (by family and difficulty), and what
+discrimination cost. Writes ``accuracy.png`` and
 ``table.md`` under --out (and docs/ with --docs).
 """
 
@@ -37,6 +39,7 @@ import json
 import math
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
@@ -46,6 +49,7 @@ from lion_ray.config import dump_config, load_config
 from lion_ray.driver import Driver, Stage, StageIO, StageResult, run
 from lion_ray.logic.pools import import_records
 from lion_ray.rundir import RunDir
+from lion_ray.sandbox.tasks import parse_instruction
 from lion_ray.session import Session
 
 ARMS = ("referee", "student_loss", "random", "one_shot")
@@ -172,6 +176,25 @@ def arm_results(run_dir: Path, rounds: int) -> dict:
             stages[f"round_{r}/generation"].metrics.get("new_instructions", 0)
             for r in range(1, rounds)
         ),
+        **added_mix(run_dir, rounds),
+    }
+
+
+def added_mix(run_dir: Path, rounds: int) -> dict:
+    """What an arm added to the Train Pool after round 1: shares by family and difficulty
+    (the sandbox reads each instruction back into its task)."""
+    families: Counter = Counter()
+    difficulties: Counter = Counter()
+    for r in range(1, rounds):
+        new = storage.read_parquet(str(run_dir / f"round_{r}" / "generation" / "new.parquet"))
+        for text in new.column("instruction").to_pylist():
+            task = parse_instruction(text)
+            families[task.family if task else "unparsed"] += 1
+            difficulties[str(task.difficulty) if task else "unparsed"] += 1
+    total = max(1, sum(families.values()))
+    return {
+        "added_by_family": {k: v / total for k, v in sorted(families.items())},
+        "added_by_difficulty": {k: v / total for k, v in sorted(difficulties.items())},
     }
 
 
@@ -211,6 +234,10 @@ def summarize(results: dict[str, dict[int, dict]], rounds: int) -> dict:
                 d: round(sum(r["by_difficulty"][d] for r in by_seed.values()) / len(finals), 4)
                 for d in difficulties
             },
+            "added_by_family": _mean_shares([r["added_by_family"] for r in by_seed.values()]),
+            "added_by_difficulty": _mean_shares(
+                [r["added_by_difficulty"] for r in by_seed.values()]
+            ),
             "discrimination_requests_per_seed": round(
                 sum(r["discrimination_requests"] for r in by_seed.values()) / len(finals), 1
             ),
@@ -231,6 +258,11 @@ def summarize(results: dict[str, dict[int, dict]], rounds: int) -> dict:
             "seeds": len(diffs),
         }
     return {"arms": arms, "differences": differences}
+
+
+def _mean_shares(shares: list[dict]) -> dict:
+    keys = sorted({k for d in shares for k in d})
+    return {k: round(sum(d.get(k, 0.0) for d in shares) / len(shares), 3) for k in keys}
 
 
 def plot(summary: dict, rounds: int, path: Path) -> None:
@@ -285,8 +317,36 @@ def table(summary: dict) -> str:
         lines.append(
             f"| {f} | " + " | ".join(f"{arms[a]['by_family'][f]:.3f}" for a in arms) + " |"
         )
+    added = sorted({f for a in arms.values() for f in a["added_by_family"]})
+    lines += [
+        "",
+        "| share of added instructions, by family | " + " | ".join(arms) + " |",
+        "|---|" + "---|" * len(arms),
+    ]
+    for f in added:
+        lines.append(
+            f"| {f} | "
+            + " | ".join(f"{arms[a]['added_by_family'].get(f, 0.0):.2f}" for a in arms)
+            + " |"
+        )
+    added = sorted({d for a in arms.values() for d in a["added_by_difficulty"]})
+    lines += [
+        "",
+        "| share of added instructions, by difficulty | " + " | ".join(arms) + " |",
+        "|---|" + "---|" * len(arms),
+    ]
+    for d in added:
+        lines.append(
+            f"| {d} | "
+            + " | ".join(f"{arms[a]['added_by_difficulty'].get(d, 0.0):.2f}" for a in arms)
+            + " |"
+        )
     difficulties = list(next(iter(arms.values()))["by_difficulty"])
-    lines += ["", "| by difficulty | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    lines += [
+        "",
+        "| final accuracy by difficulty | " + " | ".join(arms) + " |",
+        "|---|" + "---|" * len(arms),
+    ]
     for d in difficulties:
         lines.append(
             f"| {d} | " + " | ".join(f"{arms[a]['by_difficulty'][d]:.3f}" for a in arms) + " |"
@@ -304,13 +364,18 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default: /tmp/lion-bench-hard-mining-SIZE")
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     parser.add_argument("--docs", action="store_true", help="also write docs/method_*.{md,png}")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: summarize the finished arms under --out again",
+    )
     args = parser.parse_args()
     name = "quick" if args.quick else "full"
     size = SIZES[name]
     seeds = list(range(args.seeds or size["seeds"]))
     rounds = size["rounds"]
     out = Path(args.out or f"/tmp/lion-bench-hard-mining-{name}")
-    if args.fresh:
+    if args.fresh and not args.report_only:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
@@ -319,6 +384,10 @@ def main() -> None:
     # run: round 1 once per seed, then every arm from a copy of it
     results: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
     for seed in seeds:
+        if args.report_only:
+            for arm in ARMS:
+                results[arm][seed] = arm_results(out / f"seed{seed}" / arm, rounds)
+            continue
         base = shared_round_one(size, seed, out, console)
         for arm in ARMS:
             run_dir = out / f"seed{seed}" / arm
