@@ -293,6 +293,16 @@ def plot(summary: dict, rounds: int, path: Path) -> None:
     plt.close(fig)
 
 
+def _per_arm(arms: dict, title: str, key: str, digits: int) -> list[str]:
+    """A markdown table: one row per value of ``arms[*][key]``, one column per arm."""
+    rows = sorted({k for a in arms.values() for k in a[key]})
+    lines = ["", f"| {title} | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for k in rows:
+        cells = " | ".join(f"{arms[a][key].get(k, 0.0):.{digits}f}" for a in arms)
+        lines.append(f"| {k} | {cells} |")
+    return lines
+
+
 def table(summary: dict) -> str:
     arms = summary["arms"]
     lines = [
@@ -308,50 +318,10 @@ def table(summary: dict) -> str:
     lines += ["", "| difference (paired by seed) | mean | 95% interval |", "|---|---|---|"]
     for pair, d in summary["differences"].items():
         lines.append(f"| {pair} | {d['mean']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |")
-    families = list(next(iter(arms.values()))["by_family"])
-    lines += [
-        "",
-        "| final accuracy by family | " + " | ".join(arms) + " |",
-        "|---|" + "---|" * len(arms),
-    ]
-    for f in families:
-        lines.append(
-            f"| {f} | " + " | ".join(f"{arms[a]['by_family'][f]:.3f}" for a in arms) + " |"
-        )
-    added = sorted({f for a in arms.values() for f in a["added_by_family"]})
-    lines += [
-        "",
-        "| share of added instructions, by family | " + " | ".join(arms) + " |",
-        "|---|" + "---|" * len(arms),
-    ]
-    for f in added:
-        lines.append(
-            f"| {f} | "
-            + " | ".join(f"{arms[a]['added_by_family'].get(f, 0.0):.2f}" for a in arms)
-            + " |"
-        )
-    added = sorted({d for a in arms.values() for d in a["added_by_difficulty"]})
-    lines += [
-        "",
-        "| share of added instructions, by difficulty | " + " | ".join(arms) + " |",
-        "|---|" + "---|" * len(arms),
-    ]
-    for d in added:
-        lines.append(
-            f"| {d} | "
-            + " | ".join(f"{arms[a]['added_by_difficulty'].get(d, 0.0):.2f}" for a in arms)
-            + " |"
-        )
-    difficulties = list(next(iter(arms.values()))["by_difficulty"])
-    lines += [
-        "",
-        "| final accuracy by difficulty | " + " | ".join(arms) + " |",
-        "|---|" + "---|" * len(arms),
-    ]
-    for d in difficulties:
-        lines.append(
-            f"| {d} | " + " | ".join(f"{arms[a]['by_difficulty'][d]:.3f}" for a in arms) + " |"
-        )
+    lines += _per_arm(arms, "final accuracy by family", "by_family", 3)
+    lines += _per_arm(arms, "share of added instructions, by family", "added_by_family", 2)
+    lines += _per_arm(arms, "share of added instructions, by difficulty", "added_by_difficulty", 2)
+    lines += _per_arm(arms, "final accuracy by difficulty", "by_difficulty", 3)
     return "\n".join(lines) + "\n"
 
 
