@@ -1,5 +1,6 @@
 """Delta weights: bit-exact round trip on tiny models, an added pad token, a wrong base refused."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -184,6 +185,9 @@ def test_release_flow_from_the_command_line_in_bf16(tmp_path, arch, tied, lora):
     assert set(tuned) == set(base)  # tied stays tied: no lm_head of its own
     assert ("lm_head.weight" in base) is (not tied)
     assert {t.dtype for t in tuned.values()} == {torch.bfloat16}
+    # and its config says so: dtype="auto" loaders (and vLLM) load it in bf16, not fp32
+    config = json.loads((tmp_path / "runs" / "tuned" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in config
     assert any(not torch.equal(tuned[k], base[k]) for k in base)  # it did train
     lion("weights", "diff", "--base", "base", "--tuned", "runs/tuned", "--out", "delta")
     lion("weights", "recover", "--base", "base", "--diff", "delta", "--out", "recovered")

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
@@ -34,17 +35,18 @@ from lion_ray.logic.examples import Sequence, pack, pad_batch, unpacked
 
 
 def deepspeed_config(train: TrainConfig, use_gpu: bool) -> dict:
+    """lion-ray's DeepSpeed config for ``train``, with ``train.deepspeed`` merged over it."""
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if train.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": use_gpu},
+        "bf16": {"enabled": train.bf16},
         # torch's AdamW: no JIT build of DeepSpeed's fused Adam on CPU (offload uses CPUAdam)
         "optimizer": {
             "type": "AdamW",
@@ -57,6 +59,17 @@ def deepspeed_config(train: TrainConfig, use_gpu: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    return _merged(config, train.deepspeed)
+
+
+def _merged(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -84,12 +97,15 @@ def build_sequences(rows: list[dict], fmt, max_length: int, packing: bool):
     return seqs, stats
 
 
-def _load_for_training(config: dict, train: TrainConfig, use_gpu: bool):
+def _load_for_training(config: dict, train: TrainConfig, ds_config: dict):
     """(model, tokenizer, full base dir, export dtype): the base in the compute dtype,
     wrapped in a LoRA adapter when asked (the previous round's, trainable, when it exported
-    one), gradient checkpointing on if asked."""
+    one), gradient checkpointing on if asked. Under ZeRO-3 the model is built inside
+    DeepSpeed's ``zero.Init``: each rank holds only its partition from the start, and
+    rank 0 alone reads the checkpoint (transformers then scatters it module by module)."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     from lion_ray.config import StudentConfig
     from lion_ray.models import (
@@ -109,20 +125,27 @@ def _load_for_training(config: dict, train: TrainConfig, use_gpu: bool):
             f"{config['base_model']} is a LoRA adapter, but train.lora is not set; set train.lora "
             "to train it further, or start from a merged model"
         )
-    kwargs = {"dtype": torch.bfloat16 if use_gpu else torch.float32}
+    kwargs = {"dtype": torch.bfloat16 if train.bf16 else torch.float32}
     if student.attn_implementation:
         kwargs["attn_implementation"] = student.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(
-        base_dir, trust_remote_code=student.trust_remote_code, **kwargs
-    )
-    model.config.use_cache = False
-    if train.lora is not None:
-        from peft import PeftModel, get_peft_model
+    # transformers holds this config by weak reference: it partitions while it lives
+    zero3 = HfDeepSpeedConfig(ds_config) if train.zero_stage == 3 else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, trust_remote_code=student.trust_remote_code, **kwargs
+        )
+        model.config.use_cache = False
+        if train.lora is not None:
+            from peft import PeftModel, get_peft_model
 
-        if previous_adapter:  # the next round trains the same adapter further
-            model = PeftModel.from_pretrained(model, model_dir, is_trainable=True)
-        else:
-            model = get_peft_model(model, peft_config(train))
+            if previous_adapter:  # the next round trains the same adapter further
+                model = PeftModel.from_pretrained(model, model_dir, is_trainable=True)
+            else:
+                model = get_peft_model(model, peft_config(train))
+    finally:
+        # later loads (the merged export on rank 0 alone) must not be collective
+        del zero3
+        unset_hf_deepspeed_config()
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if train.lora is not None:
@@ -168,6 +191,12 @@ def train_loop_per_worker(config: dict) -> None:
     use_gpu = train.gpus_per_worker > 0
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # One device for everything: Ray Train's for this worker. NCCL only moves CUDA tensors,
+    # so every tensor that enters a collective is made on it, and object collectives
+    # (all_gather_object) need it as the current CUDA device.
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray's group
     torch.manual_seed(train.seed)
 
@@ -178,14 +207,18 @@ def train_loop_per_worker(config: dict) -> None:
     dist.all_gather_object(gathered, mine)
     rows = sorted((r for part in gathered for r in part), key=lambda r: r["id"])[rank::world]
 
-    model, tokenizer, base_dir, export_dtype = _load_for_training(config, train, use_gpu)
+    ds_config = deepspeed_config(train, use_gpu)
+    model, tokenizer, base_dir, export_dtype = _load_for_training(config, train, ds_config)
+    held = torch.tensor([_held_numel(model)], dtype=torch.long, device=device)
+    dist.all_reduce(held, op=dist.ReduceOp.MAX)  # the most parameters one rank loaded
     fmt = PromptFormat(tokenizer, student.prompt_format, student.system_prompt)
     seqs, data_stats = build_sequences(rows, fmt, train.max_length, train.packing)
-    most_seqs = torch.tensor([len(seqs)], dtype=torch.long)
+    most_seqs = torch.tensor([len(seqs)], dtype=torch.long, device=device)
     dist.all_reduce(most_seqs, op=dist.ReduceOp.MAX)
     totals = torch.tensor(
         [data_stats[k] for k in ("examples", "target_tokens", "truncated", "sequences")],
         dtype=torch.long,
+        device=device,
     )
     dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     # every worker runs the same number of micro-batches (ZeRO collectives must line up);
@@ -199,17 +232,17 @@ def train_loop_per_worker(config: dict) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=trainable,
-        config=deepspeed_config(train, use_gpu),
+        config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, cosine_with_warmup(total_steps, warmup)
         ),
     )
-    device = engine.device
+    assert engine.device == device, (engine.device, device)  # DeepSpeed agrees with Ray Train
 
     start_micro, resumed_from = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
+        with _checkpoint_for_rank(checkpoint, rank, train.zero_stage) as ckpt_dir:
             # a LoRA checkpoint holds the adapter only; the frozen base comes from base_dir
             _, client = engine.load_checkpoint(
                 ckpt_dir, tag="ds", load_module_strict=train.lora is None
@@ -239,7 +272,7 @@ def train_loop_per_worker(config: dict) -> None:
         }
         return batch, sum(len(p) for p in picked)
 
-    losses: list[float] = []
+    losses: list = []  # this optimizer step's micro-batch losses, detached, on the device
     first_loss = mean_loss = None
     tokens_done = real_tokens = 0
     started = time.monotonic()
@@ -254,14 +287,14 @@ def train_loop_per_worker(config: dict) -> None:
         engine.step()
         tokens_done += int((batch["labels"] != -100).sum())
         real_tokens += real
-        losses.append(float(loss))
+        losses.append(loss.detach())
         boundary = (micro + 1) % train.grad_accum_steps == 0 or micro + 1 == total_micro
         if not boundary:
             continue
         step = engine.global_steps
-        mean = torch.tensor([sum(losses) / len(losses)])
+        mean = (torch.stack(losses).float().mean() / world).reshape(1)
         dist.all_reduce(mean)
-        mean_loss = float(mean) / world
+        mean_loss = mean.item()
         losses = []
         if first_loss is None:
             first_loss = mean_loss
@@ -298,24 +331,23 @@ def train_loop_per_worker(config: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - started
 
-    # Export in Hugging Face format, in the base checkpoint's dtype (ZeRO-3 gathers the
-    # partitioned parameters first).
+    # Export in Hugging Face format, in the base checkpoint's dtype. Under ZeRO-3 a full
+    # model is gathered module by module onto rank 0's CPU (no rank ever holds it all on
+    # the device); an adapter's few parameters are gathered at once.
     out_uri = config["out_uri"]
     export_tmp = tempfile.mkdtemp(prefix="lion-export-") if rank == 0 else None
-    params = [p for p in engine.module.parameters() if train.lora is None or p.requires_grad]
-    gather = (
-        deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        if train.zero_stage == 3
-        else None
-    )
-    if gather:
-        gather.__enter__()
-    try:
+    if train.zero_stage == 3 and train.lora is None:
+        state = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls
         if rank == 0:
-            export(engine.module, export_tmp, train, base_dir, export_dtype, config, out_uri)
-    finally:
-        if gather:
-            gather.__exit__(None, None, None)
+            export(engine.module, export_tmp, train, base_dir, export_dtype, config, out_uri, state)
+        del state
+    elif train.zero_stage == 3:
+        adapter_params = [p for p in engine.module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(adapter_params, modifier_rank=None):
+            if rank == 0:
+                export(engine.module, export_tmp, train, base_dir, export_dtype, config, out_uri)
+    elif rank == 0:
+        export(engine.module, export_tmp, train, base_dir, export_dtype, config, out_uri)
     final = {
         "step": engine.global_steps,
         "total_steps": total_steps,
@@ -337,10 +369,13 @@ def train_loop_per_worker(config: dict) -> None:
         "trainable_parameters": sum(
             p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable
         ),
+        "loaded_parameters_per_rank": int(held),  # < parameters: ZeRO-3 partitioned the load
     }
     import resource
 
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])  # MB
+    peak = torch.tensor(  # MB
+        [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], device=device
+    )
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     final["peak_rss_mb"] = round(float(peak), 1)  # the largest worker's peak resident memory
     nodes: list[str] = [""] * world
@@ -356,14 +391,21 @@ def train_loop_per_worker(config: dict) -> None:
     ray.train.report(final)
 
 
-def _state_in_dtype(module, dtype) -> dict:
-    """The module's state on CPU in ``dtype``; tensors that share storage (tied embeddings)
+def _held_numel(model) -> int:
+    """Parameters this rank holds (its ZeRO-3 partition, or all of them)."""
+    return sum(
+        p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters()
+    )
+
+
+def _state_in_dtype(state_dict: dict, dtype) -> dict:
+    """A state dict on CPU in ``dtype``; tensors that share storage (tied embeddings)
     still share it, so save_pretrained writes them once, as the base has them."""
     import torch
 
     cast: dict[int, torch.Tensor] = {}
     state = {}
-    for name, tensor in module.state_dict().items():
+    for name, tensor in state_dict.items():
         key = tensor.data_ptr()
         if key not in cast:
             cast[key] = tensor.detach().to("cpu", dtype).clone()
@@ -371,11 +413,30 @@ def _state_in_dtype(module, dtype) -> dict:
     return state
 
 
-def export(module, out_dir: str, train: TrainConfig, base_dir: str, dtype, config, out_uri):
-    """Write the trained student: a full model, an adapter beside a pointer to its base, or
-    the base with the adapter merged in. Always in the base checkpoint's dtype."""
+def _stamp_dtype(model_dir: str, dtype) -> None:
+    """Make config.json name the dtype the exported weights are stored in."""
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)  # the old name; transformers 5 reads "dtype"
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def export(
+    module, out_dir: str, train: TrainConfig, base_dir: str, dtype, config, out_uri, state=None
+):
+    """Write the trained student: a full model (from ``state``, a gathered ZeRO-3 state dict,
+    or the module's own), an adapter beside a pointer to its base, or the base with the
+    adapter merged in. Always in the base checkpoint's dtype."""
     if train.lora is None:
-        module.save_pretrained(out_dir, state_dict=_state_in_dtype(module, dtype))
+        state = module.state_dict() if state is None else state
+        module.save_pretrained(out_dir, state_dict=_state_in_dtype(state, dtype))
+        # save_pretrained writes the dtype the module computes in (fp32 on CPU), not the one
+        # the weights above are stored in; loaders with dtype="auto" (and vLLM) read this
+        _stamp_dtype(out_dir, dtype)
         return
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -403,12 +464,79 @@ def export(module, out_dir: str, train: TrainConfig, base_dir: str, dtype, confi
     set_peft_model_state_dict(peft_model, adapter)
     merged = peft_model.merge_and_unload()
     merged.to(dtype).save_pretrained(out_dir)
+    _stamp_dtype(out_dir, dtype)
+
+
+def rank_checkpoint_files(names: list[str], rank: int, zero_stage: int) -> list[str]:
+    """The files of a DeepSpeed checkpoint (saved with tag "ds") that ``rank`` reads to
+    resume: ZeRO-2, rank 0's module states and this rank's optimizer shard; ZeRO-3, this
+    rank's module and optimizer shards (DeepSpeed 0.19 opens no other rank's files)."""
+    import re
+
+    own = rf"(bf16_)?zero_pp_rank_{rank}_mp_rank_\d+_optim_states\.pt"
+    module = (
+        r"mp_rank_\d+_model_states\.pt"
+        if zero_stage == 2
+        else rf"zero_pp_rank_{rank}_mp_rank_\d+_model_states\.pt"
+    )
+    picked = {
+        kind: [n for n in names if re.fullmatch(rf"ds/{pattern}", n)]
+        for kind, pattern in (("module states", module), ("optimizer shard", own))
+    }
+    for kind, found in picked.items():
+        if not found:
+            raise LionError(
+                f"the ZeRO-{zero_stage} checkpoint has no {kind} for rank {rank} (files: "
+                f"{sorted(names)[:8]}); was it written with another stage or world size?"
+            )
+    return picked["module states"] + picked["optimizer shard"]
+
+
+@contextmanager
+def _checkpoint_for_rank(checkpoint, rank: int, zero_stage: int):
+    """A local directory holding what this rank needs of a Ray Train checkpoint: the
+    checkpoint itself when it is on local storage, else only this rank's files (a resume
+    from an object store does not copy every rank's shards to every worker)."""
+    import pyarrow.fs as pafs
+
+    fs, root = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield root
+        return
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    names = [i.path[len(root) + 1 :] for i in infos if i.type == pafs.FileType.File]
+    local = tempfile.mkdtemp(prefix=f"lion-resume-{rank}-")
+    try:
+        for name in rank_checkpoint_files(names, rank, zero_stage):
+            os.makedirs(os.path.dirname(os.path.join(local, name)), exist_ok=True)
+            with (
+                fs.open_input_stream(f"{root}/{name}") as src,
+                open(os.path.join(local, name), "wb") as dst,
+            ):
+                shutil.copyfileobj(src, dst, length=16 << 20)
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def _publish(local_dir: str, out_uri: str) -> None:
     """Move a finished export into place: never a half-written model at ``out_uri``."""
     storage.publish_dir(local_dir, out_uri)
     shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def workers_request(train: TrainConfig, placement_strategy: str | None = None):
+    """The Ray Train worker group imitation asks for (checked before Ray is asked)."""
+    from lion_ray.logic.resources import Request
+
+    gpus = {"GPU": float(train.gpus_per_worker)} if train.gpus_per_worker else {}
+    return Request(
+        "imitation.train: Ray Train workers",
+        {"CPU": train.cpus_per_worker} | gpus,
+        train.workers,
+        placement_strategy or train.placement,
+        fix="Lower train.workers, train.cpus_per_worker or train.gpus_per_worker, or add nodes.",
+    )
 
 
 def train_student(
@@ -433,7 +561,7 @@ def train_student(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from lion_ray.engines.cluster import data_context_quiet
+    from lion_ray.engines.cluster import data_context_quiet, preflight
     from lion_ray.errors import LionError
     from lion_ray.progress import StageProgress
 
@@ -454,7 +582,8 @@ def train_student(
     if not usable:
         raise LionError(f"no usable training rows: all {len(rows)} answers failed or are empty")
     use_gpu = train.gpus_per_worker > 0
-    resources = {"CPU": train.cpus_per_worker} | ({"GPU": train.gpus_per_worker} if use_gpu else {})
+    request = workers_request(train, placement_strategy)
+    preflight(request)  # Ray Train would retry a worker group that can never start, forever
     data_context_quiet()
     progress_uri = _progress_uri(storage_path, name)
     trainer = TorchTrainer(
@@ -471,13 +600,18 @@ def train_student(
         scaling_config=ScalingConfig(
             num_workers=train.workers,
             use_gpu=use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=placement_strategy or train.placement,
+            resources_per_worker=request.bundle,
+            placement_strategy=request.strategy,
         ),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=train.max_failures),
+            failure_config=FailureConfig(
+                max_failures=train.max_failures,
+                # each worker-group start waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s)
+                # and Ray retries it without end by default
+                controller_failure_limit=max(0, math.ceil(train.start_timeout_s / 60) - 1),
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
         ),
         datasets={"train": ray.data.from_items(usable)},

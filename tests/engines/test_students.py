@@ -106,7 +106,7 @@ def test_a_format_the_model_cannot_speak_is_refused(tiny_student):
         HFGenerator.for_student(str(tiny_student), CHAT)
 
 
-def _train(answers, base, out, *, zero, lora=None, crash_at_step=None):
+def _train(answers, base, out, *, zero, lora=None, crash_at_step=None, **extra):
     train = TrainConfig(
         lr=3e-3,
         epochs=3,
@@ -117,6 +117,7 @@ def _train(answers, base, out, *, zero, lora=None, crash_at_step=None):
         zero_stage=zero,
         lora=lora,
         checkpoint_every_steps=2,
+        **extra,
     )
     return train_student(
         answers,
@@ -183,8 +184,21 @@ def test_an_adapter_continues_round_over_round_and_resumes_after_a_failure(
     base = bases / "qwen2"
     pairs = [(q, a) for q, a in MEMORIZED] * 8
     lora = LoraConfig(r=4, export="adapter")
-    first = _train(_answers(pairs), base, tmp_path / "r1", zero=3, lora=lora, crash_at_step=5)
+    # round 1 on the GPU path's settings: bf16, ZeRO-3 with every parameter partitioned at
+    # load, gradient checkpointing through frozen partitioned weights (DeepSpeed >= 0.19.3)
+    first = _train(
+        _answers(pairs),
+        base,
+        tmp_path / "r1",
+        zero=3,
+        lora=lora,
+        crash_at_step=5,
+        precision="bf16",
+        gradient_checkpointing=True,
+        deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+    )
     assert first["resumed_from_step"] in (2, 4)  # a worker died; an adapter checkpoint restored
+    assert first["loaded_parameters_per_rank"] < first["parameters"]
     r1 = tmp_path / "r1"
     assert (r1 / "adapter_config.json").exists() and not (r1 / "model.safetensors").exists()
     pointer = json.loads((r1 / BASE_POINTER).read_text())

@@ -148,9 +148,12 @@ def _load(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_workers_train_and_export(ray_local, tiny_student, tmp_path, stage):
+    # every parameter partitioned, however small (DeepSpeed keeps those under 1e5 elements
+    # whole by default, which would hide a load that is not partitioned)
+    partition_all = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
     metrics = train_student(
         _answers(48, failed=3),
-        _cfg(zero_stage=stage, epochs=3),
+        _cfg(zero_stage=stage, epochs=3, deepspeed=partition_all if stage == 3 else {}),
         base_model=str(tiny_student),
         out_uri=str(tmp_path / "model"),
         storage_path=str(tmp_path / "ckpt"),
@@ -173,6 +176,37 @@ def test_two_workers_train_and_export(ray_local, tiny_student, tmp_path, stage):
         for a, b in zip(model.state_dict().values(), base.state_dict().values(), strict=True)
     ]
     assert all(changed)  # ZeRO-3 gathered every partition before exporting
+    if stage == 3:  # each rank loaded only its partition (zero.Init), never the whole model
+        assert metrics["loaded_parameters_per_rank"] <= metrics["parameters"] // 2 + 1024
+    else:
+        assert metrics["loaded_parameters_per_rank"] == metrics["parameters"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_resuming_rank_fetches_only_its_own_shards(stage):
+    from lion_ray.engines.training import rank_checkpoint_files
+    from lion_ray.errors import LionError
+
+    prefix = "bf16_" if stage == 3 else ""
+    names = ["ds/mp_rank_00_model_states.pt"] if stage == 2 else []
+    for r in range(12):
+        names.append(f"ds/{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        if stage == 3:
+            names.append(f"ds/zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+    names += ["latest", "zero_to_fp32.py", "ds/mp_rank_00_model_states.pt.tmp"]
+    picked = rank_checkpoint_files(names, 1, stage)
+    if stage == 2:
+        assert picked == [
+            "ds/mp_rank_00_model_states.pt",
+            "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ]
+    else:  # rank 1, not rank 10 or 11
+        assert picked == [
+            "ds/zero_pp_rank_1_mp_rank_00_model_states.pt",
+            "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ]
+    with pytest.raises(LionError, match="has no (module states|optimizer shard) for rank 12"):
+        rank_checkpoint_files(names, 12, stage)
 
 
 @pytest.mark.slow
