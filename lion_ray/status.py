@@ -111,6 +111,11 @@ def status_table(run_uri: str) -> tuple[Table, dict]:
             for r, d in per_round.items()
         )
     )
+    for key, failure in sorted(data.failures.items()):
+        first_line = failure.error.strip().splitlines()[0] if failure.error.strip() else ""
+        table.caption += (
+            f"\nFAILED {key} (attempt {failure.attempts}; rerun to retry it): {first_line[:300]}"
+        )
     return table, data.model_dump(mode="json") | {
         "spend": spent,
         "spent_usd": round(total, 6),

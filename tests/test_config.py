@@ -116,3 +116,55 @@ def test_a_reasoning_model_as_referee(tmp_path):
     assert cfg.referee.temperature is None and cfg.referee.max_tokens == 512
     with pytest.raises(ConfigError, match=r"referee\.mode: Input should be 'online' or 'batch'"):
         load_config(None, ["referee.mode=later"])
+
+
+@pytest.mark.parametrize(
+    "sets, pattern",
+    [
+        (
+            ["serve.backend=vllm"],
+            r"serve.gpus_per_replica is 0, but a vLLM replica on GPU needs "
+            r"student.tensor_parallel_size \(1\) GPUs: set serve.gpus_per_replica=1",
+        ),
+        (
+            ["serve.backend=vllm", "serve.gpus_per_replica=1", "student.tensor_parallel_size=2"],
+            r"needs student.tensor_parallel_size \(2\) GPUs",
+        ),
+        (
+            ["student.backend=vllm", "train.lora.r=1024"],
+            r"train.lora.r \(1024\) is above the largest LoRA rank vLLM serves \(512\)",
+        ),
+    ],
+)
+def test_vllm_settings_that_cannot_start_are_refused(sets, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("demo", sets)
+
+
+def test_vllm_settings_that_can_start():
+    load_config("demo", ["serve.backend=vllm", "student.vllm_device=cpu"])
+    load_config(
+        "demo",
+        ["serve.backend=vllm", "serve.gpus_per_replica=2"] + ["student.tensor_parallel_size=2"],
+    )
+    load_config("demo", ["student.backend=hf", "train.lora.r=1024"])  # hf serves any rank
+
+
+def test_lora_ranks_round_up_to_what_vllm_accepts():
+    from lion_ray.engines.inference import VLLM_LORA_RANKS, vllm_lora_rank
+    from lion_ray.errors import LionError
+
+    assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 16, 33, 300, 321, 512)] == [
+        1,
+        8,
+        8,
+        16,
+        16,
+        64,
+        320,
+        512,
+        512,
+    ]
+    assert all(vllm_lora_rank(r) in VLLM_LORA_RANKS for r in range(1, 513))
+    with pytest.raises(LionError, match="LoRA rank 513 is above the largest vLLM serves"):
+        vllm_lora_rank(513)

