@@ -100,6 +100,74 @@ def local_model_dir(model_uri: str) -> str:
     return target
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+
+
+def local_tokenizer_dir(model_uri: str) -> str:
+    """A local directory with the model's tokenizer and configs but none of its weights:
+    the driver needs the tokenizer (prompt ids) of a model that engines on other nodes
+    download themselves, so a multi-GB model is never copied to the head for it."""
+    if storage.is_local(model_uri):
+        return local_model_dir(model_uri)
+    import pyarrow.fs as pafs
+
+    files = storage.current(model_uri)
+    target = os.path.join(
+        tempfile.gettempdir(),
+        "lion-ray-tokenizers",
+        hashlib.sha256(files.encode()).hexdigest()[:16],
+    )
+    if os.path.exists(os.path.join(target, ".complete")):
+        return target
+    fs, root = storage.resolve(files)
+    root = root.rstrip("/")
+    staging = f"{target}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
+        if info.type != pafs.FileType.File or info.base_name.endswith(WEIGHT_SUFFIXES):
+            continue
+        with (
+            fs.open_input_stream(info.path) as src,
+            open(os.path.join(staging, info.base_name), "wb") as dst,
+        ):
+            shutil.copyfileobj(src, dst)
+    open(os.path.join(staging, ".complete"), "w").close()
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def read_model_json(model_uri: str, name: str) -> dict:
+    """A small JSON file of a model directory (config.json, adapter_config.json), read where
+    the model is, without copying the model."""
+    return storage.read_json(storage.join(storage.current(model_uri), name))
+
+
+# config.json keys that say nothing about the weights' shapes
+_VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"}
+
+
+def same_architecture(a: str, b: str) -> bool:
+    """Whether two model directories hold weights of one shape (a new round of the same
+    student): then an engine can load the second into the first in place."""
+
+    def shape(d: str) -> dict:
+        config = storage.read_json(storage.join(storage.current(d), "config.json"))
+        return {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG}
+
+    return shape(a) == shape(b)
+
+
+def checksums_differ(a: str, b: str) -> bool:
+    """Whether two exported models hold different weights, by their checksum files (False
+    when either has none: nothing is known)."""
+    files = [storage.join(storage.current(d), storage.CHECKSUMS) for d in (a, b)]
+    if not all(storage.exists(f) for f in files):
+        return False
+    return storage.read_bytes(files[0]) != storage.read_bytes(files[1])
+
+
 def adapter_base(adapter_dir: str) -> str:
     """The model an exported adapter adapts (relative to the adapter when both are local, so
     a moved run directory still finds it)."""

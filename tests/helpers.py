@@ -105,3 +105,67 @@ def http_json(
         return status, json.loads(raw)
     except ValueError:
         return status, {"text": raw.decode(errors="replace")}
+
+
+class MotoS3:
+    """moto's standalone S3 server in its own process, on a free port, and the environment
+    that points boto3 and pyarrow (ours, Ray's, every Ray worker's started after it) at it.
+    ``with MotoS3(buckets) as env:`` sets the environment and restores it afterwards."""
+
+    def __init__(self, *buckets: str):
+        self.buckets = buckets
+        port = free_port()
+        self.env = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        self.server = None
+        self.saved: dict = {}
+
+    def __enter__(self) -> dict:
+        import os
+        import subprocess
+        import sys
+        import time
+        import urllib.error
+        import urllib.request
+
+        port = self.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.env["AWS_ENDPOINT_URL"], timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # it answers
+            except OSError:
+                if time.time() > deadline or self.server.poll() is not None:
+                    self.server.kill()
+                    raise RuntimeError("moto's S3 server did not start within 60 s") from None
+                time.sleep(0.2)
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"])
+        for bucket in self.buckets:
+            s3.create_bucket(Bucket=bucket)
+        return self.env
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self.server.kill()
+        self.server.wait()

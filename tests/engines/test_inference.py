@@ -9,7 +9,12 @@ import pytest
 import ray.cloudpickle
 
 from lion_ray.config import StudentConfig
-from lion_ray.engines.inference import HFGenerator, HFPredictor, student_answers
+from lion_ray.engines.inference import (
+    HFGenerator,
+    HFPredictor,
+    StudentEngineError,
+    student_answers,
+)
 from lion_ray.logic.pools import import_records
 from lion_ray.sandbox.tasks import generate_tasks
 
@@ -111,12 +116,51 @@ def test_failing_batches_are_retried_or_marked(ray_local, taught_student):
     pool = _pool(25, seed=1)
     table, summary = student_answers(pool, cfg, show_progress=False, predictor_cls=FlakyPredictor)
     assert summary["ok"] == 25
-    table, summary = student_answers(pool, cfg, show_progress=False, predictor_cls=BrokenPredictor)
+    # an engine that fails every batch fails the stage, with the first error
+    with pytest.raises(StudentEngineError, match=r"25 of 25 rows failed.*this batch always fails"):
+        student_answers(pool, cfg, show_progress=False, predictor_cls=BrokenPredictor)
+    # a stage that is allowed to lose rows keeps them, marked
+    lenient = cfg.model_copy(update={"max_failed_fraction": 1.0})
+    table, summary = student_answers(
+        pool, lenient, show_progress=False, predictor_cls=BrokenPredictor
+    )
     rows = table.to_pylist()
     assert len(rows) == 25 and summary["failed"] == 25
     assert all(
         r["status"] == "failed" and "always fails" in r["error"] and r["answer"] == "" for r in rows
     )
+
+
+class HalfBrokenPredictor(HFPredictor):
+    """Every row whose id ends in 0 fails (about one in sixteen): an engine that is half up."""
+
+    def __call__(self, batch):
+        if any(i.endswith("0") for i in batch.column("id").to_pylist()):
+            return _failed(batch)
+        return super().__call__(batch)
+
+
+def _failed(batch):
+    from lion_ray.engines.inference import _answers_table
+
+    rows = batch.to_pylist()
+    return _answers_table(rows, [None] * len(rows), "RuntimeError: engine died")
+
+
+def test_the_failed_fraction_decides_whether_a_stage_goes_on(ray_local, taught_student):
+    cfg = StudentConfig(
+        model_path=str(taught_student), prompt_format="compact", max_new_tokens=3, batch_size=1
+    )
+    pool = _pool(40, seed=3)
+    failing = sum(i.endswith("0") for i in pool.column("id").to_pylist())
+    assert 0 < failing < 40
+    fraction = failing / 40
+    ok = cfg.model_copy(update={"max_failed_fraction": fraction})
+    _, summary = student_answers(pool, ok, show_progress=False, predictor_cls=HalfBrokenPredictor)
+    assert summary["failed"] == failing
+    strict = cfg.model_copy(update={"max_failed_fraction": fraction * 0.99})
+    with pytest.raises(StudentEngineError, match="engine died"):
+        student_answers(pool, strict, show_progress=False, predictor_cls=HalfBrokenPredictor)
 
 
 def test_dead_actor_is_restarted_and_rows_redone(ray_local, taught_student, tmp_path):
