@@ -7,7 +7,7 @@
 An ``ApiEngine`` serves one endpoint for a whole run (every stage, every wave, every
 re-ask) and implements the ``ChatClient`` interface the algorithms use. It answers what
 its response cache already holds (the index is loaded once and appended to), and streams
-the rest through a Ray Data pool of ``ApiWorker`` actors; each holds an async OpenAI
+the rest through the endpoint's resident ``ApiWorker`` actors; each holds an async OpenAI
 client with up to ``endpoint.concurrency`` requests in flight and asks the endpoint's one
 cluster-wide ``LimiterActor`` when to send. The limiter lives as long as the run and keeps
 the schedule, ``Retry-After`` pauses, adapted limits and the budget, whose state is the
@@ -327,7 +327,9 @@ class _ActorLimiter:
 
 
 class ApiWorker:
-    """Ray Data actor: one async OpenAI client, ``concurrency`` requests in flight."""
+    """One async OpenAI client with ``concurrency`` requests in flight: the plain class
+    under the endpoint's resident worker actors (``ApiEngine.workers``), which live as long
+    as the run and are handed chunks of requests by ``ask``."""
 
     def __init__(
         self,
@@ -370,6 +372,15 @@ class ApiWorker:
             except FatalApiError as exc:
                 self.fatal = exc
                 raise
+
+    async def ask(self, batch: pa.Table, stage: str) -> tuple[pa.Table, float, float]:
+        """Answer a chunk for ``stage`` (billed to it in the ledger): the results, and when
+        the chunk started and finished (the stage's time waiting for the API)."""
+        if stage != self.limiter.stage:  # a new stage: an old stage's fatal error is done
+            self.limiter.stage, self.fatal = stage, None
+        started = time.time()
+        table = await self(batch)
+        return table, started, time.time()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self.caller is None:
@@ -428,6 +439,9 @@ def _from_cache(request_id: str, entry: dict) -> ChatResult:
     )
 
 
+API_WORKER_CPUS = 0.25  # I/O bound: fractional CPUs keep 2-core machines from deadlocking
+
+
 def limiter_name(ledger_dir: str) -> str:
     return "lion-limiter-" + hashlib.sha256(ledger_dir.encode()).hexdigest()[:16]
 
@@ -463,6 +477,8 @@ class ApiEngine:
         self.stage = ""  # the stage the calls are billed to in the ledger (set by the driver)
         self._index: dict[str, dict] | None = None
         self._limiter = None
+        self._workers: list | None = None
+        self.wait_intervals: list[tuple[float, float]] = []  # (start, end) of answered chunks
         self._checked = False
 
     # --- long-lived state -----------------------------------------------------------------
@@ -605,11 +621,45 @@ class ApiEngine:
         ]
         return answered, [keyed[k][0] for k in online]
 
-    def _send(self, requests: list[ChatRequest], positions: list[int], bar):
-        """(position, result) for each request, as Ray Data's actors answer them."""
-        import ray
+    @property
+    def workers(self) -> list:
+        """The endpoint's worker actors: started on first use, alive for the run (a wave of
+        8 rows costs its requests' latency, not a pool start); a dead one is restarted."""
+        if self._workers is None:
+            import ray
 
-        from lion_ray.engines.cluster import data_context_quiet
+            from lion_ray.engines.cluster import preflight
+            from lion_ray.logic.resources import Request
+
+            ep = self.endpoint
+            preflight(
+                Request(
+                    f"{self.role} API workers",
+                    {"CPU": API_WORKER_CPUS},
+                    ep.num_actors,
+                    fix=f"Lower {self.role}.num_actors.",
+                )
+            )
+            actor = ray.remote(ApiWorker).options(
+                num_cpus=API_WORKER_CPUS, max_restarts=3, max_task_retries=3
+            )
+            self._workers = [
+                actor.remote(
+                    ep.model_dump(),
+                    self.limiter,
+                    self.cache_dir,
+                    self.ledger_dir,
+                    self.stage,
+                    self.flush_s,
+                )
+                for _ in range(ep.num_actors)
+            ]
+        return self._workers
+
+    def _send(self, requests: list[ChatRequest], positions: list[int], bar):
+        """(position, result) for each request, as the resident workers answer them: chunks
+        of ``concurrency`` requests, a few per worker in flight, results as they come."""
+        import ray
 
         self._preflight()
         ep = self.endpoint
@@ -623,42 +673,37 @@ class ApiEngine:
             for p, r in zip(positions, requests, strict=True)
         ]
         ids = {str(p): r.request_id for p, r in zip(positions, requests, strict=True)}
-        per_block = max(1, ep.concurrency)
+        per_chunk = max(1, ep.concurrency)
         chunks = [
-            pa.Table.from_pylist(rows[i : i + per_block], schema=REQUEST_SCHEMA)
-            for i in range(0, len(rows), per_block)
+            pa.Table.from_pylist(rows[i : i + per_chunk], schema=REQUEST_SCHEMA)
+            for i in range(0, len(rows), per_chunk)
         ]
-        data_context_quiet()
-        ds = ray.data.from_arrow(chunks).map_batches(
-            ApiWorker,
-            batch_format="pyarrow",
-            batch_size=None,
-            fn_constructor_kwargs={
-                "endpoint": ep.model_dump(),
-                "limiter": self.limiter,
-                "cache_dir": self.cache_dir,
-                "ledger_dir": self.ledger_dir,
-                "stage": self.stage,
-                "flush_s": self.flush_s,
-            },
-            compute=ray.data.ActorPoolStrategy(
-                size=min(ep.num_actors, len(chunks)),
-                max_concurrent_calls_per_actor=4,
-                max_tasks_in_flight_per_actor=4,
-            ),
-            num_cpus=0.25,  # I/O bound: fractional CPUs keep 2-core machines from deadlocking
-        )
-        started, sent = time.monotonic(), 0
+        workers = self.workers
+        pending: dict = {}
+        started, sent, next_chunk = time.monotonic(), 0, 0
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for row in batch.to_pylist():
-                    position = row.pop("request_id")
-                    res = ChatResult(request_id=ids[position], **row)
-                    sent += 1
-                    bar.advance(1, cost=res.cost_usd, failed=res.status == "failed")
-                    yield int(position), res
+            while next_chunk < len(chunks) or pending:
+                # each worker holds ``concurrency`` requests in flight; a few chunks queued
+                # per worker keep them busy without holding the whole pool in flight
+                while next_chunk < len(chunks) and len(pending) < 4 * len(workers):
+                    worker = workers[next_chunk % len(workers)]
+                    pending[worker.ask.remote(chunks[next_chunk], self.stage)] = next_chunk
+                    next_chunk += 1
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    pending.pop(ref)
+                    table, t0, t1 = ray.get(ref)
+                    self.wait_intervals.append((t0, t1))
+                    for row in table.to_pylist():
+                        position = row.pop("request_id")
+                        res = ChatResult(request_id=ids[position], **row)
+                        sent += 1
+                        bar.advance(1, cost=res.cost_usd, failed=res.status == "failed")
+                        yield int(position), res
                 bar.set_rate(sent / max(1e-6, time.monotonic() - started) * 60)
         except Exception as exc:
+            for ref in pending:  # the stage stops: what is still queued is not sent
+                ray.cancel(ref)
             fatal = _find_fatal(exc)
             if fatal is not None:
                 raise fatal from None
@@ -667,8 +712,23 @@ class ApiEngine:
     def usage(self, results: list[ChatResult]) -> dict:
         return usage(results, self.model)
 
+    def take_wait_s(self) -> float:
+        """Seconds some request of this endpoint was in flight since the last call (the
+        union of the workers' busy intervals): a stage's time waiting for the API."""
+        from lion_ray.logic.timing import union_seconds
+
+        seconds = union_seconds(self.wait_intervals)
+        self.wait_intervals = []
+        return seconds
+
     def close(self) -> None:
-        """Merge the cache's many small shards (once per run, not per call)."""
+        """Stop the workers, and merge the cache's many small shards (once per run)."""
+        if self._workers:
+            import ray
+
+            for worker in self._workers:
+                ray.kill(worker)
+            self._workers = None
         response_cache.compact(self.cache_dir)
 
 
