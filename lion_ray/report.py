@@ -88,6 +88,17 @@ def collect(run: RunDir, upto: int) -> dict:
                 "heldout": metrics("eval.heldout") or None,
                 "api": api,
                 "seconds": {s: round(rec.seconds, 1) for s, rec in records.items() if rec},
+                # where each stage's time went: engine compute, API waits, the rest
+                "timing": {
+                    s: {
+                        "seconds": round(rec.seconds, 1),
+                        "compute_s": None if rec.compute_s is None else round(rec.compute_s, 1),
+                        "api_wait_s": round(rec.api_wait_s, 1),
+                        "overhead_s": round(rec.overhead_s, 1),
+                    }
+                    for s, rec in records.items()
+                    if rec
+                },
                 "teacher_scores": teacher_scores,
                 "student_scores": student_scores,
             }
@@ -216,6 +227,10 @@ def _table(rows: list[tuple[str, object]]) -> str:
     return f"<table>{cells}</table>"
 
 
+def _rounded(x, digits: int):
+    return round(x, digits) if isinstance(x, float) else x
+
+
 def round_summary(r: dict) -> dict:
     """The figures the per-round console table and the HTML page show (short keys: they are
     column headers)."""
@@ -224,15 +239,15 @@ def round_summary(r: dict) -> dict:
         "round": r["round"],
         "train": r["pools"].get("train"),
         "cache": r["pools"].get("cache"),
-        "loss": r["train"].get("loss_last"),
-        "hard": split.get("hard_ratio"),
-        "t.score": split.get("mean_teacher_score"),
-        "s.score": split.get("mean_student_score"),
-        "agree": split.get("order_consistency"),
+        "loss": _rounded(r["train"].get("loss_last"), 4),
+        "hard": _rounded(split.get("hard_ratio"), 3),
+        "t.score": _rounded(split.get("mean_teacher_score"), 2),
+        "s.score": _rounded(split.get("mean_student_score"), 2),
+        "agree": _rounded(split.get("order_consistency"), 3),
         "unparsed": split.get("unparsed"),
         "new": gen.get("new_instructions"),
-        "att/new": gen.get("attempts_per_accepted"),
-        "held-out": r["heldout"]["accuracy"] if r["heldout"] else None,
+        "att/new": _rounded(gen.get("attempts_per_accepted"), 2),
+        "held-out": _rounded(r["heldout"]["accuracy"], 4) if r["heldout"] else None,
         "select": r.get("selection"),
         "disc req": r.get("discrimination_api", {}).get("requests"),
         "disc $": round(r.get("discrimination_api", {}).get("cost_usd", 0.0), 4),
@@ -274,6 +289,21 @@ def write_report(run: RunDir, round_no: int, name: str = "lion") -> str:
     last = data["rounds"][-1]
     body.append(
         "<h2>Generation</h2>" + _table([(k, json.dumps(v)) for k, v in last["generation"].items()])
+    )
+    timing = last["timing"]
+    columns = ("seconds", "compute_s", "api_wait_s", "overhead_s")
+    body.append(
+        f"<h2>Where round {last['round']}'s time went</h2><table><tr><th>stage</th>"
+        + "".join(f"<th>{c}</th>" for c in columns)
+        + "</tr>"
+        + "".join(
+            f"<tr><td>{html.escape(stage)}</td>"
+            + "".join(f"<td>{'' if t[c] is None else t[c]}</td>" for c in columns)
+            + "</tr>"
+            for stage, t in timing.items()
+        )
+        + "</table><p>compute: the training loop, inference and dedup; api_wait: some request "
+        "in flight; overhead: the rest (engine start-up, loading, I/O).</p>"
     )
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>lion-ray report</title><style>"

@@ -75,7 +75,16 @@ class StageRecord(BaseModel):
     api: dict[str, ApiUsage] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     seconds: float = 0.0
+    compute_s: float | None = Field(
+        None, description="Wall time an engine computed (training loop, inference, dedup)."
+    )
+    api_wait_s: float = Field(0.0, description="Wall time some API request was in flight.")
     completed_at: float = Field(default_factory=time.time)
+
+    @property
+    def overhead_s(self) -> float:
+        """Wall time neither computing nor waiting for the API: start-up, loading, I/O."""
+        return max(0.0, self.seconds - (self.compute_s or 0.0) - self.api_wait_s)
 
     @property
     def round(self) -> int | None:

@@ -25,23 +25,32 @@ class Session:
         need_endpoints: bool = True,
         quiet: bool = False,
         show_progress: bool = True,
+        log_file: str | None = None,
     ):
         self.cfg = cfg
         self.need_ray = need_ray
         self.need_endpoints = need_endpoints
         self.quiet = quiet
+        self.log_file = log_file
         self.show_progress = show_progress
         self.run = RunDir(cfg.storage.run_dir)
         self.sandbox = None
         self.dashboard_url: str | None = None
         self._clients: dict = {}
         self._stage = ""
+        self._student = None  # the run's student engine (student.engine: resident)
+        self._student_model: str | None = None
+        self.student_url: str | None = None
 
     def __enter__(self) -> Session:
         if self.need_ray:
             from lion_ray.engines.cluster import init_ray
 
-            self.dashboard_url = init_ray(self.cfg.cluster, quiet=self.quiet)
+            self.dashboard_url = init_ray(
+                self.cfg.cluster,
+                quiet=self.quiet,
+                log_file=self.log_file if self.quiet else None,
+            )
         if self.need_endpoints and any(e.is_sandbox for e in self.cfg.endpoints().values()):
             from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 
@@ -99,6 +108,49 @@ class Session:
             self._clients[role].stage = self._stage
         return self._clients[role]
 
+    def quiet_logs(self) -> None:
+        """Keep the libraries' messages in the run's log file: libraries imported since the
+        last call (DeepSpeed, Serve) put their own console handlers up."""
+        if self.quiet and self.log_file:
+            from lion_ray.engines.cluster import log_to_file
+
+            log_to_file(self.log_file)
+
+    def student_engine(self, model: str):
+        """The run's one student engine, serving ``model``: started on first use, and a new
+        round's weights moved into it after (a failed move raises, failing the stage). None
+        with ``student.engine: per_stage``."""
+        if self.cfg.student.engine != "resident":
+            return None
+        if self._student is None:
+            import hashlib
+
+            from lion_ray.engines.student_engine import StudentEngine
+
+            app = "lion-run-" + hashlib.sha256(self.run.uri.encode()).hexdigest()[:8]
+            self._student = StudentEngine.start(
+                self.cfg.student,
+                model,
+                self.cfg.serve,
+                train=self.cfg.train,
+                app=app,
+                http=self.cfg.serve.during_run,
+            )
+            self.student_url = self._student.url
+        elif model != self._student_model:
+            self._student.load(model)
+        self._student_model = model
+        return self._student
+
+    def student_sleeps(self) -> None:
+        """Before training, with student.colocate: the engine gives its GPU to Ray Train."""
+        if self._student is not None and self.cfg.student.colocate:
+            self._student.sleep()
+
+    def take_api_wait_s(self) -> float:
+        """Seconds the current stage waited on API answers (over all endpoints)."""
+        return sum(engine.take_wait_s() for engine in self._clients.values())
+
     def bill_to(self, stage: str) -> None:
         """Name the stage that API calls from now on are recorded against in the ledger."""
         self._stage = stage
@@ -106,7 +158,11 @@ class Session:
             engine.stage = stage
 
     def __exit__(self, *exc) -> None:
-        for engine in self._clients.values():
-            engine.close()
-        if self.sandbox is not None:
-            self.sandbox.stop()
+        try:
+            if self._student is not None:
+                self._student.stop()
+            for engine in self._clients.values():
+                engine.close()
+        finally:
+            if self.sandbox is not None:
+                self.sandbox.stop()

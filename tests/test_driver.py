@@ -142,6 +142,24 @@ def test_run_records_every_stage_and_updates_pools(reference_run):
     assert data["summary"][0]["disc req"] == referee["requests"] >= 120  # both orders
     assert lion_status(run_dir)["discrimination"]["1"]["requests"] == referee["requests"]
     assert "Ray dashboard: http" in out and "report:" in out and "round 1 done" in out
+    # one student engine for the run: started once, serving users too, reached by the stages
+    assert out.count("student endpoint: http://127.0.0.1:") == 1
+    for key in ("discrimination.student", "eval.heldout"):
+        assert stages[f"round_1/{key}"]["metrics"]["served_model"] == "round_1/imitation/model"
+        assert stages[f"round_1/{key}"]["metrics"]["engine"] == "resident"
+    # a console a person can read: Ray's own notices are in the run's log file
+    assert "(raylet)" not in out and " serve " not in out and "ray.data" not in out, out[-3000:]
+    assert (run_dir / "logs" / "ray.log").stat().st_size > 0
+    # where the time went, per stage
+    train = stages["round_1/imitation.train"]
+    assert 0 < train["compute_s"] <= train["seconds"]
+    assert stages["round_1/imitation.teacher"]["api_wait_s"] > 0
+    timing = data["rounds"][0]["timing"]["imitation.train"]
+    assert timing["overhead_s"] == pytest.approx(
+        timing["seconds"] - timing["compute_s"] - timing["api_wait_s"], abs=0.2
+    )
+    assert "time went" in (report / "index.html").read_text()
+    assert data["summary"][0]["loss"] == round(data["summary"][0]["loss"], 4)
     # off a terminal (ray job logs, CI) the round table is wide enough for every column
     header = next(line for line in out.splitlines() if line.strip().startswith("round   train"))
     assert "held-out" in header and header.split()[-2:] == ["$", "s"], header
@@ -325,6 +343,34 @@ def test_sigkill_in_any_stage_then_rerun_gives_the_same_pools(reference_run, tmp
     assert train_info["resumed_from_step"]  # training picked up its checkpoint
     for which in ("train", "cache"):
         assert pool_ids(run_dir, 2, which) == pool_ids(reference, 2, which)
+
+
+@pytest.mark.slow
+def test_a_driver_killed_while_weights_move_resumes_serving_the_right_round(ray_local, tmp_path):
+    """SIGKILL the driver as round 2's weights move into the engine; the rerun starts the
+    engine on round 2's student (answers as that student does) and finishes the round."""
+    from lion_ray.config import StudentConfig
+    from lion_ray.engines.inference import student_answers
+
+    run_dir = tmp_path / "run"
+    two = ("--set", "loop.rounds=2")
+    _kill_during(lion_run(run_dir, *two), run_dir, "round_2/discrimination.student", lambda: True)
+    rerun = lion_run(run_dir, *two)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-3000:]
+    assert redone(out)[0] == "round_2/discrimination.student"
+    stages = manifest(run_dir)["stages"]
+    served = stages["round_2/discrimination.student"]["metrics"]
+    assert served["served_model"] == "round_2/imitation/model"
+    answered = pq.read_table(run_dir / "round_2" / "discrimination" / "student.parquet")
+    pool = pq.read_table(run_dir / "round_2" / "pools" / "cache.parquet")
+    expected, _ = student_answers(
+        pool,
+        StudentConfig(prompt_format="compact", max_new_tokens=12),
+        model_uri=str(run_dir / "round_2" / "imitation" / "model"),
+        show_progress=False,
+    )
+    assert answered.column("answer").to_pylist() == expected.column("answer").to_pylist()
 
 
 def test_a_run_dir_keeps_its_config(tmp_path):

@@ -350,6 +350,11 @@ class ApiWorker:
     def _setup(self) -> None:  # inside the actor's event loop
         from openai import AsyncOpenAI
 
+        if isinstance(self.limiter.handle, str):  # the endpoint's limiter, by its name
+            import ray
+
+            self.limiter.handle = ray.get_actor(self.limiter.handle, namespace="lion-ray")
+
         ep = self.endpoint
         client = AsyncOpenAI(
             base_url=ep.base_url, api_key=api_key(ep), max_retries=0, timeout=ep.timeout_s
@@ -643,10 +648,14 @@ class ApiEngine:
             actor = ray.remote(ApiWorker).options(
                 num_cpus=API_WORKER_CPUS, max_restarts=3, max_task_retries=3
             )
+            # a named limiter goes by name: plain arguments, so a restarted worker never
+            # needs an object that may be gone
+            handle = self.limiter  # started (or found) before the workers look it up
+            limiter = limiter_name(self.ledger_dir) if self.ledger_dir else handle
             self._workers = [
                 actor.remote(
                     ep.model_dump(),
-                    self.limiter,
+                    limiter,
                     self.cache_dir,
                     self.ledger_dir,
                     self.stage,

@@ -241,11 +241,12 @@ class BatchRunner:
                 for batch_id, rec in list(waiting.items()):
                     batch = self.client.batches.retrieve(batch_id)
                     counts = batch.request_counts
-                    done += (counts.completed + counts.failed) if counts else 0
                     failed += counts.failed if counts else 0
-                    if batch.status in TERMINAL:
+                    if batch.status in TERMINAL:  # counted whole below, once
                         self._ingest(rec, batch, results)
                         del waiting[batch_id]
+                    elif counts:  # rows done so far in a batch still running
+                        done += counts.completed + counts.failed
                 finished = sum(len(r.keys) for r in records if r.batch_id not in waiting)
                 progress = finished + done
                 bar.failed = failed

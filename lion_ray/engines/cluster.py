@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 import ray
@@ -19,8 +20,12 @@ def default_num_cpus() -> int:
     return max(8, 2 * (os.cpu_count() or 1))
 
 
-def init_ray(cluster: ClusterConfig | None = None, *, quiet: bool = False) -> str | None:
-    """Connect to the configured cluster, or start a local one. Returns the dashboard URL."""
+def init_ray(
+    cluster: ClusterConfig | None = None, *, quiet: bool = False, log_file: str | None = None
+) -> str | None:
+    """Connect to the configured cluster, or start a local one. Returns the dashboard URL.
+    ``quiet``: workers' output is not streamed here; ``log_file``: Ray's and the libraries'
+    messages go there instead of the console."""
     cluster = cluster or ClusterConfig()
     if ray.is_initialized():
         node = getattr(ray._private.worker, "_global_node", None)
@@ -28,6 +33,8 @@ def init_ray(cluster: ClusterConfig | None = None, *, quiet: bool = False) -> st
     else:
         address = cluster.address or os.environ.get("RAY_ADDRESS")
         kwargs: dict = {"log_to_driver": not quiet, "logging_level": logging.WARNING}
+        if log_file:  # until its lines go to the file, Ray's console shows errors only
+            kwargs["logging_level"] = logging.ERROR
         if address:
             ctx = ray.init(address=address, **kwargs)
         else:
@@ -38,8 +45,61 @@ def init_ray(cluster: ClusterConfig | None = None, *, quiet: bool = False) -> st
                 **kwargs,
             )
         url = ctx.dashboard_url
+    if log_file:
+        log_to_file(log_file)
     data_context_quiet()
     return f"http://{url}" if url and not str(url).startswith("http") else url
+
+
+# Loggers of the libraries whose internal notices (restarts, deprecations, progress) go to a
+# run's log file rather than its console, unless --verbose.
+LIBRARY_LOGGERS = (
+    "ray",
+    "ray.data",
+    "ray.train",
+    "ray.serve",
+    "ray.llm",
+    "DeepSpeed",
+    "deepspeed",
+    "transformers",
+    "vllm",
+    "py.warnings",
+)
+
+
+def log_to_file(path: str) -> None:
+    """Send the libraries' own log lines and Python warnings to ``path`` (appended), so the
+    console shows lion-ray's progress and results; worker output stays in Ray's session
+    logs (``ray.init(log_to_driver=False)``)."""
+    handler = _FILE_HANDLERS.get(path)
+    if handler is None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        handler = _FILE_HANDLERS[path] = logging.FileHandler(path)
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    import ray.serve  # noqa: F401  (its import puts up a console handler: replaced below)
+
+    logging.captureWarnings(True)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # its save/load progress bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            if type(old) is not logging.FileHandler:  # Ray's and Serve's console handlers
+                logger.removeHandler(old)
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+        logger.propagate = False
+    logging.getLogger("ray").setLevel(logging.INFO)  # the file keeps Ray's notices
+    # the raylet's notices (worker start-up counts, OOM kills) are printed by the driver's
+    # error thread, which log_to_driver does not cover; they stay in Ray's session logs
+    ray._private.worker._worker_logs_enabled = False
+
+
+_FILE_HANDLERS: dict[str, logging.FileHandler] = {}
 
 
 def data_context_quiet() -> None:
@@ -70,13 +130,15 @@ def autoscaler_headroom() -> list[dict[str, float]]:
     return []
 
 
-def preflight(request) -> None:
+def preflight(request, also_held: dict[str, dict[str, float]] | None = None) -> None:
     """Refuse, before Ray is asked, a ``logic.resources.Request`` that this cluster can never
-    grant (Ray would queue it forever)."""
+    grant (Ray would queue it forever) while the run's engines hold what they hold (and
+    ``also_held``: engines not started yet that will be up at the same time)."""
     from lion_ray.logic.resources import Capacity, check
 
+    holders = HELD | (also_held or {})
     held: dict[str, float] = {}
-    for resources in HELD.values():
+    for resources in holders.values():
         for name, amount in resources.items():
             held[name] = held.get(name, 0.0) + amount
-    check(request, Capacity(node_capacity(), held, " and ".join(sorted(HELD))))
+    check(request, Capacity(node_capacity(), held, " and ".join(sorted(holders))))

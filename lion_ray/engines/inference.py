@@ -26,6 +26,7 @@ from lion_ray import storage
 from lion_ray.config import StudentConfig
 from lion_ray.errors import LionError
 from lion_ray.logic.pools import ANSWER_SCHEMA
+from lion_ray.logic.timing import union_seconds
 from lion_ray.models import adapter_base, check_model_path, is_adapter, read_model_json
 
 
@@ -103,6 +104,7 @@ class HFGenerator:
         config = getattr(self.model, "config", None)
         self.position_limit = getattr(config, "max_position_embeddings", 2048)
         self.inflight = 0  # requests using this generator (serving's hot swap waits for 0)
+        self.asleep = False
 
     @classmethod
     def for_student(cls, model_uri: str, student: StudentConfig) -> HFGenerator:
@@ -119,6 +121,19 @@ class HFGenerator:
             batch_size=student.batch_size,
             seed=student.seed,
         )
+
+    def sleep(self) -> None:
+        """Give the accelerator to training (student.colocate): the model waits in host
+        memory until the next reload or request."""
+        if self.device != "cpu" and not self.asleep:
+            self.model.to("cpu")
+            self.torch.cuda.empty_cache()
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.model.to(self.device)
+            self.asleep = False
 
     def prepare_reload(self, model_uri: str):
         """The new checkpoint's weights on CPU, ready to copy into this model in place, or
@@ -146,6 +161,7 @@ class HFGenerator:
             )
         self.model.load_state_dict(state, strict=False)  # copies in place, casting the dtype
         self.model_dir = new_dir
+        self.wake()
 
     def fit(self, ids: list[int], max_new_tokens: int | None = None) -> list[int]:
         """A prompt that fits the context with room to answer: a short prompt is kept whole
@@ -167,6 +183,7 @@ class HFGenerator:
     ) -> list[dict]:
         """Like :meth:`generate` for prompts already as token ids; sampling overrides the
         defaults given at construction."""
+        self.wake()
         encoded = [self.fit(p, max_new_tokens) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda k: len(encoded[k]))
         results: list[dict | None] = [None] * len(prompts)
@@ -183,6 +200,7 @@ class HFGenerator:
         """The mean per-token loss of each (instruction, input, answer): the same ids, the
         same masking and the same truncation the student trains with."""
         torch = self.torch
+        self.wake()
         examples = [self.format.example(i, x, a, self.position_limit) for i, x, a in items]
         order = sorted(range(len(items)), key=lambda k: len(examples[k].input_ids))
         out: list[float] = [0.0] * len(items)
@@ -276,6 +294,7 @@ class HFGenerator:
         """Text deltas as they are generated ({"delta": str}), then one final {"finish": ...}."""
         from transformers import TextIteratorStreamer
 
+        self.wake()
         ids = self.fit(ids, max_new_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         output: dict = {}
@@ -325,12 +344,13 @@ class HFPredictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
+        t0 = time.time()
         outs, error = _with_retries(
             lambda rs: self.generator.generate([(r["instruction"], r["input"]) for r in rs]),
             rows,
             self.max_batch_retries,
         )
-        return _answers_table(rows, outs or [None] * len(rows), error)
+        return _timed(_answers_table(rows, outs or [None] * len(rows), error), t0)
 
 
 class LossScorer:
@@ -344,6 +364,7 @@ class LossScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
+        t0 = time.time()
         losses, error = _with_retries(
             lambda rs: self.generator.losses(
                 [(r["instruction"], r["input"], r["answer"]) for r in rs]
@@ -352,13 +373,33 @@ class LossScorer:
             self.max_batch_retries,
         )
         losses = losses or [None] * len(rows)
-        return pa.Table.from_pylist(
-            [{"id": r["id"], "loss": x, "error": error} for r, x in zip(rows, losses, strict=True)],
-            schema=LOSS_SCHEMA,
+        return _timed(
+            pa.Table.from_pylist(
+                [
+                    {"id": r["id"], "loss": x, "error": error}
+                    for r, x in zip(rows, losses, strict=True)
+                ],
+                schema=LOSS_SCHEMA,
+            ),
+            t0,
         )
 
 
+def _timed(table: pa.Table, t0: float) -> pa.Table:
+    """A batch's rows with when its engine worked on them (a stage's compute time)."""
+    t1, n = time.time(), table.num_rows
+    return table.append_column("_t0", pa.array([t0] * n)).append_column("_t1", pa.array([t1] * n))
+
+
 LOSS_SCHEMA = pa.schema([("id", pa.string()), ("loss", pa.float64()), ("error", pa.string())])
+
+
+def answer_rows_table(rows: list[dict], outs: list[dict]) -> pa.Table:
+    """Answers from the student engine: each out is a generator's result, or {"error": ...}
+    for a row that failed."""
+    table = _answers_table(rows, [None if "error" in o else o for o in outs])
+    errors = [o.get("error", "") for o in outs]
+    return table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors))
 
 
 def _answers_table(rows: list[dict], outs: list[dict | None], error: str = "") -> pa.Table:
@@ -429,6 +470,8 @@ def vllm_setup(
         # an engine in a Serve replica: its tensor-parallel workers are processes on the
         # GPUs Ray gave the replica (the Ray executor would ask for more)
         kwargs["distributed_executor_backend"] = "mp"
+    if student.colocate and student.vllm_device == "gpu":
+        kwargs["enable_sleep_mode"] = True  # sleeps while Ray Train has the GPU (CUDA only)
     if student.trust_remote_code:
         kwargs["trust_remote_code"] = True
     if adapter:
@@ -665,11 +708,13 @@ def student_losses(
     model_uri: str,
     label: str = "student loss",
     show_progress: bool = True,
+    engine=None,
 ) -> tuple[dict[str, float | None], dict]:
     """The student's mean per-token loss on each row's ``answer`` (the teacher's; rows have
     id, instruction, input, answer), by id; None where scoring failed. A forward pass where
-    the student runs: the hf backend's actors, or vLLM's prompt logprobs on its engines
-    (the same ids, masking and truncation as training)."""
+    the student runs: the run's student ``engine`` when given, else the hf backend's actors
+    or vLLM's prompt logprobs on its engines (the same ids, masking and truncation as
+    training)."""
     import ray
 
     from lion_ray.engines.cluster import data_context_quiet
@@ -678,15 +723,18 @@ def student_losses(
     check_model_path(model_uri, "the student model")
     per_block = student.batch_size
     chunks = [pa.Table.from_pylist(rows[i : i + per_block]) for i in range(0, len(rows), per_block)]
-    if student.backend == "vllm" and rows:
+    if student.backend == "vllm" and rows and engine is None:
         chunks, longest = _examples_columns(chunks, student, model_uri)
     data_context_quiet()
     losses: dict[str, float | None] = {}
     errors: dict[str, str] = {}
+    busy: set[tuple[float, float]] = set()
     started = time.monotonic()
     with StageProgress(label, total=len(rows), enabled=show_progress, unit="rows") as bar:
         if rows:
-            if student.backend == "vllm":  # one generated token: room for it past the example
+            if engine is not None:
+                ds = engine.map(ray.data.from_arrow(chunks), "loss_rows", len(chunks))
+            elif student.backend == "vllm":  # one generated token: room past the example
                 ds = _vllm_losses(ray.data.from_arrow(chunks), student, model_uri, longest + 1)
             else:
                 ds = _map_student(
@@ -696,6 +744,8 @@ def student_losses(
                 for row in batch.to_pylist():
                     loss = row.get("loss")
                     losses[row["id"]] = loss
+                    if "_t0" in row:
+                        busy.add((row["_t0"], row["_t1"]))
                     error = row.get("error") or str(row.get("__inference_error__") or "")
                     if error or loss is None:
                         errors[row["id"]] = error or "scoring returned no loss"
@@ -710,6 +760,7 @@ def student_losses(
         "failed": failed,
         "errors": sorted(set(errors.values()))[:3],
         "wall_s": round(time.monotonic() - started, 2),
+        "compute_s": round(union_seconds(list(busy)), 2) if busy else None,
     }
 
 
@@ -742,8 +793,10 @@ def student_answers(
     label: str = "student answers",
     show_progress: bool = True,
     predictor_cls: type = HFPredictor,
+    engine=None,
 ) -> tuple[pa.Table, dict]:
-    """One student answer per pool row, in pool order."""
+    """One student answer per pool row, in pool order: from the run's student ``engine``
+    when given (it serves ``model_uri``), else from engines started for this call."""
     import ray
 
     from lion_ray.engines.cluster import data_context_quiet
@@ -764,10 +817,13 @@ def student_answers(
     ]
     data_context_quiet()
     results: dict[str, dict] = {}
+    busy: set[tuple[float, float]] = set()
     started = time.monotonic()
     with StageProgress(label, total=len(rows), enabled=show_progress, unit="rows") as bar:
         if rows:
-            if student.backend == "vllm":  # prompt ids here: the context follows the data
+            if engine is not None:
+                ds = engine.map(ray.data.from_arrow(chunks), "answer_rows", len(chunks))
+            elif student.backend == "vllm":  # prompt ids here: the context follows the data
                 column = _prompt_ids(student, model_uri)
                 chunks = [c.append_column("prompt_ids", column(c)) for c in chunks]
                 lengths = [len(p) for c in chunks for p in c.column("prompt_ids").to_pylist()]
@@ -782,6 +838,8 @@ def student_answers(
                 ds = _map_student(ds, predictor_cls, student, model_uri, len(chunks))
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in batch.to_pylist():
+                    if "_t0" in row:
+                        busy.add((row["_t0"], row["_t1"]))
                     row = _answer_row(row)
                     results[row["id"]] = row
                     bar.advance(1, failed=row["status"] == "failed")
@@ -803,5 +861,7 @@ def student_answers(
         "wall_s": round(elapsed, 2),
         "tokens_per_s": round(completion / elapsed, 1) if elapsed else 0.0,
         "backend": student.backend,
+        "engine": "resident" if engine is not None else "per_stage",
+        "compute_s": round(union_seconds(list(busy)), 2) if busy else None,
     }
     return table, summary

@@ -322,19 +322,21 @@ class VLLMGenerator:
         ):
             yield out
 
-    def _params(self, max_new_tokens: int, temperature: float, top_p: float):
+    def _params(self, max_new_tokens: int, temperature: float, top_p: float, seed=None):
         from vllm import SamplingParams
 
         return SamplingParams(
             max_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
+            seed=seed,
             stop_token_ids=self.format.stop_ids,
         )
 
-    async def agenerate_one(self, ids, max_new_tokens, temperature, top_p) -> dict:
+    async def agenerate_one(self, ids, max_new_tokens, temperature, top_p, seed=None) -> dict:
         final = None
-        async for out in self._run(ids, self._params(max_new_tokens, temperature, top_p)):
+        params = self._params(max_new_tokens, temperature, top_p, seed)
+        async for out in self._run(ids, params):
             final = out
         o = final.outputs[0]
         return {
@@ -438,6 +440,13 @@ def _process_tree_rss_mb() -> float:
         except psutil.Error:
             continue
     return round(total / 2**20, 1)
+
+
+def _row_result(out) -> dict:
+    """One row of answer_rows: the generator's result, or the error that replaced it."""
+    if isinstance(out, BaseException):
+        return {"error": f"{type(out).__name__}: {str(out)[:300]}"}
+    return out
 
 
 def _usage(r: dict) -> dict:
@@ -647,6 +656,63 @@ class StudentServer:
                 asyncio.run_coroutine_threadsafe(self.swap_to(newest), self._loop).result()
             except Exception:  # logged and shown in /v1/admin/status by swap_to
                 failed = newest
+
+    # --- the run's stages (through deployment handles, from Ray Data) ---------------------
+
+    async def answer_rows(self, rows: list[dict]) -> dict:
+        """Student answers for pool rows (id, instruction, input), with the student's own
+        decoding settings; a row that fails carries its error. Also when the engine was
+        busy (t0, t1): the stage's model-compute time."""
+        t0 = time.time()
+        async with self._lease() as model:
+            if isinstance(model, VLLMGenerator):
+                s = self.student
+
+                async def one(r):
+                    ids = model.format.prompt_ids(r["instruction"], r["input"] or "")
+                    return await model.agenerate_one(
+                        ids, s.max_new_tokens, s.temperature, s.top_p, seed=s.seed
+                    )
+
+                outs = await asyncio.gather(*(one(r) for r in rows), return_exceptions=True)
+            else:
+                items = [(r["instruction"], r["input"] or "") for r in rows]
+                try:
+                    outs = await asyncio.to_thread(model.generate, items)
+                except Exception as exc:  # the batch fails; its rows carry the error
+                    outs = [exc] * len(rows)
+        return {"outs": [_row_result(o) for o in outs], "t0": t0, "t1": time.time()}
+
+    async def loss_rows(self, rows: list[dict]) -> dict:
+        """The student's mean per-token loss on each row's ``answer`` (None and the error
+        where scoring failed), and when the engine was busy."""
+        t0 = time.time()
+        items = [(r["instruction"], r["input"] or "", r["answer"]) for r in rows]
+        async with self._lease() as model:
+            try:
+                if isinstance(model, VLLMGenerator):
+                    losses, error = await model.alosses(items), ""
+                else:
+                    losses, error = await asyncio.to_thread(model.losses, items), ""
+            except Exception as exc:
+                losses, error = [None] * len(rows), f"{type(exc).__name__}: {str(exc)[:300]}"
+        return {"losses": losses, "error": error, "t0": t0, "t1": time.time()}
+
+    async def load(self, model_dir: str) -> dict:
+        """Serve ``model_dir`` from now on (the run calls this after each round's training):
+        how the swap went; a failed swap raises with its cause."""
+        swapped = await self.swap_to(model_dir)
+        return (self.last_swap or {}) | {"swapped": swapped, "model_dir": self.model_dir}
+
+    async def sleep(self) -> None:
+        """Give the GPU to training (student.colocate): a vLLM engine drops its weights and
+        KV cache (the next load brings the new ones); an hf model moves to host memory."""
+        async with self._swap_lock:
+            await self._drain(self.model)
+            if isinstance(self.model, VLLMGenerator):
+                await self.model.sleep()
+            else:
+                await asyncio.to_thread(self.model.sleep)
 
     # --- generation -------------------------------------------------------------------
 
@@ -1020,12 +1086,13 @@ def deploy(
     model_dir: str | None = None,
     run_dir: str | None = None,
     name: str = APP_NAME,
-    route_prefix: str = "/",
-) -> str:
-    """Start (or update in place) the student app on the connected Ray cluster; returns its URL.
+    route_prefix: str | None = "/",
+) -> str | None:
+    """Start (or update in place) the student app on the connected Ray cluster; returns its
+    URL (None with no ``route_prefix``: reached through handles only).
 
     Deploying again with another model_dir is a hot swap: Serve passes the new user_config to
-    the running replicas (``reconfigure``), which load the new student beside the old one.
+    the running replicas (``reconfigure``), which move to the new student.
     """
     from lion_ray.engines.cluster import preflight
     from lion_ray.logic.resources import Request
@@ -1045,5 +1112,11 @@ def deploy(
         name=name,
         route_prefix=route_prefix,
     )
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    return f"http://{host}:{settings.port}{route_prefix.rstrip('/')}"
+    if route_prefix is None:
+        return None
+    # a Serve already running on this cluster keeps its own address
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+    return f"http://{host}:{http.port}{route_prefix.rstrip('/')}"

@@ -4,10 +4,10 @@
 
 * ZeRO-2 or ZeRO-3 (optionally offloading optimizer state and parameters), bf16 on GPU and
   fp32 on CPU (gloo), gradient accumulation, cosine schedule with warmup, clipping.
-* Data: the answers table through a Ray Data shard per worker (rows whose teacher answer
+* Data: the answers table through the object store, once (rows whose teacher answer
   failed are skipped and counted), encoded with the training template and loss masking,
   optionally packed. Rows are re-ordered by id across workers so the data order, and so a
-  resumed run, does not depend on how Ray Data happened to split the blocks.
+  resumed run, does not depend on how the work was scheduled.
 * Checkpoints every N optimizer steps through ``ray.train.report``; ``FailureConfig``
   restores workers from the latest one, and a rerun with the same storage path and name
   (after a driver crash) restores too. The final model is exported in Hugging Face format.
@@ -173,6 +173,7 @@ def _progress_uri(storage_path: str, name: str) -> str:
 
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: DeepSpeed engine, deterministic data order, checkpoints, export."""
+    entered = time.monotonic()
     import warnings
 
     warnings.filterwarnings(
@@ -200,12 +201,11 @@ def train_loop_per_worker(config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray's group
     torch.manual_seed(train.seed)
 
-    # Data: this worker's Ray Data shard, then a deterministic re-split by id.
-    shard = ray.train.get_dataset_shard("train")
-    mine = [dict(r) for r in shard.iter_rows()]
-    gathered: list[list[dict]] = [[] for _ in range(world)]
-    dist.all_gather_object(gathered, mine)
-    rows = sorted((r for part in gathered for r in part), key=lambda r: r["id"])[rank::world]
+    # Data: the rows from the object store (put there once by the driver), split by id: the
+    # data order, and so a resumed run, does not depend on how anything was scheduled.
+    table = ray.get(config["rows"])
+    rows = sorted(table.to_pylist(), key=lambda r: r["id"])[rank::world]
+    del table
 
     ds_config = deepspeed_config(train, use_gpu)
     model, tokenizer, base_dir, export_dtype = _load_for_training(config, train, ds_config)
@@ -330,6 +330,7 @@ def train_loop_per_worker(config: dict) -> None:
             )
             shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - started
+    exporting = time.monotonic()
 
     # Export in Hugging Face format, in the base checkpoint's dtype. Under ZeRO-3 a full
     # model is gathered module by module onto rank 0's CPU (no rank ever holds it all on
@@ -348,6 +349,7 @@ def train_loop_per_worker(config: dict) -> None:
                 export(engine.module, export_tmp, train, base_dir, export_dtype, config, out_uri)
     elif rank == 0:
         export(engine.module, export_tmp, train, base_dir, export_dtype, config, out_uri)
+    export_s = time.monotonic() - exporting
     final = {
         "step": engine.global_steps,
         "total_steps": total_steps,
@@ -360,6 +362,9 @@ def train_loop_per_worker(config: dict) -> None:
         "target_tokens_per_s": tokens_done * world / max(1e-6, elapsed),
         "real_tokens_per_s": real_tokens * world / max(1e-6, elapsed),  # padding excluded
         "train_s": elapsed,
+        "setup_s": round(started - entered, 2),  # imports, data, model, DeepSpeed, resume
+        "worker_started_at": time.time() - (time.monotonic() - entered),
+        "export_s": round(export_s, 2),
         "resumed_from_step": resumed_from,
         "exported": out_uri,
         "export_dtype": str(export_dtype).removeprefix("torch."),
@@ -388,6 +393,11 @@ def train_loop_per_worker(config: dict) -> None:
         # Ray Train keeps the metrics of checkpointed reports; the final ones go beside them
         storage.write_json(config["progress_uri"].replace("progress.json", "final.json"), final)
     dist.barrier()
+    if rank == 0:
+        storage.write_json(
+            config["progress_uri"].replace("progress.json", "final.json"),
+            final | {"worker_finished_at": time.time()},
+        )
     ray.train.report(final)
 
 
@@ -525,11 +535,16 @@ def _publish(local_dir: str, out_uri: str) -> None:
     shutil.rmtree(local_dir, ignore_errors=True)
 
 
-def workers_request(train: TrainConfig, placement_strategy: str | None = None):
-    """The Ray Train worker group imitation asks for (checked before Ray is asked)."""
+def workers_request(
+    train: TrainConfig, placement_strategy: str | None = None, colocated: bool = False
+):
+    """The Ray Train worker group imitation asks for (checked before Ray is asked).
+    ``colocated``: each worker shares its GPU with a sleeping student engine."""
+    from lion_ray.engines.student_engine import COLOCATED_WORKER_GPU
     from lion_ray.logic.resources import Request
 
-    gpus = {"GPU": float(train.gpus_per_worker)} if train.gpus_per_worker else {}
+    per_worker = COLOCATED_WORKER_GPU if colocated else float(train.gpus_per_worker)
+    gpus = {"GPU": per_worker} if train.gpus_per_worker else {}
     return Request(
         "imitation.train: Ray Train workers",
         {"CPU": train.cpus_per_worker} | gpus,
@@ -582,7 +597,7 @@ def train_student(
     if not usable:
         raise LionError(f"no usable training rows: all {len(rows)} answers failed or are empty")
     use_gpu = train.gpus_per_worker > 0
-    request = workers_request(train, placement_strategy)
+    request = workers_request(train, placement_strategy, student.colocate)
     preflight(request)  # Ray Train would retry a worker group that can never start, forever
     data_context_quiet()
     progress_uri = _progress_uri(storage_path, name)
@@ -595,6 +610,9 @@ def train_student(
             "student": student.model_dump(),
             "progress_uri": progress_uri,
             "crash_at_step": crash_at_step,
+            # a Ray Data shard per worker would cost a pipeline per round and be re-split
+            # by id anyway: the table goes once into the object store
+            "rows": ray.put(pa.Table.from_pylist(usable)),
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -614,7 +632,6 @@ def train_student(
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
         ),
-        datasets={"train": ray.data.from_items(usable)},
     )
     outcome: dict = {}
 

@@ -1,0 +1,75 @@
+"""The run's one student engine: the serving deployment, reached by the stages through Ray
+Data, answering as the per-stage engines do, with each round's weights moved into it."""
+
+import shutil
+
+import pytest
+
+from lion_ray.config import ServeConfig, StudentConfig
+from lion_ray.engines.inference import student_answers, student_losses
+from lion_ray.engines.student_engine import StudentEngine
+from lion_ray.logic.pools import import_records
+
+from ..conftest import MEMORIZED, MEMORIZED_B
+from ..helpers import free_port, http_json
+
+STUDENT = StudentConfig(prompt_format="compact", max_new_tokens=12, batch_size=4)
+
+
+def _pool(questions):
+    return import_records([({"instruction": q}, "x") for q in questions], source="t")[0]
+
+
+@pytest.fixture()
+def engine(ray_local, taught_student):
+    engine = StudentEngine.start(
+        STUDENT, str(taught_student), ServeConfig(port=free_port()), app="engine-test"
+    )
+    yield engine
+    engine.stop()
+
+
+def test_stages_get_the_per_stage_answers_and_losses_from_one_engine(
+    engine, taught_student, taught_student_b, tmp_path
+):
+    questions = [q for q, _ in MEMORIZED] + [f"Reverse '{w}'." for w in ("ab", "kit", "zorro")]
+    pool = _pool(questions * 3)  # several batches, in flight at once
+    resident, summary = student_answers(
+        pool, STUDENT, model_uri=str(taught_student), engine=engine, show_progress=False
+    )
+    fresh, _ = student_answers(pool, STUDENT, model_uri=str(taught_student), show_progress=False)
+    assert resident.to_pylist() == fresh.to_pylist()
+    assert summary["engine"] == "resident" and 0 < summary["compute_s"] <= summary["wall_s"]
+    rows = [
+        {"id": str(i), "instruction": q, "input": "", "answer": a}
+        for i, (q, a) in enumerate([*MEMORIZED, (MEMORIZED[0][0], "wrong")])
+    ]
+    losses, _ = student_losses(rows, STUDENT, model_uri=str(taught_student), engine=engine)
+    expected, _ = student_losses(rows, STUDENT, model_uri=str(taught_student))
+    assert losses == pytest.approx(expected, rel=1e-5)
+
+    # the next round's weights move into the running engine, which then answers with them
+    swap = engine.load(str(taught_student_b))
+    assert swap["how"] == "in_place" and swap["swapped"] is True
+    moved, _ = student_answers(
+        _pool([q for q, _ in MEMORIZED]), STUDENT, model_uri=str(taught_student_b), engine=engine
+    )
+    assert [r["answer"] for r in moved.to_pylist()] == [a for _, a in MEMORIZED_B]
+    # the same engine answers users, on the serving routes
+    status, body = http_json(
+        f"{engine.url}/v1/chat/completions",
+        body={"messages": [{"role": "user", "content": MEMORIZED[0][0]}], "max_tokens": 12},
+    )
+    assert status == 200 and body["choices"][0]["message"]["content"] == MEMORIZED_B[0][1]
+
+    # a round whose weights cannot move in fails its stage, with the cause; the engine
+    # serves on with what it had
+    broken = tmp_path / "broken"
+    shutil.copytree(taught_student_b, broken)
+    (broken / "model.safetensors").write_bytes(b"torn")
+    with pytest.raises(Exception, match="SafetensorError|safetensors|header"):
+        engine.load(str(broken))
+    again, _ = student_answers(
+        _pool([MEMORIZED[1][0]]), STUDENT, model_uri=str(taught_student_b), engine=engine
+    )
+    assert again.column("answer").to_pylist() == [MEMORIZED_B[1][1]]
