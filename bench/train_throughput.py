@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,6 +43,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lora-hidden", type=int, default=768)
     parser.add_argument("--lora-examples", type=int, default=200)
+    parser.add_argument(
+        "--overhead-only",
+        action="store_true",
+        help="only the stage against a plain loop (packing_2w and plain_loop)",
+    )
     args = parser.parse_args()
 
     demo = load_config("configs/demo.yaml")
@@ -82,13 +88,16 @@ def main() -> None:
             }
         )
         init_student(f"{tmp}/wide", wide_student)
-        for name, packing, workers, lora in [
+        arms = [
             ("padding_2w", False, 2, None),
             ("packing_2w", True, 2, None),
             ("packing_1w", True, 1, None),
             ("full_wide", True, 2, None),
             ("lora_wide", True, 2, LoraConfig(r=16, dropout=0.0, target_modules="all-linear")),
-        ]:
+        ]
+        if args.overhead_only:
+            arms = [a for a in arms if a[0] == "packing_2w"]
+        for name, packing, workers, lora in arms:
             wide = name.endswith("wide")
             cfg = TrainConfig(
                 zero_stage=2,
@@ -103,6 +112,7 @@ def main() -> None:
                 warmup_ratio=0.05,
                 lora=lora,
             )
+            started = time.monotonic()
             m = train_student(
                 answers.slice(0, args.lora_examples) if wide else answers,
                 cfg,
@@ -126,9 +136,30 @@ def main() -> None:
                     "peak_rss_mb",
                     "parameters",
                     "trainable_parameters",
+                    "setup_s",
+                    "export_s",
                 )
             }
+            runs[name]["stage_s"] = time.monotonic() - started
             print(name, json.dumps(runs[name]), flush=True)
+            if name == "packing_2w":  # the same steps in one process, no Ray, no DeepSpeed
+                plain_s = plain_loop(answers, cfg, f"{tmp}/student")
+                runs["plain_loop"] = {"train_s": plain_s, "step": m["step"]}
+                print("plain_loop", json.dumps(runs["plain_loop"]), flush=True)
+    stage = runs["packing_2w"]
+    overhead = {
+        "stage_s": round(stage["stage_s"], 1),
+        "stage_loop_s": round(stage["train_s"], 1),
+        "stage_setup_s": stage["setup_s"],
+        "plain_loop_s": round(runs["plain_loop"]["train_s"], 1),
+        # what Ray Train + DeepSpeed cost beyond a plain loop of the same steps
+        "stage_over_plain": round(stage["stage_s"] / runs["plain_loop"]["train_s"], 2),
+        "loop_over_plain": round(stage["train_s"] / runs["plain_loop"]["train_s"], 2),
+        "startup_and_export_s": round(stage["stage_s"] - stage["train_s"], 1),
+    }
+    if args.overhead_only:
+        print(json.dumps({"overhead": overhead, "runs": runs}))
+        return
     lora, full = runs["lora_wide"], runs["full_wide"]
     print(
         json.dumps(
@@ -158,10 +189,59 @@ def main() -> None:
                 "lora_peak_rss_mb": lora["peak_rss_mb"],
                 "full_peak_rss_mb": full["peak_rss_mb"],
                 "wide_parameters": full["parameters"],
+                "overhead": overhead,
                 "runs": runs,
             }
         )
     )
+
+
+def plain_loop(answers: pa.Table, train: TrainConfig, base: str) -> float:
+    """Seconds a single-process torch loop takes for the stage's optimizer steps: the same
+    packed sequences, micro-batches, accumulation, AdamW and schedule, no Ray or DeepSpeed."""
+    import math
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lion_ray.engines.training import build_sequences, cosine_with_warmup
+    from lion_ray.formats import PromptFormat
+    from lion_ray.logic.examples import pad_batch
+    from lion_ray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    fmt = PromptFormat(tokenizer, COMPACT.prompt_format, "")
+    rows = [r for r in answers.to_pylist() if r["status"] == "ok"]
+    seqs, _ = build_sequences(rows, fmt, train.max_length, train.packing)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.config.use_cache = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr)
+    batch = train.effective_batch_size
+    per_epoch = math.ceil(len(seqs) / batch)
+    total = per_epoch * train.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total, math.ceil(train.warmup_ratio * total))
+    )
+    micro = train.micro_batch_size
+    started = time.monotonic()
+    model.train()
+    for step in range(total):
+        epoch, k = divmod(step, per_epoch)
+        order = list(range(len(seqs)))
+        random.Random(epoch).shuffle(order)
+        picked = [seqs[order[(k * batch + j) % len(order)]] for j in range(batch)]
+        for i in range(0, batch, micro):
+            padded = pad_batch(picked[i : i + micro], tokenizer.pad_token_id)
+            inputs = {
+                key: torch.tensor(padded[key]) for key in ("input_ids", "labels", "position_ids")
+            }
+            (model(**inputs).loss * micro / batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    return time.monotonic() - started
 
 
 if __name__ == "__main__":

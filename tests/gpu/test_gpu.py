@@ -1,76 +1,328 @@
-"""The GPU paths: bf16 DeepSpeed ZeRO-3 on one GPU, vLLM student inference and vLLM serving.
+"""The GPU paths on one GPU: what `python -m bench.gpu_smoke` runs and times.
 
-They need a CUDA device and skip (saying so) without one; `python -m bench.gpu_smoke` runs
-them on a GPU machine (with the `gpu` extra installed) and prints one JSON line."""
+bf16 ZeRO-3 training (full and LoRA) of a tiny Qwen2-class student with a worker that dies
+and a resume; ray.data.llm vLLM inference with a LoRA adapter and from an s3:// model (a
+moto server); a vLLM hot swap on one GPU under concurrent clients (weights into the running
+engine, an adapter in place, and a swap that must retire the old engine first); the
+colocated engine asleep while Ray Train runs; and one `lion-ray run` round with the student
+on the GPU. They need CUDA and skip (saying so) without it. The students are saved in
+bf16, the dtype vLLM's GPU attention kernels run.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
-from lion_ray.config import ServeConfig, StudentConfig, TrainConfig
+from lion_ray.config import LoraConfig, ServeConfig, StudentConfig, TinyStudentConfig, TrainConfig
 from lion_ray.engines.inference import student_answers
 from lion_ray.engines.training import train_student
 from lion_ray.logic.pools import import_records
 
-from ..conftest import MEMORIZED
-from ..helpers import answers_table, free_port
+from ..conftest import MEMORIZED, MEMORIZED_B, ROOT
+from ..helpers import MotoS3, answers_table, free_port, http_json, memorize
 
 pytestmark = pytest.mark.gpu
-COMPACT = StudentConfig(prompt_format="compact")
+CHAT = StudentConfig(prompt_format="chat")
+SHAPE = dict(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128)
+# each engine takes a share of the one GPU, so a test's engines never crowd another's
+GPU_SHARE = {"gpu_memory_utilization": 0.3}
 
 
-def test_bf16_zero3_on_one_gpu(ray_local, tiny_student, tmp_path):
+def _qwen(root, name, pairs=None):
+    from lion_ray.student import init_student
+
+    out = root / name
+    init_student(
+        str(out),
+        TinyStudentConfig(
+            architecture="qwen2",
+            chat_template="chatml",
+            max_position_embeddings=256,
+            **SHAPE,
+        ),
+    )
+    if pairs:
+        memorize(out, pairs, template="chat", steps=250)
+    _to_bf16(out)
+    return out
+
+
+def _to_bf16(model_dir) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lion_ray import storage
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.to(torch.bfloat16).save_pretrained(model_dir)
+    storage.write_checksums(model_dir)
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu-students")
+    return {
+        "base": _qwen(root, "base"),
+        "a": _qwen(root, "a", MEMORIZED),
+        "b": _qwen(root, "b", MEMORIZED_B),
+    }
+
+
+def _vllm(model, **kw) -> StudentConfig:
+    return CHAT.model_copy(
+        update={
+            "model_path": str(model),
+            "backend": "vllm",
+            "max_new_tokens": 12,
+            "engine_kwargs": GPU_SHARE,
+        }
+        | kw
+    )
+
+
+def _pool(questions):
+    return import_records([({"instruction": q}, "x") for q in questions], source="t")[0]
+
+
+@pytest.mark.parametrize("lora", [None, "adapter"], ids=["full", "lora"])
+def test_bf16_zero3_training_with_a_resume(ray_local, students, tmp_path, lora):
     rows = [{"id": f"{i:03d}", "instruction": q, "answer": a} for i, (q, a) in enumerate(MEMORIZED)]
     metrics = train_student(
-        answers_table(rows * 8),
+        answers_table(rows * 16),
         TrainConfig(
             lr=3e-3,
-            epochs=3,
+            epochs=4,
             max_length=96,
             micro_batch_size=4,
             effective_batch_size=4,
             workers=1,
             gpus_per_worker=1,
             zero_stage=3,
+            lora=LoraConfig(r=4, export=lora) if lora else None,
+            gradient_checkpointing=bool(lora),
+            checkpoint_every_steps=4,
+            deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}},
         ),
-        base_model=str(tiny_student),
+        base_model=str(students["base"]),
         out_uri=str(tmp_path / "model"),
         storage_path=str(tmp_path / "ckpt"),
-        student=COMPACT,
+        student=CHAT,
+        show_progress=False,
+        crash_at_step=10,
+    )
+    assert metrics["resumed_from_step"] in (4, 8)  # the worker died; a checkpoint restored
+    assert metrics["loss_last"] < metrics["loss_first"]
+    assert metrics["export_dtype"] == "bfloat16"  # the base's
+    if not lora:
+        config = json.loads((tmp_path / "model" / "config.json").read_text())
+        assert config["dtype"] == "bfloat16"
+
+
+def test_vllm_inference_with_a_lora_adapter(ray_local, students, tmp_path):
+    adapter = _adapter(students, tmp_path)
+    questions = [q for q, _ in MEMORIZED]
+    table, summary = student_answers(_pool(questions), _vllm(adapter), show_progress=False)
+    assert summary["failed"] == 0
+    assert [r["answer"] for r in table.to_pylist()] == [a for _, a in MEMORIZED_B]
+
+
+def _adapter(students, tmp_path):
+    """A LoRA adapter on student 'a' that answers MEMORIZED_B, exported as lion-ray does."""
+    metrics_dir = tmp_path / "adapter"
+    rows = [
+        {"id": f"{i:03d}", "instruction": q, "answer": a} for i, (q, a) in enumerate(MEMORIZED_B)
+    ]
+    train_student(
+        answers_table(rows * 32),
+        TrainConfig(
+            lr=5e-3,
+            epochs=6,
+            max_length=96,
+            micro_batch_size=8,
+            effective_batch_size=8,
+            workers=1,
+            gpus_per_worker=1,
+            lora=LoraConfig(r=8, target_modules="all-linear", export="adapter"),
+        ),
+        base_model=str(students["a"]),
+        out_uri=str(metrics_dir),
+        storage_path=str(tmp_path / "adapter-ckpt"),
+        student=CHAT,
         show_progress=False,
     )
-    assert metrics["loss_last"] < metrics["loss_first"]
-    assert metrics["export_dtype"] == "float32"  # the base's dtype, though trained in bf16
+    assert json.loads((metrics_dir / "lion_ray_base.json").read_text())["base"]
+    return metrics_dir
 
 
-@pytest.mark.vllm
-def test_vllm_student_inference_on_gpu(ray_local, taught_student):
-    pool = import_records([({"instruction": q}, "x") for q, _ in MEMORIZED], source="t")[0]
-    cfg = COMPACT.model_copy(
-        update={"model_path": str(taught_student), "backend": "vllm", "max_new_tokens": 12}
-    )
-    table, summary = student_answers(pool, cfg, show_progress=False)
-    assert summary["ok"] == len(MEMORIZED)
-    assert [r["answer"] for r in table.to_pylist()] == [a for _, a in MEMORIZED]
+def test_vllm_inference_from_an_s3_model(students, tmp_path):
+    """The engine downloads the model on its own node (Ray's model download); the driver
+    fetches the tokenizer only."""
+    import ray
+
+    from lion_ray import storage
+    from lion_ray.config import ClusterConfig
+    from lion_ray.engines.cluster import init_ray
+
+    with MotoS3("lion-gpu"):
+        ray.shutdown()  # nodes must start with the store's settings in their environment
+        init_ray(ClusterConfig(num_cpus=8), quiet=True)
+        try:
+            uri = "s3://lion-gpu/models/a"
+            storage.publish_dir(students["a"], uri)
+            table, summary = student_answers(
+                _pool([q for q, _ in MEMORIZED]), _vllm(uri), show_progress=False
+            )
+            assert summary["failed"] == 0
+            assert [r["answer"] for r in table.to_pylist()] == [a for _, a in MEMORIZED]
+        finally:
+            ray.shutdown()
+    init_ray(ClusterConfig(num_cpus=8), quiet=True)
 
 
-@pytest.mark.vllm
-def test_vllm_serving_on_gpu(ray_local, taught_student):
+def test_vllm_hot_swap_on_one_gpu_under_concurrent_clients(ray_local, students, tmp_path):
+    """A new round's student moves into the running engine; a model of another
+    architecture can only come as a new engine, which on one GPU means the old one retires
+    first (503 with Retry-After meanwhile); no request fails otherwise."""
     from openai import OpenAI
     from ray import serve
 
     from lion_ray.engines.serving import deploy
+    from lion_ray.student import init_student
 
+    other = tmp_path / "other"  # another architecture: two layers more
+    init_student(str(other), TinyStudentConfig(**(SHAPE | {"num_layers": 4})))
+    _to_bf16(other)
     url = deploy(
-        ServeConfig(port=free_port(), backend="vllm", gpus_per_replica=1),
-        student=COMPACT,
-        model_dir=str(taught_student),
+        ServeConfig(
+            port=free_port(),
+            backend="vllm",
+            gpus_per_replica=1,
+            max_tokens_cap=64,
+            reload_allow=[str(students["b"].parent), str(tmp_path)],
+        ),
+        student=_vllm(students["a"], engine_kwargs={"gpu_memory_utilization": 0.6}),
+        model_dir=str(students["a"]),
         name="gpu-student",
     )
-    try:
+    question, answer = MEMORIZED[0]
+    seen, failures, refused = [], [], []
+    stop = threading.Event()
+
+    def hammer():
         c = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
-        question, answer = MEMORIZED[0]
-        reply = c.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": question}], max_tokens=12
+        while not stop.is_set():
+            try:
+                r = c.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": question}], max_tokens=12
+                )
+                seen.append(r.choices[0].message.content)
+            except Exception as exc:
+                status = getattr(exc, "status_code", None)
+                (refused if status == 503 else failures).append(repr(exc))
+                time.sleep(0.1)
+
+    threads = [threading.Thread(target=hammer, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        status, body = http_json(
+            f"{url}/v1/admin/reload", body={"model_dir": str(students["b"])}, timeout=600
         )
-        assert reply.choices[0].message.content == answer
+        assert status == 200 and body["swap"]["how"] == "in_place", body
+        deadline = time.time() + 60
+        while time.time() < deadline and (not seen or seen[-1] != MEMORIZED_B[0][1]):
+            time.sleep(0.5)
+        assert seen[-1] == MEMORIZED_B[0][1] and not failures and not refused
+        status, body = http_json(
+            f"{url}/v1/admin/reload", body={"model_dir": str(other)}, timeout=600
+        )
+        assert status == 200 and body["swap"]["how"] == "retire_first", body
     finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=300)
         serve.delete("gpu-student")
+    assert not failures, failures[:3]
+
+
+def test_colocated_engine_sleeps_while_training(ray_local, students, tmp_path):
+    """student.colocate: the run's engine drops its weights and KV cache while Ray Train
+    uses the GPU, then the new round's weights move in: one GPU holds both in turn."""
+    from lion_ray.engines.student_engine import StudentEngine
+
+    cfg = _vllm(students["a"], colocate=True, engine_kwargs={"gpu_memory_utilization": 0.5})
+    engine = StudentEngine.start(cfg, str(students["a"]), http=False)
+    try:
+        pool = _pool([q for q, _ in MEMORIZED])
+        before, _ = student_answers(
+            pool, cfg, model_uri=str(students["a"]), engine=engine, show_progress=False
+        )
+        assert [r["answer"] for r in before.to_pylist()] == [a for _, a in MEMORIZED]
+        engine.sleep()
+        rows = [
+            {"id": f"{i:03d}", "instruction": q, "answer": a}
+            for i, (q, a) in enumerate(MEMORIZED_B)
+        ]
+        train_student(
+            answers_table(rows * 32),
+            TrainConfig(
+                lr=5e-3,
+                epochs=6,
+                max_length=96,
+                micro_batch_size=8,
+                effective_batch_size=8,
+                workers=1,
+                gpus_per_worker=1,
+            ),
+            base_model=str(students["a"]),
+            out_uri=str(tmp_path / "next"),
+            storage_path=str(tmp_path / "next-ckpt"),
+            student=cfg,  # colocated: the workers share the engine's GPU
+            show_progress=False,
+        )
+        swap = engine.load(str(tmp_path / "next"))  # wakes the weights, reloads, wakes KV
+        assert swap["how"] == "in_place"
+        after, _ = student_answers(
+            pool, cfg, model_uri=str(tmp_path / "next"), engine=engine, show_progress=False
+        )
+        assert [r["answer"] for r in after.to_pylist()] == [a for _, a in MEMORIZED_B]
+    finally:
+        engine.stop()
+
+
+def test_one_round_with_the_student_on_the_gpu(tmp_path):
+    config = tmp_path / "gpu.yaml"
+    config.write_text((ROOT / "tests" / "data" / "mini.yaml").read_text())
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lion_ray",
+            "run",
+            "--config",
+            str(config),
+            "--no-progress",
+            *("--set", f"storage.run_dir={tmp_path / 'run'}"),
+            *("--set", "train.gpus_per_worker=1", "--set", "train.workers=1"),
+            *("--set", "train.effective_batch_size=8"),
+            *("--set", "student.backend=vllm", "--set", "student.tiny.dtype=bfloat16"),
+            *("--set", "student.colocate=true"),
+            *("--set", "student.engine_kwargs={gpu_memory_utilization: 0.4}"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert "round_1/pools" in manifest["stages"]
+    train = manifest["stages"]["round_1/imitation.train"]["metrics"]
+    assert train["export_dtype"] == "bfloat16"
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
