@@ -4,12 +4,13 @@
 
 Runs `lion-ray run` on the demo config twice, from empty run directories, one after the
 other: `student.engine=per_stage` (each inference stage starts a Ray Data pool and loads
-the student) and `student.engine=resident` (one Serve deployment for the run, reached by
-every stage, each round's weights moved into it). Each stage records its wall time, the
+the student, each API call starts its workers) and `student.engine=resident` (one Serve
+deployment for the run, reached by every stage, each round's weights moved into it; API
+workers that live for the run). Each stage records its wall time, the
 time an engine computed (training loop, inference, dedup) and the time some API request
 was in flight; overhead is the rest (start-ups, loading, I/O), training's own included.
-Both arms use the same resident API workers, so the speedup is the student engine's
-alone. The last line is JSON:
+`per_stage` is the behaviour before resident engines: every stage also starts (and stops)
+its endpoint's API workers. The last line is JSON:
 
     {"per_stage_s", "resident_s", "speedup", "overhead_share_per_stage",
      "overhead_share_resident", "heldout_per_stage", "heldout_resident", ...}
@@ -64,10 +65,12 @@ def summarize(arm: dict, rounds: int) -> dict:
         for s in stages
     )
     by_stage: dict[str, float] = {}
+    compute_by_stage: dict[str, float] = {}
     for key, s in arm["stages"].items():
         name = key.rpartition("/")[2]
         spent = max(0.0, s["seconds"] - (s.get("compute_s") or 0.0) - s.get("api_wait_s", 0.0))
         by_stage[name] = round(by_stage.get(name, 0.0) + spent, 1)
+        compute_by_stage[key] = s.get("compute_s")
     heldout = [
         arm["stages"][f"round_{r}/eval.heldout"]["metrics"]["accuracy"]
         for r in range(1, rounds + 1)
@@ -80,6 +83,7 @@ def summarize(arm: dict, rounds: int) -> dict:
         "overhead_s": round(overhead, 1),
         "overhead_share": round(overhead / seconds, 3) if seconds else 0.0,
         "overhead_by_stage": by_stage,
+        "compute_by_stage": compute_by_stage,
         "heldout": heldout,
     }
 

@@ -258,7 +258,9 @@ class StudentConfig(_Strict):
         "resident",
         description="'resident': one student engine for the whole run (the Serve deployment "
         "that also serves users), every stage reaches it, and each round's weights move into "
-        "it; 'per_stage': each stage starts its own engines (the model loaded every time).",
+        "it; the API workers live for the run too. 'per_stage': the behaviour before resident "
+        "engines, kept to compare against: every stage starts its own student engines (the "
+        "model loaded each time) and API workers, and stops them after.",
     )
     colocate: bool = Field(
         False,

@@ -104,6 +104,7 @@ class Session:
                 batch_dir=run.batch_dir(role),
                 legacy_usd=legacy,
                 show_progress=self.show_progress,
+                resident=self.cfg.student.engine == "resident",
             )
             self._clients[role].stage = self._stage
         return self._clients[role]

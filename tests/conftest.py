@@ -103,7 +103,7 @@ def sandbox_endpoint(server, **overrides):
     return EndpointConfig(**(fields | overrides))
 
 
-def sandbox_engine(server, run_dir, role: str = "teacher", **overrides):
+def sandbox_engine(server, run_dir, role: str = "teacher", resident: bool = True, **overrides):
     """The real API engine for one role against a sandbox server, its cache and spend ledger
     under ``run_dir``."""
     from lion_ray.engines.api import ApiEngine
@@ -115,6 +115,7 @@ def sandbox_engine(server, run_dir, role: str = "teacher", **overrides):
         ledger_dir=f"{run_dir}/spend/{role}",
         batch_dir=f"{run_dir}/batches/{role}",
         show_progress=False,
+        resident=resident,
     )
 
 

@@ -466,6 +466,7 @@ class ApiEngine:
         legacy_usd: float = 0.0,
         flush_s: float = 1.0,
         show_progress: bool = True,
+        resident: bool = True,
     ):
         if endpoint.mode == "batch" and not batch_dir:
             raise LionError(f"{role}: mode 'batch' needs a directory to record its batches in")
@@ -483,6 +484,9 @@ class ApiEngine:
         self._index: dict[str, dict] | None = None
         self._limiter = None
         self._workers: list | None = None
+        # False: workers start for each call and stop after it (student.engine: per_stage,
+        # the behaviour before resident engines, kept to compare against)
+        self.resident = resident
         self.wait_intervals: list[tuple[float, float]] = []  # (start, end) of answered chunks
         self._checked = False
 
@@ -717,6 +721,9 @@ class ApiEngine:
             if fatal is not None:
                 raise fatal from None
             raise
+        finally:
+            if not self.resident:
+                self._stop_workers()
 
     def usage(self, results: list[ChatResult]) -> dict:
         return usage(results, self.model)
@@ -730,14 +737,17 @@ class ApiEngine:
         self.wait_intervals = []
         return seconds
 
-    def close(self) -> None:
-        """Stop the workers, and merge the cache's many small shards (once per run)."""
+    def _stop_workers(self) -> None:
         if self._workers:
             import ray
 
             for worker in self._workers:
                 ray.kill(worker)
             self._workers = None
+
+    def close(self) -> None:
+        """Stop the workers, and merge the cache's many small shards (once per run)."""
+        self._stop_workers()
         response_cache.compact(self.cache_dir)
 
 

@@ -141,6 +141,25 @@ def test_one_global_limit_across_actors(ray_local, tmp_path):
         assert time.perf_counter() - t > 160 / 20 * 0.8  # paced near 20/s, not faster
 
 
+def test_workers_live_for_the_run_or_for_one_call(ray_local, tmp_path, sandbox):
+    """Resident workers answer wave after wave (no start-up per wave) and say how long the
+    stage waited on the API; per_stage workers start for one call and stop after it."""
+    engine = sandbox_engine(sandbox, tmp_path / "resident", num_actors=2, concurrency=4)
+    ids = []
+    for wave in range(3):
+        reqs, tasks = _requests(8, seed=20 + wave, prefix=f"w{wave}")
+        assert [r.text for r in engine.ask(reqs)] == [t.answer for t in tasks]
+        ids.append([w._actor_id.hex() for w in engine.workers])
+    assert ids[0] == ids[1] == ids[2]  # the same two actors answered every wave
+    assert engine.take_wait_s() > 0 and engine.take_wait_s() == 0  # taken once
+    engine.close()
+    assert engine._workers is None
+    one_call = sandbox_engine(sandbox, tmp_path / "per-stage", resident=False)
+    reqs, tasks = _requests(8, seed=30, prefix="p")
+    assert [r.text for r in one_call.ask(reqs)] == [t.answer for t in tasks]
+    assert one_call._workers is None  # stopped after the call
+
+
 def test_limiter_adapts_to_a_lower_provider_limit(ray_local, tmp_path):
     # configured 10x too high: the 429s' headers teach the limiter the real limit
     with SandboxProcess(ServerOptions(rpm=300, burst_s=1.0)) as sb:
