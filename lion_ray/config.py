@@ -641,6 +641,25 @@ class LionConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _colocation_pairs_a_worker_with_each_engine(self) -> LionConfig:
+        student, train = self.student, self.train
+        on_gpu = (student.backend == "vllm" and student.vllm_device == "gpu") or bool(
+            student.gpus_per_engine
+        )
+        if (
+            student.colocate
+            and on_gpu
+            and train.workers * train.gpus_per_worker != student.num_engines
+        ):
+            raise ValueError(
+                f"student.colocate puts one training worker beside each engine on its GPU, but "
+                f"train.workers x train.gpus_per_worker is {train.workers * train.gpus_per_worker}"
+                f" and student.num_engines is {student.num_engines}; make them equal (with "
+                "gpus_per_worker: 1), or colocate: false"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _student_fits_training(self) -> LionConfig:
         if (
             not self.student.model_path

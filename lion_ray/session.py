@@ -146,7 +146,7 @@ class Session:
     def student_sleeps(self) -> None:
         """Before training, with student.colocate: the engine gives its GPU to Ray Train."""
         if self._student is not None and self.cfg.student.colocate:
-            self._student.sleep()
+            self._student.sleep(self._student_model)
 
     def take_api_wait_s(self) -> float:
         """Seconds the current stage waited on API answers (over all endpoints)."""

@@ -114,13 +114,7 @@ class MotoS3:
 
     def __init__(self, *buckets: str):
         self.buckets = buckets
-        port = free_port()
-        self.env = {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
+        self.env: dict = {}
         self.server = None
         self.saved: dict = {}
 
@@ -132,7 +126,13 @@ class MotoS3:
         import urllib.error
         import urllib.request
 
-        port = self.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]
+        port = str(free_port())  # taken now, not earlier: nothing else grabs it meanwhile
+        self.env = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
         self.server = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
             stdout=subprocess.DEVNULL,

@@ -52,6 +52,14 @@ INPUT_SCHEMA = pa.schema(
 )
 
 
+def fit_prompt(ids: list[int], context: int, max_new_tokens: int) -> list[int]:
+    """A prompt that fits the context with room to answer: a short prompt is kept whole
+    (the answer gets what the context leaves); a long one loses tokens from its start,
+    keeping at least half the context (or max_new_tokens, if less) for the answer."""
+    answer = min(max_new_tokens, context // 2)
+    return ids[-(context - answer) :]
+
+
 class HFGenerator:
     """Batched transformers generation on prompts in the student's own format.
 
@@ -164,11 +172,7 @@ class HFGenerator:
         self.wake()
 
     def fit(self, ids: list[int], max_new_tokens: int | None = None) -> list[int]:
-        """A prompt that fits the context with room to answer: a short prompt is kept whole
-        (the answer gets what the context leaves); a long one loses tokens from its start,
-        keeping at least half the context (or max_new_tokens, if less) for the answer."""
-        answer = min(max_new_tokens or self.max_new_tokens, self.position_limit // 2)
-        return ids[-(self.position_limit - answer) :]
+        return fit_prompt(ids, self.position_limit, max_new_tokens or self.max_new_tokens)
 
     def generate(self, items: list[tuple[str, str]], **sampling) -> list[dict]:
         """One result per (instruction, input): answer, finish_reason, token counts."""
@@ -350,7 +354,7 @@ class HFPredictor:
             rows,
             self.max_batch_retries,
         )
-        return _timed(_answers_table(rows, outs or [None] * len(rows), error), t0)
+        return timed(_answers_table(rows, outs or [None] * len(rows), error), t0)
 
 
 class LossScorer:
@@ -372,22 +376,19 @@ class LossScorer:
             rows,
             self.max_batch_retries,
         )
-        losses = losses or [None] * len(rows)
-        return _timed(
-            pa.Table.from_pylist(
-                [
-                    {"id": r["id"], "loss": x, "error": error}
-                    for r, x in zip(rows, losses, strict=True)
-                ],
-                schema=LOSS_SCHEMA,
-            ),
-            t0,
-        )
+        return timed(loss_table(rows, losses or [None] * len(rows), error), t0)
 
 
-def _timed(table: pa.Table, t0: float) -> pa.Table:
+def loss_table(rows: list[dict], losses: list, error: str) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{"id": r["id"], "loss": x, "error": error} for r, x in zip(rows, losses, strict=True)],
+        schema=LOSS_SCHEMA,
+    )
+
+
+def timed(table: pa.Table, t0: float, t1: float | None = None) -> pa.Table:
     """A batch's rows with when its engine worked on them (a stage's compute time)."""
-    t1, n = time.time(), table.num_rows
+    t1, n = t1 or time.time(), table.num_rows
     return table.append_column("_t0", pa.array([t0] * n)).append_column("_t1", pa.array([t1] * n))
 
 
@@ -460,7 +461,7 @@ def vllm_setup(
     files = storage.current(model_uri)
     adapter = files if is_adapter(model_uri) else None
     base = storage.current(adapter_base(files)) if adapter else files
-    context = read_model_json(base, "config.json").get("max_position_embeddings")
+    context = model_context(base)
     kwargs: dict = {"tensor_parallel_size": student.tensor_parallel_size}
     if context or max_model_len:
         kwargs["max_model_len"] = min(x for x in (context, max_model_len) if x)
@@ -484,6 +485,15 @@ def vllm_setup(
         base = storage.resolve(base)[1]  # absolute: engines start in other directories
         adapter = storage.resolve(adapter)[1] if adapter and storage.is_local(adapter) else adapter
     return base, kwargs | student.engine_kwargs, adapter
+
+
+def model_context(model_uri: str) -> int | None:
+    """The model's own context length (max_position_embeddings; an adapter's base's), read
+    where the model is."""
+    files = storage.current(model_uri)
+    if is_adapter(files):
+        files = storage.current(adapter_base(files))
+    return read_model_json(files, "config.json").get("max_position_embeddings")
 
 
 def context_needed(prompt_lengths: list[int], student: StudentConfig) -> int:
@@ -768,10 +778,7 @@ def _examples_columns(chunks: list[pa.Table], student: StudentConfig, model_uri:
     """Each row's whole training example (``prompt_ids``) and its ``labels``, truncated as
     training truncates at the model's context; and the longest example."""
     fmt = _student_format(student, model_uri)
-    files = storage.current(model_uri)
-    if is_adapter(files):
-        files = storage.current(adapter_base(files))
-    limit = read_model_json(files, "config.json").get("max_position_embeddings") or 2048
+    limit = model_context(model_uri) or 2048
     out, longest = [], 0
     for chunk in chunks:
         examples = [

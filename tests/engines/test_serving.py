@@ -296,7 +296,7 @@ def test_a_swap_that_retires_first_answers_503_and_loses_no_answer(
         code, body = _admin(one, "reload", ADMIN_KEY, {"model_dir": str(taught_student_b)})
         assert code == 200 and body["swap"]["how"] == "retire_first", body
         deadline = time.time() + 30
-        while time.time() < deadline and outcomes[-1][1] != MEMORIZED_B[0][1]:
+        while time.time() < deadline and (not outcomes or outcomes[-1][1] != MEMORIZED_B[0][1]):
             time.sleep(0.2)
     finally:
         stop.set()

@@ -282,22 +282,22 @@ def s3_ray(taught_student, adapter, tmp_path_factory):
     from lion_ray.engines.cluster import init_ray
     from lion_ray.models import write_base_pointer
 
-    moto = MotoS3("lion-vllm")
-    moto.__enter__()
-    base_uri, adapter_uri = "s3://lion-vllm/run/base", "s3://lion-vllm/run/round_1/model"
-    staged = tmp_path_factory.mktemp("s3-stage")
-    shutil.copytree(taught_student, staged / "base")
-    storage.write_checksums(staged / "base")
-    storage.publish_dir(staged / "base", base_uri)
-    shutil.copytree(adapter, staged / "adapter")
-    write_base_pointer(str(staged / "adapter"), base_uri, adapter_uri)
-    storage.write_checksums(staged / "adapter")
-    storage.publish_dir(staged / "adapter", adapter_uri)
-    ray.shutdown()  # the session's Ray predates these settings; nodes must start with them
-    init_ray(ClusterConfig(num_cpus=8), quiet=True)
-    yield base_uri, adapter_uri
-    ray.shutdown()
-    moto.__exit__(None, None, None)
+    with MotoS3("lion-vllm"):
+        try:
+            base_uri, adapter_uri = "s3://lion-vllm/run/base", "s3://lion-vllm/run/round_1/model"
+            staged = tmp_path_factory.mktemp("s3-stage")
+            shutil.copytree(taught_student, staged / "base")
+            storage.write_checksums(staged / "base")
+            storage.publish_dir(staged / "base", base_uri)
+            shutil.copytree(adapter, staged / "adapter")
+            write_base_pointer(str(staged / "adapter"), base_uri, adapter_uri)
+            storage.write_checksums(staged / "adapter")
+            storage.publish_dir(staged / "adapter", adapter_uri)
+            ray.shutdown()  # the session's Ray predates these settings; nodes need them
+            init_ray(ClusterConfig(num_cpus=8), quiet=True)
+            yield base_uri, adapter_uri
+        finally:
+            ray.shutdown()
     init_ray(ClusterConfig(num_cpus=8), quiet=True)  # the session's Ray, for later modules
 
 
