@@ -316,18 +316,19 @@ class Driver:
         not when the stage comes (each engine checks again before it asks Ray)."""
         from lion_ray.engines.cluster import preflight
         from lion_ray.engines.inference import engines_request
-        from lion_ray.engines.student_engine import COLOCATED_ENGINE_GPU
+        from lion_ray.engines.serving import replicas_request
+        from lion_ray.engines.student_engine import engine_settings
         from lion_ray.engines.training import workers_request
 
         student = self.cfg.student
         held = {}
         if self.cfg.loop.selection != "random" or self.heldout_enabled:
-            engines = engines_request(student)
-            preflight(engines)
             if student.engine == "resident":  # up while training runs, beside it
-                held["the student engine"] = engines.total(
-                    COLOCATED_ENGINE_GPU if student.colocate else None
-                )
+                engine = replicas_request(engine_settings(student, self.cfg.serve, self.cfg.train))
+                preflight(engine)
+                held["the student engine"] = engine.total()
+            else:
+                preflight(engines_request(student))
         preflight(workers_request(self.cfg.train, colocated=student.colocate), held)
 
     @property

@@ -413,6 +413,12 @@ def test_a_failed_stage_is_recorded_shown_and_retried(tmp_path):
         def bill_to(self, stage):
             pass
 
+        def quiet_logs(self):
+            pass
+
+        def take_api_wait_s(self):
+            return 0.0
+
     driver = Driver(load_config(MINI), FakeSession())
     attempts = []
 

@@ -78,7 +78,15 @@ def test_deepspeed_config_follows_train_config():
     assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert cfg["gradient_accumulation_steps"] == 2 and cfg["train_micro_batch_size_per_gpu"] == 4
     assert cfg["bf16"]["enabled"] is False and cfg["gradient_clipping"] == 1.0
-    assert deepspeed_config(_cfg(), use_gpu=True)["bf16"]["enabled"] is True
+    # bf16 where the workers have GPUs, or where asked for (the GPU path's precision on CPU)
+    assert deepspeed_config(_cfg(gpus_per_worker=1), use_gpu=True)["bf16"]["enabled"] is True
+    assert deepspeed_config(_cfg(precision="bf16"), use_gpu=False)["bf16"]["enabled"] is True
+    # and a user's DeepSpeed keys are merged over lion-ray's, nested keys one by one
+    merged = deepspeed_config(
+        _cfg(deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}}), False
+    )
+    assert merged["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert merged["zero_optimization"]["stage"] == 2
 
 
 def test_cosine_schedule_with_warmup():
