@@ -65,23 +65,29 @@ def parse_scores(text: str) -> tuple[float, float]:
     """(score of assistant 1, score of assistant 2), each in 1..10, or UnparseableReview.
 
     A JSON review (structured output) is read by its keys; a text review by its score lines,
-    each alone on its line, the last one for each assistant counting (the required lines
-    end the review; an earlier line may be a draft)."""
+    each alone on its line, whatever its line endings (``\\r\\n`` included).
+    A score repeated with the same number is fine (a summary after the discussion); an
+    assistant given two different scores is refused, not read as the last one: a judge that
+    changed its mind is re-asked rather than guessed."""
     if not text or not text.strip():
         raise UnparseableReview("empty review")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     structured = _from_json(text)
     if structured is not None:
         return structured
-    found: dict[int, float] = {}
+    found: dict[int, list[float]] = {1: [], 2: []}
     for m in _SCORE_LINE.finditer(text):
         n = int(m.group("n"))
-        found[n] = _checked(float(m.group("score")), n, m.group("slash") or m.group("outof"))
+        found[n].append(_checked(float(m.group("score")), n, m.group("slash") or m.group("outof")))
     for n in (1, 2):
-        if n not in found:
+        if not found[n]:
             raise UnparseableReview(
                 f"no 'Score of the Assistant {n}: <score>' line (a score alone on its line)"
             )
-    return found[1], found[2]
+        if len(set(found[n])) > 1:
+            scores = " then ".join(f"{s:g}" for s in found[n])
+            raise UnparseableReview(f"Assistant {n} is given different scores ({scores})")
+    return found[1][0], found[2][0]
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ class LocalCluster:
 
     def node_ids(self) -> set[str]:
         code = (
-            "import ray, json; ray.init(address='auto'); "
+            f"import ray, json; ray.init(address='127.0.0.1:{self.port}'); "
             "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
         )
         out = self.sh(sys.executable, "-c", code, timeout=60).stdout.strip().splitlines()[-1]

@@ -15,10 +15,19 @@ from lion_ray.logic.referee import UnparseableReview, parse_scores, split_metric
         ("Score of the Assistant 1: 7.5\nScore of the Assistant 2: 6.25", (7.5, 6.25)),
         ("score of assistant 1: 9\nscore of assistant 2: 10", (9, 10)),
         ("Score for the Assistant 1 - 4\nScore for the Assistant 2 - 5", (4, 5)),
-        # an earlier mention in the discussion is overridden by the final lines
+        # a mention in the discussion is not a score line
         (
             "Score of the Assistant 1: 3 would be unfair.\nScore of the Assistant 1: 9\nScore of the Assistant 2: 2",
             (9, 2),
+        ),
+        # Windows line endings, and old Mac ones
+        ("Fine.\r\nScore of the Assistant 1: 8\r\nScore of the Assistant 2: 6\r\n", (8, 6)),
+        ("Score of the Assistant 1: 8\rScore of the Assistant 2: 6", (8, 6)),
+        # the same scores again in a closing summary
+        (
+            "Score of the Assistant 1: 8\nScore of the Assistant 2: 6\nIn short:\n"
+            "Score of the Assistant 1: 8/10\nScore of the Assistant 2: 6",
+            (8, 6),
         ),
     ],
 )
@@ -39,6 +48,17 @@ def test_parser_accepts_common_variants(text, expected):
         ("Score of the Assistant 1: 11\nScore of the Assistant 2: 6", "outside 1..10"),
         ("Score of the Assistant 1: 0\nScore of the Assistant 2: 6", "outside 1..10"),
         ("Score of the Assistant 1: 4/5\nScore of the Assistant 2: 3/5", "not out of 10"),
+        # both scores twice with different numbers: a judge that changed its mind
+        (
+            "Score of the Assistant 1: 8\nScore of the Assistant 2: 6\nOn reflection:\n"
+            "Score of the Assistant 1: 5\nScore of the Assistant 2: 9",
+            r"Assistant 1 is given different scores \(8 then 5\)",
+        ),
+        (
+            "Score of the Assistant 1: 8\r\nScore of the Assistant 2: 6\r\n"
+            "Score of the Assistant 1: 8\r\nScore of the Assistant 2: 7",
+            r"Assistant 2 is given different scores \(6 then 7\)",
+        ),
     ],
 )
 def test_parser_rejects_what_it_cannot_trust(text, reason):
