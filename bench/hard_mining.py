@@ -52,7 +52,7 @@ from lion_ray.rundir import RunDir
 from lion_ray.sandbox.tasks import parse_instruction
 from lion_ray.session import Session
 
-ARMS = ("referee", "student_loss", "random", "one_shot")
+ARMS = ("referee", "student_loss", "learnability", "random", "one_shot")
 SHARED = ("imitation.teacher", "imitation.train", "eval.heldout")  # round 1, every arm
 SIZES = {
     # a smoke size: every arm, stage and statistic runs; the student learns too little here

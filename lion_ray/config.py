@@ -428,20 +428,23 @@ class LoopConfig(_Strict):
         description="'paper': next Train Pool = new instructions only; 'accumulate': old Train "
         "Pool + new. The Cache Pool always grows by the new instructions.",
     )
-    selection: Literal["referee", "student_loss", "random"] = Field(
+    selection: Literal["referee", "student_loss", "learnability", "random"] = Field(
         "referee",
         description="How discrimination finds the instructions the student fails. 'referee': "
         "teacher and student answer, the referee scores both orders, hard when the gap >= tau "
         "(the paper's method). 'student_loss': the student's mean per-token loss on the "
-        "teacher's answer, hardest loop.hard_fraction are hard (no referee calls). 'random': "
+        "teacher's answer, hardest loop.hard_fraction are hard (no referee calls). "
+        "'learnability': that loss times the fraction by which it fell since the last round, "
+        "highest loop.hard_fraction are hard: what the student can still learn, not merely the "
+        "hardest (no referee calls; docs/method.md gives the formula). 'random': "
         "no discrimination; parents drawn from the whole Cache Pool (the control arm).",
     )
     hard_fraction: float = Field(
         0.5,
         gt=0,
         lt=1,
-        description="With selection 'student_loss': the fraction of the Cache Pool, highest "
-        "loss first, labelled hard.",
+        description="With selection 'student_loss' or 'learnability': the fraction of the Cache "
+        "Pool, highest score first, labelled hard.",
     )
     seed: int = Field(0, description="Seed for parent sampling and ordering.")
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 from lion_ray.logic.chat import ChatClient, ChatRequest, merge_usage, usage
 from lion_ray.logic.prompts import REFEREE_RESPONSE_FORMAT, referee_messages
 from lion_ray.logic.referee import UnparseableReview, parse_scores, split_metrics, verdict
-from lion_ray.logic.selection import label_by_loss, loss_metrics
+from lion_ray.logic.selection import label_by_loss, learnability_scores, loss_metrics
 
 JUDGED_SCHEMA = pa.schema(
     [
@@ -40,7 +40,8 @@ JUDGED_SCHEMA = pa.schema(
         ("consistent", pa.bool_()),
         ("referee_calls", pa.int32()),
         ("error", pa.string()),
-        ("student_loss", pa.float64()),  # selection 'student_loss' only
+        ("student_loss", pa.float64()),  # selections 'student_loss' and 'learnability'
+        ("learnability", pa.float64()),  # selection 'learnability' only
     ]
 )
 ORDERS = ("a", "b")
@@ -204,28 +205,42 @@ def _row(r: dict, **fields) -> dict:
 
 
 def split_by_loss(
-    pairs: pa.Table, losses: dict[str, float | None], hard_fraction: float
+    pairs: pa.Table,
+    losses: dict[str, float | None],
+    hard_fraction: float,
+    previous: dict[str, float | None] | None = None,
 ) -> tuple[pa.Table, dict]:
     """Label pool rows by the student's loss on the teacher's answer (``pairs`` from
-    ``pair_answers``, with an empty student side); rows whose teacher answer or loss failed
-    are ``failed``."""
+    ``pair_answers``, with an empty student side), or with ``previous`` (each id's loss one
+    round earlier) by its learnability; rows whose teacher answer or loss failed are
+    ``failed``."""
     rows = pairs.to_pylist()
     scored = {r["id"]: (None if r["upstream_error"] else losses.get(r["id"])) for r in rows}
-    labels = label_by_loss(scored, hard_fraction)
+    ranked = scored if previous is None else learnability_scores(scored, previous)
+    labels = label_by_loss(ranked, hard_fraction)
     out = [
         _row(
             r,
             student_loss=scored[r["id"]],
+            learnability=None if previous is None else ranked[r["id"]],
             label=labels[r["id"]],
             status="ok" if labels[r["id"]] else "failed",
             error=r["upstream_error"] or ("" if labels[r["id"]] else "no student loss"),
         )
         for r in rows
     ]
-    return pa.Table.from_pylist(out, schema=JUDGED_SCHEMA), {
-        "metrics": loss_metrics(scored, labels),
-        "api": {},
-    }
+    metrics = loss_metrics(scored, labels)
+    if previous is not None:
+        with_history = [k for k, v in scored.items() if v is not None and previous.get(k)]
+        metrics["with_previous_loss"] = len(with_history)
+        metrics["mean_learnability_hard"] = _mean(
+            [ranked[k] for k, v in labels.items() if v == "hard"]
+        )
+    return pa.Table.from_pylist(out, schema=JUDGED_SCHEMA), {"metrics": metrics, "api": {}}
+
+
+def _mean(xs: list[float]) -> float:
+    return round(sum(xs) / len(xs), 4) if xs else 0.0
 
 
 def unjudged(pool: pa.Table) -> tuple[pa.Table, dict]:

@@ -135,6 +135,8 @@ class Driver:
         teacher_cache = run.round_path(r, "discrimination", "teacher.parquet")
         student_cache = run.round_path(r, "discrimination", "student.parquet")
         judged = run.round_path(r, "discrimination", "judged.parquet")
+        # selection 'learnability' reads each instruction's loss one round earlier
+        judged_before = run.round_path(r - 1, "discrimination", "judged.parquet") if r > 1 else None
         new = run.round_path(r, "generation", "new.parquet")
         return [
             # 1. imitation: the teacher answers the Train Pool, the student is fine-tuned on it
@@ -151,7 +153,9 @@ class Driver:
                 {"model": model},
             ),
             # 2. discrimination: which Cache Pool instructions does the student still fail?
-            *self.discrimination_stages(cache_pool, model, judged, teacher_cache, student_cache),
+            *self.discrimination_stages(
+                cache_pool, model, judged, teacher_cache, student_cache, judged_before
+            ),
             # the held-out score of this round's student (sandbox runs), beside discrimination
             *(
                 [
@@ -181,7 +185,9 @@ class Driver:
             ),
         ]
 
-    def discrimination_stages(self, cache_pool, model, judged, teacher_cache, student_cache):
+    def discrimination_stages(
+        self, cache_pool, model, judged, teacher_cache, student_cache, judged_before
+    ):
         """The stages of ``loop.selection``; each writes the judged Cache Pool."""
         selection = self.cfg.loop.selection
         if selection == "random":  # the control arm: no labels, nothing asked
@@ -206,6 +212,17 @@ class Driver:
                     "discrimination.student_loss",
                     self.loss_split,
                     {"pool": cache_pool, "teacher": teacher_cache, "model": model},
+                    {"judged": judged},
+                ),
+            ]
+        if selection == "learnability":  # that loss, weighed by how fast it is falling
+            before = {"judged_before": judged_before} if judged_before else {}
+            return [
+                teacher,
+                Stage(
+                    "discrimination.learnability",
+                    self.loss_split,
+                    {"pool": cache_pool, "teacher": teacher_cache, "model": model} | before,
                     {"judged": judged},
                 ),
             ]
@@ -502,7 +519,15 @@ class Driver:
             show_progress=self.show_progress,
             engine=self.student_engine(io.inputs["model"]),
         )
-        judged, info = split_by_loss(pairs, losses, self.cfg.loop.hard_fraction)
+        previous = None
+        if self.cfg.loop.selection == "learnability":
+            previous = {}
+            if "judged_before" in io.inputs:
+                before = storage.read_parquet(io.inputs["judged_before"])
+                if "student_loss" in before.column_names:
+                    ids, old = before.column("id").to_pylist(), before.column("student_loss")
+                    previous = dict(zip(ids, old.to_pylist(), strict=True))
+        judged, info = split_by_loss(pairs, losses, self.cfg.loop.hard_fraction, previous)
         storage.write_parquet(io.outputs["judged"], judged)
         m = info["metrics"] | {"scoring_s": summary["wall_s"], "scoring_errors": summary["errors"]}
         m["served_model"] = self.run.relative(io.inputs["model"])

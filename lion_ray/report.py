@@ -23,6 +23,7 @@ STAGE_ORDER = (
     "discrimination.student",
     "discrimination.referee",
     "discrimination.student_loss",
+    "discrimination.learnability",
     "discrimination.random",
     "eval.heldout",
     "generation",
@@ -30,7 +31,12 @@ STAGE_ORDER = (
 )
 
 # loop.selection -> the stage that labels the Cache Pool
-SELECTION_STAGES = {"referee": "referee", "student_loss": "student_loss", "random": "random"}
+SELECTION_STAGES = {
+    "referee": "referee",
+    "student_loss": "student_loss",
+    "learnability": "learnability",
+    "random": "random",
+}
 
 
 def collect(run: RunDir, upto: int) -> dict:

@@ -64,7 +64,7 @@ def discrimination(run: RunDir) -> dict[int, dict]:
             continue
         acc = out.setdefault(rec.round, {"selection": "referee", "requests": 0, "cost_usd": 0.0})
         kind = rec.stage.removeprefix("discrimination.")
-        if kind in ("student_loss", "random"):
+        if kind in ("student_loss", "learnability", "random"):
             acc["selection"] = kind
         acc["requests"] += sum(a.requests for a in rec.api.values())
         acc["cost_usd"] = round(acc["cost_usd"] + rec.cost_usd, 6)

@@ -6,7 +6,7 @@ import pytest
 
 from lion_ray.config import ConfigError, LoopConfig, parse_config
 from lion_ray.discrimination import JUDGED_SCHEMA, pair_answers, split_by_loss, unjudged
-from lion_ray.logic.selection import label_by_loss, loss_metrics
+from lion_ray.logic.selection import label_by_loss, learnability_scores, loss_metrics
 
 
 def test_the_hardest_fraction_by_loss_is_hard():
@@ -23,6 +23,31 @@ def test_ties_break_by_id_so_reruns_agree():
     assert label_by_loss(losses, 0.5) == {"a": "hard", "b": "hard", "c": "easy", "d": "easy"}
     with pytest.raises(ValueError):
         label_by_loss(losses, 1.0)
+
+
+def test_learnability_prefers_what_still_moves_over_the_known_and_the_stuck():
+    now = {"learning": 2.0, "known": 0.2, "stuck": 3.0, "worse": 2.5, "new": 1.5, "gone": None}
+    before = {"learning": 4.0, "known": 0.4, "stuck": 3.0, "worse": 2.0, "gone": 1.0}
+    scores = learnability_scores(now, before)
+    # L * clip((L_prev - L) / L_prev, 0, 1)
+    assert scores["learning"] == pytest.approx(2.0 * 0.5)
+    assert scores["known"] == pytest.approx(0.2 * 0.5)
+    assert scores["stuck"] == 0.0 and scores["worse"] == 0.0  # no progress: not learnable now
+    # no previous loss: the median progress of the rest (0, 0, 0.5, 0.5 -> 0.25)
+    assert scores["new"] == pytest.approx(1.5 * 0.25)
+    assert scores["gone"] is None
+    labels = label_by_loss(scores, 0.4)
+    assert [k for k, v in labels.items() if v == "hard"] == ["learning", "new"]
+    # student_loss would have picked the stuck and the regressed ones
+    by_loss = label_by_loss(now, 0.4)
+    assert [k for k, v in by_loss.items() if v == "hard"] == ["stuck", "worse"]
+
+
+def test_learnability_without_history_is_the_loss_order():
+    now = {"a": 0.5, "b": 3.0, "c": 1.0, "d": float("nan")}
+    scores = learnability_scores(now, {"b": float("nan"), "c": 0.0})  # nothing usable
+    assert scores == {"a": 0.5, "b": 3.0, "c": 1.0, "d": None}
+    assert label_by_loss(scores, 0.5) == label_by_loss(now, 0.5)
 
 
 def _pool(n: int):
@@ -63,6 +88,21 @@ def test_split_by_loss_writes_the_judged_table_and_fails_rows_it_cannot_score():
     assert info["api"] == {} and info["metrics"]["hard"] == 1 and info["metrics"]["failed"] == 2
 
 
+def test_split_by_learnability_keeps_both_scores_and_counts_the_history():
+    pairs = pair_answers(_pool(4), _teacher(4), None)
+    losses = {"0": 2.0, "1": 3.0, "2": 0.5, "3": 1.0}
+    judged, info = split_by_loss(pairs, losses, 0.5, previous={"0": 4.0, "1": 3.0, "2": 1.0})
+    rows = {r["id"]: r for r in judged.to_pylist()}
+    assert [rows[k]["learnability"] for k in "012"] == [1.0, 0.0, 0.25]
+    assert rows["3"]["learnability"] == 0.5  # no history: the median progress, 0.5
+    assert {k for k, r in rows.items() if r["label"] == "hard"} == {"0", "3"}
+    assert rows["1"]["student_loss"] == 3.0 and rows["1"]["label"] == "easy"
+    assert info["metrics"]["with_previous_loss"] == 3
+    assert info["metrics"]["mean_learnability_hard"] == 0.75
+    plain, _ = split_by_loss(pairs, losses, 0.5)
+    assert plain.column("learnability").to_pylist() == [None] * 4
+
+
 def test_random_selection_labels_nothing_and_asks_nothing():
     judged, info = unjudged(_pool(3))
     assert [r["label"] for r in judged.to_pylist()] == [None] * 3
@@ -74,6 +114,7 @@ def test_selection_config_and_its_old_name():
     assert LoopConfig(parent_selection="lion").selection == "referee"
     assert LoopConfig(parent_selection="random").selection == "random"
     assert LoopConfig(selection="student_loss", hard_fraction=0.3).hard_fraction == 0.3
+    assert LoopConfig(selection="learnability").selection == "learnability"
     with pytest.raises(ConfigError, match="loop.selection"):
         parse_config("loop: {selection: loss}", "x.yaml")
     with pytest.raises(ConfigError, match="hard_fraction"):
