@@ -22,7 +22,9 @@ from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 from .conftest import DATA, ROOT
 
 MINI = DATA / "mini.yaml"
-ENV = {**os.environ, "RAY_ADDRESS": ""}
+# the run's console as under `ray job submit` or CI: no terminal and no COLUMNS (a test
+# runner's worker may have one set)
+ENV = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"RAY_ADDRESS": ""}
 
 
 def lion_run(run_dir: Path, *extra: str, **kw) -> subprocess.Popen:
@@ -463,10 +465,12 @@ def test_a_run_that_asks_for_more_than_the_cluster_has_fails_at_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_one_round_with_a_chat_template_student_a_lora_adapter_and_student_loss(tmp_path):
-    """The loop with a Qwen2-style chat student trained through LoRA, selecting by the
-    student's own loss: the round exports an adapter, which the loss and held-out stages load
-    on its base, and discrimination asks the referee nothing."""
+def test_two_rounds_with_a_chat_template_student_a_lora_adapter_and_learnability(tmp_path):
+    """The loop with a Qwen2-style chat student trained through LoRA, selecting by what the
+    student can still learn: each round exports an adapter, which the loss and held-out stages
+    load on its base, and discrimination asks the referee nothing. Round 1 has no earlier
+    losses, so it selects by loss alone (selection 'student_loss'); round 2 weighs each loss
+    by how far it fell since round 1."""
     run_dir = tmp_path / "chat"
     proc = lion_run(
         run_dir,
@@ -480,9 +484,10 @@ def test_one_round_with_a_chat_template_student_a_lora_adapter_and_student_loss(
             "--set",
             "train.lr=0.01",
         ),
-        *("--set", "loop.selection=student_loss", "--set", "loop.hard_fraction=0.25"),
+        *("--set", "loop.selection=learnability", "--set", "loop.hard_fraction=0.25"),
+        *("--set", "loop.rounds=2"),
     )
-    out, _ = proc.communicate(timeout=600)
+    out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
     model = run_dir / "round_1" / "imitation" / "model"
     assert (model / "adapter_config.json").exists() and not (model / "model.safetensors").exists()
@@ -497,18 +502,35 @@ def test_one_round_with_a_chat_template_student_a_lora_adapter_and_student_loss(
     # selection by loss: no student answers, no referee, a quarter of the pool hard
     assert "round_1/discrimination.referee" not in stages
     assert "round_1/discrimination.student" not in stages
-    split = stages["round_1/discrimination.student_loss"]["metrics"]
+    split = stages["round_1/discrimination.learnability"]["metrics"]
     assert split["judged"] == 60 and split["hard"] == 15 and split["failed"] == 0
     assert split["mean_hard_loss"] > split["mean_easy_loss"] > 0
+    assert split["with_previous_loss"] == 0
     judged = pq.read_table(run_dir / "round_1" / "discrimination" / "judged.parquet").to_pylist()
-    hardest = max(judged, key=lambda r: r["student_loss"])
-    assert hardest["label"] == "hard" and all(r["referee_calls"] == 0 for r in judged)
+    by_loss = sorted(judged, key=lambda r: (-r["student_loss"], r["id"]))
+    assert {r["id"] for r in judged if r["label"] == "hard"} == {r["id"] for r in by_loss[:15]}
+    assert all(r["referee_calls"] == 0 for r in judged)
+    # round 2: the instructions of round 1's Cache Pool carry their round-1 loss
+    before = {r["id"]: r["student_loss"] for r in judged}
+    judged_2 = pq.read_table(run_dir / "round_2" / "discrimination" / "judged.parquet")
+    rows_2 = [r for r in judged_2.to_pylist() if r["status"] == "ok"]
+    split_2 = stages["round_2/discrimination.learnability"]["metrics"]
+    assert split_2["with_previous_loss"] == len([r for r in rows_2 if r["id"] in before]) >= 55
+    for r in rows_2:
+        if r["id"] in before:
+            fell = min(1.0, max(0.0, (before[r["id"]] - r["student_loss"]) / before[r["id"]]))
+            assert r["learnability"] == pytest.approx(r["student_loss"] * fell)
+    hard_2 = [r for r in rows_2 if r["label"] == "hard"]
+    assert len(hard_2) == round(len(rows_2) * 0.25)
+    assert min(r["learnability"] for r in hard_2) >= max(
+        r["learnability"] for r in rows_2 if r["label"] == "easy"
+    )
     status = lion_status(run_dir)
     assert status["spend"].get("referee", {"spent_usd": 0.0})["spent_usd"] == 0.0
-    assert status["discrimination"]["1"]["selection"] == "student_loss"
+    assert status["discrimination"]["2"]["selection"] == "learnability"
     assert status["discrimination"]["1"]["cost_usd"] == 0.0  # the teacher's answers: cached
     report = json.loads((run_dir / "report" / "report.json").read_text())
-    assert report["summary"][0]["select"] == "student_loss"
+    assert [row["select"] for row in report["summary"]] == ["learnability"] * 2
     assert report["summary"][0]["disc $"] == 0.0 and report["summary"][0]["hard"] == 0.25
     gen = stages["round_1/generation"]["metrics"]
     assert gen["new_instructions"] > 0
