@@ -11,6 +11,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
+# The main tier runs its test files on two pytest-xdist workers: most of its time is Ray,
+# model and HTTP start-up and waits, which overlap. A file stays on one worker, so tests
+# that share a module's Ray or fixtures still share them. PYTEST_WORKERS=0 runs in series.
+PYTEST_WORKERS ?= 2
 
 # The vLLM tier: a second environment with the CPU build of vLLM (it brings torchvision,
 # torchaudio and torchcodec builds that do not match the CPU torch; they are removed).
@@ -49,6 +53,7 @@ test-main: $(STAMP)
 	# shutdown failed on CI for a reason not yet found (see issue notes); alone it passes.
 	$(BIN)/pytest -q -rs tests/test_cli.py::test_serve_command_until_ctrl_c
 	$(BIN)/pytest -q -rs --durations=15 -m "not vllm and not gpu" \
+		-n $(PYTEST_WORKERS) --dist loadfile \
 		--deselect tests/test_cli.py::test_serve_command_until_ctrl_c
 
 test-vllm: $(VLLM_STAMP)
