@@ -82,6 +82,7 @@ class Driver:
 
     def run_all(self) -> list[dict]:
         from lion_ray.report import collect, round_summary, write_report
+        from lion_ray.status import generation_line
 
         self.check_config()
         self.check_resources()
@@ -95,6 +96,9 @@ class Driver:
             summary = round_summary(collect(self.run, r)["rounds"][-1])
             summaries.append(summary)
             self.console.print(summary_table([summary], title=f"round {r} done"))
+            generated = self.run.manifest.stages.get(f"round_{r}/generation")
+            if generated and "candidates" in generated.metrics:
+                self.console.print(generation_line(generated.metrics), highlight=False)
             self.console.print(f"report: {report_uri}")
         self.run.manifest.set_finished(self.cfg.loop.rounds)
         return summaries
@@ -581,6 +585,7 @@ class Driver:
             self.session.client("generator"),
             round_no=io.round,
             dedup_workers=2,
+            family_of=sandbox_family if self.cfg.loop.seed_pool == "sandbox" else None,
         )
         storage.write_parquet(io.outputs["candidates"], candidates)
         storage.write_parquet(io.outputs["new"], new)
@@ -609,6 +614,14 @@ class Driver:
                 "next": {"train": nt.num_rows, "cache": nc.num_rows},
             },
         )
+
+
+def sandbox_family(instruction: str) -> str | None:
+    """The sandbox task family an instruction asks for (None: none of its phrasings)."""
+    from lion_ray.sandbox.tasks import parse_instruction
+
+    task = parse_instruction(instruction)
+    return task.family if task else None
 
 
 def summary_table(summaries: list[dict], title: str = "") -> Table:

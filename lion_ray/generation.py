@@ -15,13 +15,14 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import pyarrow as pa
 
 from lion_ray.config import LoopConfig
 from lion_ray.logic.chat import ChatClient, ChatRequest, merge_usage, usage
 from lion_ray.logic.dedup import Deduper
-from lion_ray.logic.filters import rejection_reason
+from lion_ray.logic.filters import rejection_reason, rejection_summary
 from lion_ray.logic.pools import POOL_SCHEMA, build_pool, instruction_id, make_row
 from lion_ray.logic.prompts import clean_generated_instruction, generator_messages
 
@@ -35,10 +36,11 @@ CANDIDATE_SCHEMA = pa.schema(
         ("instruction", pa.string()),
         ("finish_reason", pa.string()),
         ("accepted", pa.bool_()),
-        (
-            "reason",
-            pa.string(),
-        ),  # why not accepted: api_failed, a filter, similar, surplus; "" if accepted
+        # why not accepted: one of filters.REASONS, or surplus; "" if accepted
+        ("reason", pa.string()),
+        # a similar_* rejection: the text it is too like, and their ROUGE-L F
+        ("nearest", pa.string()),
+        ("similarity", pa.float64()),
     ]
 )
 
@@ -93,13 +95,16 @@ def generate(
     *,
     round_no: int,
     dedup_workers: int = 0,
+    family_of: Callable[[str], str | None] | None = None,
 ) -> tuple[pa.Table, pa.Table, dict]:
-    """(new instructions as a pool, every candidate with its fate, stats)."""
+    """(new instructions as a pool, every candidate with its fate, stats). ``family_of``
+    (sandbox runs) adds the candidates' fates per task family to the stats."""
     from lion_ray.engines.dedup import pool_flags
 
     judged_rows = [r for r in judged.to_pylist() if r["status"] == "ok"]
     deduper = Deduper(cache_pool.column("instruction").to_pylist(), loop.rouge_threshold)
-    known_ids = set(cache_pool.column("id").to_pylist())
+    pool_ids = set(cache_pool.column("id").to_pylist())
+    known_ids = set(pool_ids)
     new_rows, candidates, usages = [], [], []
     stats: dict = {}
     dedup_s = 0.0  # the ROUGE-L checks: the stage's own compute, beside the API waits
@@ -143,15 +148,19 @@ def generate(
             checking = time.monotonic()
             flags = iter(pool_flags(deduper.pool_index, texts, dedup_workers))
             for (a, parent), seed, res, why in zip(plan, seeds, results, passing, strict=True):
-                reason = why
+                reason, nearest, similarity = why, None, None
                 if reason is None:
                     similar = next(flags)
+                    same_id = instruction_id(res["instruction"])
                     if accepted >= target:
                         reason = "surplus"
-                    elif instruction_id(res["instruction"]) in known_ids or not deduper.offer(
-                        res["instruction"], similar
-                    ):
-                        reason = "similar"
+                    elif same_id in known_ids:  # the very text again
+                        reason = "similar_to_pool" if same_id in pool_ids else "similar_to_accepted"
+                        nearest, similarity = res["instruction"], 1.0
+                    else:
+                        reason = deduper.reason(res["instruction"], similar)
+                        if reason is not None:
+                            similarity, nearest = deduper.nearest(res["instruction"], reason)
                 if reason is None:
                     accepted += 1
                     row = make_row(
@@ -176,6 +185,8 @@ def generate(
                         "finish_reason": res["finish_reason"],
                         "accepted": reason is None,
                         "reason": reason or "",
+                        "nearest": nearest,
+                        "similarity": similarity,
                     }
                 )
             dedup_s += time.monotonic() - checking
@@ -189,10 +200,7 @@ def generate(
             "rejected": dict(reasons),
         }
     new_pool = build_pool(new_rows) if new_rows else POOL_SCHEMA.empty_table()
-    rejected = Counter()
-    for kind in ("hard", "easy"):
-        rejected.update(stats[kind]["rejected"])
-    stats["rejected"] = dict(rejected)
+    stats |= rejection_summary(candidates, family_of)  # candidates, accepted, rejected, ...
     stats["new_instructions"] = new_pool.num_rows
     stats["dedup_s"] = round(dedup_s, 2)
     attempts = stats["hard"]["attempts"] + stats["easy"]["attempts"]

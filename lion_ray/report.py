@@ -262,6 +262,59 @@ def round_summary(r: dict) -> dict:
     }
 
 
+def generation_section(rounds: list[dict]) -> str:
+    """Candidates, accepted and rejected by reason for every round, per family where the
+    world has families, and the newest round's rejected examples beside their nearest
+    neighbour: what the filter, rather than the selection, did to the new data."""
+    reasons = sorted({k for r in rounds for k in r["generation"].get("rejected", {})})
+    head = ["round", "candidates", "accepted", *reasons]
+    rows = [
+        [r["round"], r["generation"].get("candidates"), r["generation"].get("accepted")]
+        + [r["generation"].get("rejected", {}).get(k, 0) for k in reasons]
+        for r in rounds
+    ]
+    parts = ["<h2>Generation: what was kept, and why the rest was not</h2>", _grid(head, rows)]
+    last = rounds[-1]["generation"]
+    families = last.get("by_family")
+    if families:
+        fam_reasons = sorted({k for f in families.values() for k in f["rejected"]})
+        parts.append(
+            f"<h3>Round {rounds[-1]['round']} by task family</h3>"
+            + _grid(
+                ["family", "candidates", "accepted", "rejected share", *fam_reasons],
+                [
+                    [name, f["candidates"], f["accepted"], f["rejected_share"]]
+                    + [f["rejected"].get(k, 0) for k in fam_reasons]
+                    for name, f in families.items()
+                ],
+            )
+        )
+    examples = [
+        [reason, e["instruction"], e.get("nearest", ""), e.get("similarity", "")]
+        for reason, shown in last.get("examples", {}).items()
+        for e in shown
+    ]
+    if examples:
+        parts.append(
+            f"<h3>Round {rounds[-1]['round']}: rejected examples</h3>"
+            + _grid(["reason", "candidate", "nearest neighbour", "ROUGE-L F"], examples)
+        )
+    return "".join(parts)
+
+
+def _grid(head: list, rows: list[list]) -> str:
+    return (
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
+        + "</tr>"
+        + "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+            for row in rows
+        )
+        + "</table>"
+    )
+
+
 def write_report(run: RunDir, round_no: int, name: str = "lion") -> str:
     """Build and write the report for rounds 1..round_no; returns the HTML page's URI."""
     data = collect(run, round_no)
@@ -293,8 +346,10 @@ def write_report(run: RunDir, round_no: int, name: str = "lion") -> str:
         if img in images:
             body.append(f"<h2>{title}</h2><img src='{img}' alt='{title}'>")
     last = data["rounds"][-1]
+    body.append(generation_section(data["rounds"]))
     body.append(
-        "<h2>Generation</h2>" + _table([(k, json.dumps(v)) for k, v in last["generation"].items()])
+        f"<h3>Round {last['round']}'s generation figures</h3>"
+        + _table([(k, json.dumps(v)) for k, v in last["generation"].items()])
     )
     timing = last["timing"]
     columns = ("seconds", "compute_s", "api_wait_s", "overhead_s")

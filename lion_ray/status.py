@@ -71,6 +71,30 @@ def discrimination(run: RunDir) -> dict[int, dict]:
     return dict(sorted(out.items()))
 
 
+def generation(run: RunDir) -> dict[int, dict]:
+    """Per round: the generator's candidates, how many were accepted, and why the rest were
+    rejected (the filter, not the selection, may be what shapes the data)."""
+    out: dict[int, dict] = {}
+    for rec in run.manifest.data.stages.values():
+        if rec.round is None or rec.stage != "generation":
+            continue
+        m = rec.metrics
+        out[rec.round] = {
+            k: m[k]
+            for k in ("candidates", "accepted", "rejected", "rejected_share", "by_family")
+            if k in m
+        }
+    return dict(sorted(out.items()))
+
+
+def generation_line(metrics: dict) -> str:
+    """'generation: 64 of 130 candidates accepted; rejected: similar_to_pool 50, ...'"""
+    rejected = metrics.get("rejected") or {}
+    return f"generation: {metrics['accepted']} of {metrics['candidates']} candidates accepted" + (
+        "; rejected: " + ", ".join(f"{k} {n}" for k, n in rejected.items()) if rejected else ""
+    )
+
+
 def status_table(run_uri: str) -> tuple[Table, dict]:
     run = RunDir(run_uri)
     data = run.manifest.data
@@ -101,6 +125,7 @@ def status_table(run_uri: str) -> tuple[Table, dict]:
     )
     total = sum(s["spent_usd"] for s in spent.values())
     per_round = discrimination(run)
+    per_round_generation = generation(run)
     table.caption = (
         f"{len(data.stages)} stages done, {total_tokens:,} API tokens in them; "
         f"spent ${total:.4f} over the whole run"
@@ -109,6 +134,11 @@ def status_table(run_uri: str) -> tuple[Table, dict]:
             f"\nround {r} discrimination ({d['selection']}): "
             f"{d['requests']:,} API requests, ${d['cost_usd']:.4f}"
             for r, d in per_round.items()
+        )
+        + "".join(
+            f"\nround {r} {generation_line(g)}"
+            for r, g in per_round_generation.items()
+            if "candidates" in g
         )
     )
     for key, failure in sorted(data.failures.items()):
@@ -120,4 +150,5 @@ def status_table(run_uri: str) -> tuple[Table, dict]:
         "spend": spent,
         "spent_usd": round(total, 6),
         "discrimination": {str(r): d for r, d in per_round.items()},
+        "generation": {str(r): g for r, g in per_round_generation.items()},
     }

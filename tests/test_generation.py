@@ -2,11 +2,15 @@
 with the real engine against the sandbox over HTTP on a local Ray cluster."""
 
 import pyarrow as pa
+import pytest
+from rouge_score import rouge_scorer
 
 from lion_ray.config import LoopConfig
 from lion_ray.discrimination import JUDGED_SCHEMA
+from lion_ray.driver import sandbox_family
 from lion_ray.generation import generate
 from lion_ray.logic.dedup import naive_decisions
+from lion_ray.logic.filters import REASONS
 from lion_ray.logic.pools import import_records
 from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 from lion_ray.sandbox.tasks import FAMILY_BY_NAME, generate_tasks, parse_instruction
@@ -61,7 +65,21 @@ def _check_targets(pool, new, cands, info, round_no):
     assert sum(x["accepted"] for x in c) == 42
     rejected = sum(1 for x in c if not x["accepted"] and x["reason"] != "surplus")
     assert rejected == sum(m["rejected"].values())
-    assert set(m["rejected"]) <= {"similar", "too_short", "punctuation", "cut_off", "empty"}
+    assert set(m["rejected"]) <= set(REASONS) - {"api_failed"}
+    assert m["candidates"] == m["accepted"] + rejected and m["accepted"] == 42
+    # each similar rejection names its nearest neighbour, at rouge-score's own F above 0.7
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    similar = [x for x in c if x["reason"].startswith("similar")]
+    assert similar and all(x["nearest"] for x in similar)
+    for x in similar:
+        f = scorer.score(x["nearest"], x["instruction"])["rougeL"].fmeasure
+        assert x["similarity"] == pytest.approx(f) and f > 0.7
+    pool_texts = set(pool.column("instruction").to_pylist())
+    for x in similar:  # the neighbour is where the reason says: the pool, or this round's
+        assert x["nearest"] in (pool_texts if x["reason"] == "similar_to_pool" else texts)
+    assert all(x["nearest"] is None for x in c if not x["reason"].startswith("similar"))
+    for reason, shown in m["examples"].items():
+        assert 1 <= len(shown) <= 3 and m["rejected"][reason] >= len(shown)
     assert m["attempts_per_accepted"] == round(
         (m["hard"]["attempts"] + m["easy"]["attempts"]) / 42, 3
     )
@@ -74,6 +92,29 @@ def test_targets_met_with_provenance_and_no_near_duplicates():
     pool = _pool(80, seed=5)
     new, cands, info = generate(_judged(pool), pool, LOOP, WorldClient(), round_no=2)
     _check_targets(pool, new, cands, info, 2)
+
+
+def test_rejections_by_family_in_a_sandbox_world():
+    pool = _pool(80, seed=5)
+    new, cands, info = generate(
+        _judged(pool), pool, LOOP, WorldClient(), round_no=2, family_of=sandbox_family
+    )
+    m = info["metrics"]
+    families = m["by_family"]
+    assert sum(f["candidates"] for f in families.values()) == m["candidates"]
+    assert sum(f["accepted"] for f in families.values()) == 42
+    for name, f in families.items():
+        of_family = [
+            r
+            for r in cands.to_pylist()
+            if r["reason"] != "surplus" and (sandbox_family(r["instruction"]) or "other") == name
+        ]
+        assert f["candidates"] == len(of_family)
+        assert f["rejected_share"] == round(
+            sum(not r["accepted"] for r in of_family) / len(of_family), 3
+        )
+    # every accepted instruction is a sandbox task, so its family is known
+    assert all(sandbox_family(t) for t in new.column("instruction").to_pylist())
 
 
 def test_a_later_round_asks_new_questions_of_the_same_parents():

@@ -193,7 +193,9 @@ class Deduper:
 
     def __init__(self, pool: Sequence[str], threshold: float = 0.7):
         self.threshold = threshold
-        self.pool_index = RougeIndex.build(pool, threshold)
+        self.pool_texts = list(pool)
+        self.pool_index = RougeIndex.build(self.pool_texts, threshold)
+        self.accepted_texts: list[str] = []
         self.accepted = RougeIndex(threshold=threshold)
 
     def similar_to_pool(self, text: str) -> bool:
@@ -202,12 +204,31 @@ class Deduper:
     def offer(self, text: str, similar_to_pool: bool | None = None) -> bool:
         """True (and remembered) when ``text`` is new enough. ``similar_to_pool`` may come
         precomputed (e.g. in parallel on Ray); the accepted-candidates check is sequential."""
+        return self.reason(text, similar_to_pool) is None
+
+    def reason(self, text: str, similar_to_pool: bool | None = None) -> str | None:
+        """None (and ``text`` remembered) when it is new enough, else why not:
+        ``similar_to_pool`` or ``similar_to_accepted`` (a candidate accepted before it)."""
         if similar_to_pool is None:
             similar_to_pool = self.similar_to_pool(text)
-        keep = not similar_to_pool and not self.accepted.exceeds(text)
-        if keep:
-            self.accepted.add(text)
-        return keep
+        if similar_to_pool:
+            return "similar_to_pool"
+        if self.accepted.exceeds(text):
+            return "similar_to_accepted"
+        self.accepted.add(text)
+        self.accepted_texts.append(text)
+        return None
+
+    def nearest(self, text: str, reason: str) -> tuple[float, str | None]:
+        """(ROUGE-L F, text) of the text most like ``text`` among those its ``reason``
+        names (Cache Pool or accepted candidates) and above the threshold; (0.0, None)
+        when there is none."""
+        if reason == "similar_to_pool":
+            index, texts = self.pool_index, self.pool_texts
+        else:
+            index, texts = self.accepted, self.accepted_texts
+        score, doc = index.max_match(text)
+        return score, texts[doc] if doc >= 0 else None
 
 
 def dedup(pool: Sequence[str], candidates: Sequence[str], threshold: float = 0.7) -> list[bool]:
