@@ -98,7 +98,9 @@ class OneShot(Driver):
     """The Alpaca-style arm: each round adds fresh instructions drawn like the seed pool,
     with no discrimination and no generator."""
 
-    def discrimination_stages(self, cache_pool, model, judged, teacher_cache, student_cache):
+    def discrimination_stages(
+        self, cache_pool, model, judged, teacher_cache, student_cache, judged_before=None
+    ):
         return [
             Stage(
                 "discrimination.random", self.unlabelled, {"pool": cache_pool}, {"judged": judged}

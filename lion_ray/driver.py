@@ -190,7 +190,7 @@ class Driver:
         ]
 
     def discrimination_stages(
-        self, cache_pool, model, judged, teacher_cache, student_cache, judged_before
+        self, cache_pool, model, judged, teacher_cache, student_cache, judged_before=None
     ):
         """The stages of ``loop.selection``; each writes the judged Cache Pool."""
         selection = self.cfg.loop.selection
