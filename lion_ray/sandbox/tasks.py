@@ -1,9 +1,13 @@
 """Task families whose answers a program can check, each with a difficulty knob (1..5).
 
-Each family has several short phrasings. They are short on purpose: two instructions of
-one phrasing share only its few words, so new instructions pass the ROUGE-L > 0.7 filter
-when their payload (word, numbers) differs. Every phrasing can be parsed back, which is
-how the sandbox server answers, judges and extends instructions it did not write itself.
+Each family has three short phrasings, the seed pool's and the held-out set's (as a person
+writes seed tasks), and the generator writes like an LLM: each new instruction in one of
+at least eight surface forms of its family (other verbs, word orders, quoted or unquoted
+payloads), half of them after a short context sentence. With three short forms only, the
+ROUGE-L > 0.7 filter rejected most candidates of some families (one phrasing with new
+numbers), so the filter, not the selection, decided what a round added (docs/method.md).
+Every form, with or without its context sentence, parses back, which is how the sandbox
+server answers, judges and extends instructions it did not write itself.
 
 Family weights set how common a family is in the seed pool; "rarer" (for the generator's
 easy rule) means a lower weight.
@@ -39,11 +43,16 @@ class Family:
     name: str
     weight: float
     kind: str  # "text" or "number": how answers are compared
-    phrasings: tuple[str, ...]
+    phrasings: tuple[str, ...]  # the seed pool's and held-out set's forms
     make: Callable[[random.Random, int], dict]
     solve: Callable[[dict], str]
     difficulty_of: Callable[[dict], int]
+    rephrasings: tuple[str, ...] = ()  # more forms the generator writes besides those
     patterns: tuple[re.Pattern, ...] = field(default=(), compare=False)
+
+    @property
+    def forms(self) -> tuple[str, ...]:
+        return self.phrasings + self.rephrasings
 
 
 def _clamp(d: int) -> int:
@@ -119,6 +128,13 @@ FAMILIES: tuple[Family, ...] = (
         lambda rng, d: {"w": _word(rng, d + 2)},
         lambda p: p["w"][::-1],
         lambda p: _clamp(len(p["w"]) - 2),
+        rephrasings=(
+            "[Write|Give|List] the letters of '{w}' in reverse order.",
+            "What is {w} spelled [backwards|in reverse|back to front]?",
+            '[Please reverse|Reverse|Kindly reverse] the [string|word|text] "{w}".',
+            "[Give me|Show me|Write out] the word {w} [written|read|spelled] from right to left.",
+            "Can you [flip|turn around|mirror] '{w}' so that it reads backwards?",
+        ),
     ),
     Family(
         "uppercase",
@@ -128,6 +144,13 @@ FAMILIES: tuple[Family, ...] = (
         lambda rng, d: {"w": _word(rng, d + 2)},
         lambda p: p["w"].upper(),
         lambda p: _clamp(len(p["w"]) - 2),
+        rephrasings=(
+            "[Convert|Change|Transform] {w} to [uppercase|upper case].",
+            "[Write|Print|Type] '{w}' in capital letters.",
+            '[Turn|Make] the word "{w}" into all [capitals|caps].',
+            "[Rewrite|Spell|Render] {w} using only upper-case letters.",
+            "What does '{w}' look like in [block capitals|all capitals|capital letters]?",
+        ),
     ),
     Family(
         "add",
@@ -137,6 +160,13 @@ FAMILIES: tuple[Family, ...] = (
         _make_add,
         lambda p: str(int(p["a"]) + int(p["b"])),
         lambda p: _bucket(max(int(p["a"]), int(p["b"])), _ADD_LIMITS),
+        rephrasings=(
+            "[Calculate|Compute|Work out|Find] the sum of {a} and {b}.",
+            "If you add {b} to {a}, what [do you get|is the result|is the total]?",
+            "[Compute|Calculate|Evaluate] {a} plus {b}.",
+            "What do {a} and {b} [add up to|sum to|come to together]?",
+            "[Find|Give|Tell me] the total of {a} and {b}.",
+        ),
     ),
     Family(
         "max",
@@ -146,6 +176,13 @@ FAMILIES: tuple[Family, ...] = (
         _make_max,
         lambda p: str(max(_ints(p["lst"]))),
         lambda p: _clamp(len(_ints(p["lst"])) - 2),
+        rephrasings=(
+            "Which number is the [largest|biggest|greatest] in this list: {lst}?",
+            "[Find|Give|Identify] the maximum of {lst}.",
+            "Out of {lst}, which [is the greatest|is the largest|is highest]?",
+            "[Pick|Choose|Select] the biggest value from {lst}.",
+            "What is the [highest|largest|top] number among {lst}?",
+        ),
     ),
     Family(
         "sort_letters",
@@ -155,6 +192,13 @@ FAMILIES: tuple[Family, ...] = (
         lambda rng, d: {"w": _word(rng, d + 2)},
         lambda p: "".join(sorted(p["w"])),
         lambda p: _clamp(len(p["w"]) - 2),
+        rephrasings=(
+            "[Put|Arrange|Place] the letters of '{w}' in alphabetical order.",
+            "[Rearrange|Reorder|Shuffle] {w} so that its letters go from a to z.",
+            '[Sort|Order] the characters of "{w}" [alphabetically|by the alphabet].',
+            "[Write|List|Give] the letters in {w} in a-to-z order.",
+            "[Order|Sort] the letters of '{w}' alphabetically, please.",
+        ),
     ),
     Family(
         "count_char",
@@ -164,6 +208,13 @@ FAMILIES: tuple[Family, ...] = (
         _make_count,
         lambda p: str(p["w"].count(p["c"])),
         lambda p: _clamp(len(p["w"]) - 3),
+        rephrasings=(
+            "How many times does the letter '{c}' [appear|occur|show up] in '{w}'?",
+            "[Count|Tally|Find] the occurrences of {c} in the word {w}.",
+            "In \"{w}\", how [often|many times] does '{c}' occur?",
+            "[Tell me|Say|Work out] how many {c}'s there are in {w}.",
+            "[Find|Give|Report] the number of '{c}' characters in '{w}'.",
+        ),
     ),
     Family(
         "next_term",
@@ -173,6 +224,13 @@ FAMILIES: tuple[Family, ...] = (
         _make_seq,
         _seq_next,
         _seq_difficulty,
+        rephrasings=(
+            "What is the next number in the [sequence|series|progression] {lst}?",
+            "[Find|Give|Name] the term that follows {lst}.",
+            "[Continue|Extend] the pattern {lst} with one more number.",
+            "Given the [sequence|series|list] {lst}, what comes after the last term?",
+            "Which number should [come|go] next in {lst}?",
+        ),
     ),
     Family(
         "word_length",
@@ -182,6 +240,13 @@ FAMILIES: tuple[Family, ...] = (
         lambda rng, d: {"w": _word(rng, 2 + 2 * d + rng.randint(0, 1))},
         lambda p: str(len(p["w"])),
         lambda p: _clamp((len(p["w"]) - 2) // 2),
+        rephrasings=(
+            "How many letters does '{w}' [have|contain]?",
+            "[Count|Tally] the characters in the word {w}.",
+            'What is the length of "{w}" in [letters|characters]?',
+            "[Tell me|Say|Work out] how long the word {w} is.",
+            "How many characters are [in|there in] '{w}'?",
+        ),
     ),
     Family(
         "multiply",
@@ -191,6 +256,13 @@ FAMILIES: tuple[Family, ...] = (
         _make_mul,
         lambda p: str(int(p["a"]) * int(p["b"])),
         lambda p: _bucket(int(p["a"]), _MUL_LIMITS),
+        rephrasings=(
+            "[Calculate|Compute|Work out] {a} multiplied by {b}.",
+            "What do you get when you multiply {a} by {b}?",
+            "[Compute|Find|Give] the product of {a} and {b}.",
+            "[Find|Evaluate|Calculate] {a} x {b}.",
+            "What is {a} times {b} [equal to|in total]?",
+        ),
     ),
     Family(
         "caesar",
@@ -200,6 +272,13 @@ FAMILIES: tuple[Family, ...] = (
         lambda rng, d: {"w": _word(rng, d + 2), "k": rng.randint(1, 1 + 2 * d)},
         lambda p: _caesar(p["w"], int(p["k"])),
         lambda p: _clamp(max(len(p["w"]) - 2, int(p["k"]) // 2)),
+        rephrasings=(
+            "Apply a Caesar shift of {k} to '{w}'.",
+            "[Shift|Move|Advance] each letter of {w} forward by {k}.",
+            '[Encode|Encrypt|Cipher] "{w}" with a Caesar cipher of shift {k}.',
+            "Move every letter in '{w}' {k} places [along|down|forward in] the alphabet.",
+            "[Rotate|Shift] the letters of {w} by {k} positions.",
+        ),
     ),
 )
 
@@ -214,14 +293,48 @@ _FIELD_PATTERNS = {
 
 
 def _compile(phrasing: str) -> re.Pattern:
-    parts = re.split(r"(\{\w+\})", phrasing)
-    regex = "".join(_FIELD_PATTERNS[p[1:-1]] if p.startswith("{") else re.escape(p) for p in parts)
+    """A form's regex: ``{field}`` is its payload, ``[a|b|c]`` one of the words an LLM may
+    choose there."""
+    parts = re.split(r"(\{\w+\}|\[[^\]]+\])", phrasing)
+    regex = "".join(
+        _FIELD_PATTERNS[p[1:-1]]
+        if p.startswith("{")
+        else "(?:" + "|".join(re.escape(o) for o in p[1:-1].split("|")) + ")"
+        if p.startswith("[")
+        else re.escape(p)
+        for p in parts
+    )
     return re.compile(rf"^{regex}$")
 
 
+def _choose_words(form: str, rng: random.Random) -> str:
+    """``form`` with each ``[a|b|c]`` replaced by one of its words (no draw when it has none,
+    so the seed phrasings' draws are what they always were)."""
+    return re.sub(r"\[([^\]]+)\]", lambda m: rng.choice(m.group(1).split("|")), form)
+
+
 FAMILIES = tuple(
-    Family(**{**f.__dict__, "patterns": tuple(_compile(p) for p in f.phrasings)}) for f in FAMILIES
+    Family(**{**f.__dict__, "patterns": tuple(_compile(p) for p in f.forms)}) for f in FAMILIES
 )
+# A sentence an LLM generator may put before the task, and a request about the answer's
+# form it may put after it (``[a|b]``: one of the words); the server reads past both.
+CONTEXTS = (
+    "[Here is|This is] a small [task|exercise]. ",
+    "I am [practising|studying|preparing] for a [quiz|test]. ",
+    "[Quick|Simple|Easy] question: ",
+    "This is for a [worksheet|homework sheet|class handout]. ",
+    "[Help me|Please help me] check my [answer|work]. ",
+    "[Try|Solve|Do] this one. ",
+)
+CLOSINGS = (
+    " [Answer|Reply|Respond] with just the result.",
+    " [Give|Write|State] only the final answer.",
+    " Keep the answer [short|brief].",
+    " No [explanation|working] is needed.",
+    " Just the answer, [please|thanks].",
+)
+CONTEXT_PATTERNS = tuple(re.compile("^" + _compile(c).pattern[1:-1]) for c in CONTEXTS)
+CLOSING_PATTERNS = tuple(re.compile(_compile(c).pattern[1:-1] + "$") for c in CLOSINGS)
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
 
 
@@ -244,16 +357,34 @@ class Task:
 
 
 def make_task(
-    family: Family, rng: random.Random, difficulty: int, phrasing: int | None = None
+    family: Family,
+    rng: random.Random,
+    difficulty: int,
+    phrasing: int | None = None,
+    like_an_llm: bool = False,
 ) -> Task:
+    """A task of ``family``: in one of its seed phrasings, or ``like_an_llm`` (the
+    generator) in any of its forms, half of the time after a context sentence.
+    ``phrasing`` picks a form by its index in ``family.forms``."""
     params = family.make(rng, _clamp(difficulty))
-    idx = rng.randrange(len(family.phrasings)) if phrasing is None else phrasing
-    text = family.phrasings[idx].format(**params)
+    forms = family.forms if like_an_llm or phrasing is not None else family.phrasings
+    idx = rng.randrange(len(forms)) if phrasing is None else phrasing
+    text = _choose_words(forms[idx], rng).format(**params)
+    if like_an_llm and rng.random() < 0.3:
+        text = _choose_words(CONTEXTS[rng.randrange(len(CONTEXTS))], rng) + text
+    if like_an_llm and rng.random() < 0.3:
+        text += _choose_words(CLOSINGS[rng.randrange(len(CLOSINGS))], rng)
     return Task(family.name, family.difficulty_of(params), text, family.solve(params), params)
 
 
 def parse_instruction(text: str) -> Task | None:
-    """The task an instruction asks for, if it is one of the sandbox's phrasings."""
+    """The task an instruction asks for, if it is in one of the sandbox's forms (after a
+    context sentence or not)."""
+    text = text.strip()
+    for context in CONTEXT_PATTERNS:
+        text = context.sub("", text, count=1)
+    for closing in CLOSING_PATTERNS:
+        text = closing.sub("", text, count=1)
     text = text.strip()
     for family in FAMILIES:
         for pattern in family.patterns:

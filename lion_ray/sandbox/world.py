@@ -191,7 +191,7 @@ def generator_reply(messages: list[dict], seed: int | None, options: WorldOption
         candidates = rarer_families(family.name)
         family = candidates[rng.randrange(len(candidates))]
         new_difficulty = difficulty
-    return make_task(family, rng, new_difficulty).instruction
+    return make_task(family, rng, new_difficulty, like_an_llm=True).instruction
 
 
 _REPLIES = {"teacher": teacher_reply, "referee": referee_reply, "generator": generator_reply}

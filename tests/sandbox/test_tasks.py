@@ -4,8 +4,13 @@ from collections import Counter
 import pytest
 
 from lion_ray.sandbox.tasks import (
+    CLOSING_PATTERNS,
+    CLOSINGS,
+    CONTEXT_PATTERNS,
+    CONTEXTS,
     FAMILIES,
     FAMILY_BY_NAME,
+    _choose_words,  # the LLM's word choice inside a form
     generate_tasks,
     is_correct,
     make_task,
@@ -18,6 +23,23 @@ from lion_ray.sandbox.tasks import (
 def test_at_least_eight_families_with_several_phrasings():
     assert len(FAMILIES) >= 8
     assert all(len(f.phrasings) >= 3 for f in FAMILIES)
+    # the generator writes like an LLM: at least eight surface forms per family
+    assert all(len(set(f.forms)) >= 8 for f in FAMILIES)
+
+
+def test_the_generator_uses_every_form_and_context_and_seeds_keep_theirs():
+    rng = random.Random(3)
+    family = FAMILY_BY_NAME["add"]
+    llm = [make_task(family, rng, 2, like_an_llm=True).instruction for _ in range(600)]
+    with_context = [t for t in llm if any(p.match(t) for p in CONTEXT_PATTERNS)]
+    with_closing = [t for t in llm if any(p.search(t) for p in CLOSING_PATTERNS)]
+    assert 0.2 < len(with_context) / len(llm) < 0.4 and 0.2 < len(with_closing) / len(llm) < 0.4
+    cores = [parse_instruction(t).instruction for t in llm]
+    used = {next(i for i, p in enumerate(family.patterns) if p.match(c)) for c in cores}
+    assert used == set(range(len(family.forms)))
+    assert len(set(cores)) > 0.8 * len(cores)  # word choices inside the forms vary too
+    seeds = [make_task(family, rng, 2).instruction for _ in range(100)]
+    assert all(any(p.match(t) for p in family.patterns[: len(family.phrasings)]) for t in seeds)
 
 
 def test_generation_is_deterministic_and_distinct():
@@ -33,16 +55,22 @@ def test_generation_is_deterministic_and_distinct():
 def test_every_phrasing_parses_back_to_the_same_task():
     rng = random.Random(0)
     for family in FAMILIES:
-        for idx in range(len(family.phrasings)):
+        for idx in range(len(family.forms)):
             for difficulty in range(1, 6):
                 task = make_task(family, rng, difficulty, phrasing=idx)
-                parsed = parse_instruction(task.instruction)
-                assert parsed is not None, task.instruction
-                assert (parsed.family, parsed.answer, parsed.difficulty) == (
-                    task.family,
-                    task.answer,
-                    task.difficulty,
-                )
+                for context, closing in [("", "")] + list(
+                    zip(CONTEXTS, CLOSINGS + ("",), strict=True)
+                ):
+                    text = (
+                        _choose_words(context, rng) + task.instruction + _choose_words(closing, rng)
+                    )
+                    parsed = parse_instruction(text)
+                    assert parsed is not None, text
+                    assert (parsed.family, parsed.answer, parsed.difficulty) == (
+                        task.family,
+                        task.answer,
+                        task.difficulty,
+                    )
 
 
 @pytest.mark.parametrize(
