@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rouge_score import rouge_scorer
 
-from lion_ray.logic.dedup import Deduper
+from lion_ray.logic.dedup import Deduper, naive_decisions
 from lion_ray.sandbox.tasks import generate_tasks
 
 SEEDS = Path(__file__).resolve().parents[1] / "tests" / "data" / "alpaca_seed_tasks.jsonl"
@@ -165,6 +165,16 @@ def main() -> None:
     ours = [deduper.offer(c) for c in cands]
     ours_s = time.perf_counter() - t
 
+    # the same_payload arm (loop.similarity): same index, compared only with same-payload texts
+    t = time.perf_counter()
+    payload_deduper = Deduper(pool, args.threshold, "same_payload")
+    payload_decisions = [payload_deduper.offer(c) for c in cands]
+    payload_s = time.perf_counter() - t
+    n_check = min(200, len(cands))
+    payload_exact = payload_decisions[:n_check] == naive_decisions(
+        pool, cands[:n_check], args.threshold, "same_payload"
+    )
+
     n_ref = min(args.reference_candidates, len(cands))
     ref, ref_s = reference(pool, cands[:n_ref], args.threshold, args.procs)
     ref_full_s = ref_s / n_ref * len(cands)
@@ -190,6 +200,11 @@ def main() -> None:
                 "identical_decisions": ours[:n_ref] == ref,
                 "identical_decisions_checked_on": n_ref,
                 "rejections_in_checked_prefix": n_ref - sum(ref),
+                "same_payload": {
+                    "accepted": sum(payload_decisions),
+                    "seconds": round(payload_s, 3),
+                    "identical_to_its_reference_on": n_check if payload_exact else 0,
+                },
             }
         )
     )

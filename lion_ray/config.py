@@ -416,6 +416,14 @@ class LoopConfig(_Strict):
     rouge_threshold: float = Field(
         0.7, gt=0, le=1, description="Drop a candidate whose ROUGE-L F is above this."
     )
+    similarity: Literal["rouge_l", "same_payload"] = Field(
+        "rouge_l",
+        description="Which candidates count as too similar. 'rouge_l' (the paper's): ROUGE-L F "
+        "above loop.rouge_threshold against any Cache Pool instruction or accepted candidate. "
+        "'same_payload': the same, but only against texts that ask about the same thing (the "
+        "same numbers and rare words): stops near-copies, keeps instructions that share a "
+        "template and differ in what they ask.",
+    )
     min_words: int = Field(4, gt=0, description="Drop candidates with fewer words than this.")
     generation_attempts_factor: float = Field(
         3.0, ge=1, description="At most factor x target generator calls per kind per round."

@@ -102,7 +102,9 @@ def generate(
     from lion_ray.engines.dedup import pool_flags
 
     judged_rows = [r for r in judged.to_pylist() if r["status"] == "ok"]
-    deduper = Deduper(cache_pool.column("instruction").to_pylist(), loop.rouge_threshold)
+    deduper = Deduper(
+        cache_pool.column("instruction").to_pylist(), loop.rouge_threshold, loop.similarity
+    )
     pool_ids = set(cache_pool.column("id").to_pylist())
     known_ids = set(pool_ids)
     new_rows, candidates, usages = [], [], []

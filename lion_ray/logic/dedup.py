@@ -16,6 +16,14 @@ fresh process pool, quadratic and slow. Here:
 
 ``naive_decisions`` is the straightforward rouge-score loop over all pairs, kept as the
 reference the fast path is tested and benchmarked against.
+
+``similarity="same_payload"`` stops near-copies but keeps instructions that share a
+template and differ in what they ask: a candidate is rejected only for a text above the
+ROUGE-L threshold *with the same payload*, the payload being its numbers and its rare words
+(in at most 1% of the Cache Pool's texts, or in none: the word to reverse, the topic of a
+poem), while its template words are common. "Add 3 and 4." and "Add 3 and 5." ask different
+things and are both kept; "Add 3 and 4, please." is a copy of the first. The same index and
+exact LCS serve both rules; the payload only filters the texts a candidate is compared with.
 """
 
 from __future__ import annotations
@@ -48,6 +56,27 @@ def lcs_length(a: Sequence[int], b: Sequence[int]) -> int:
         u = v & masks.get(t, 0)
         v = ((v + u) | (v - u)) & full
     return len(a) - v.bit_count()
+
+
+SIMILARITIES = ("rouge_l", "same_payload")
+RARE_SHARE = 0.01  # a word in at most this share of the pool's texts is payload, not template
+
+
+def common_words(texts: Iterable[list[str]], rare_share: float = RARE_SHARE) -> frozenset[str]:
+    """The template words of tokenized ``texts``: in more than ``rare_share`` of them (and
+    in at least two)."""
+    df: Counter = Counter()
+    n = 0
+    for tokens in texts:
+        df.update(set(tokens))
+        n += 1
+    cut = max(1, int(rare_share * n))
+    return frozenset(t for t, c in df.items() if c > cut)
+
+
+def payload(tokens: Sequence[str], common: frozenset[str]) -> frozenset[str]:
+    """What a text asks about: its numbers and its words that are not template words."""
+    return frozenset(t for t in tokens if t.isdigit() or t not in common)
 
 
 def rouge_l_f(lcs: int, candidate_len: int, reference_len: int) -> float:
@@ -94,11 +123,19 @@ class RougeIndex:
     _static_n: int = 0
     _dynamic: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     merge_every: int = 512
+    # same_payload: only texts with a candidate's payload count (None: the plain rule)
+    common: frozenset[str] | None = None
+    payloads: list[frozenset[str]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, texts: Iterable[str], threshold: float) -> RougeIndex:
-        index = cls(threshold=threshold)
-        index.docs = [index.vocab.encode(rouge_tokens(t)) for t in texts]
+    def build(
+        cls, texts: Iterable[str], threshold: float, common: frozenset[str] | None = None
+    ) -> RougeIndex:
+        index = cls(threshold=threshold, common=common)
+        tokenized = [rouge_tokens(t) for t in texts]
+        index.docs = [index.vocab.encode(tokens) for tokens in tokenized]
+        if common is not None:
+            index.payloads = [payload(tokens, common) for tokens in tokenized]
         index._rebuild()
         return index
 
@@ -118,7 +155,10 @@ class RougeIndex:
         self._dynamic = {}
 
     def add(self, text: str) -> None:
-        tokens = self.vocab.encode(rouge_tokens(text))
+        words = rouge_tokens(text)
+        if self.common is not None:
+            self.payloads.append(payload(words, self.common))
+        tokens = self.vocab.encode(words)
         d = len(self.docs)
         self.docs.append(tokens)
         for t, c in Counter(tokens).items():
@@ -166,8 +206,10 @@ class RougeIndex:
         ]
 
     def max_match(self, text: str) -> tuple[float, int]:
-        """(best F above the threshold, doc index), or (0.0, -1) when none is above it."""
-        cand = self.vocab.encode(rouge_tokens(text), grow=False)
+        """(best F above the threshold, doc index), or (0.0, -1) when none is above it;
+        with ``common`` set, among the texts with ``text``'s payload only."""
+        words = rouge_tokens(text)
+        cand = self.vocab.encode(words, grow=False)
         if not cand:
             return 0.0, -1
         counts = Counter(cand)
@@ -175,6 +217,9 @@ class RougeIndex:
         survivors = list(self._static_survivors(cand, counts)) + self._dynamic_survivors(
             cand, counts
         )
+        if self.common is not None:
+            asks = payload(words, self.common)
+            survivors = [d for d in survivors if self.payloads[d] == asks]
         for d in survivors:
             doc = self.docs[d]
             f = rouge_l_f(lcs_length(cand, doc), len(cand), len(doc))
@@ -191,12 +236,17 @@ class Deduper:
     its ROUGE-L F is above the threshold against any pool text or any candidate accepted
     before it. The pool index is built once and reused across waves of candidates."""
 
-    def __init__(self, pool: Sequence[str], threshold: float = 0.7):
+    def __init__(self, pool: Sequence[str], threshold: float = 0.7, similarity: str = "rouge_l"):
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, not {similarity!r}")
         self.threshold = threshold
         self.pool_texts = list(pool)
-        self.pool_index = RougeIndex.build(self.pool_texts, threshold)
+        common = None
+        if similarity == "same_payload":  # template words, from the pool as the round starts
+            common = common_words(rouge_tokens(t) for t in self.pool_texts)
+        self.pool_index = RougeIndex.build(self.pool_texts, threshold, common)
         self.accepted_texts: list[str] = []
-        self.accepted = RougeIndex(threshold=threshold)
+        self.accepted = RougeIndex(threshold=threshold, common=common)
 
     def similar_to_pool(self, text: str) -> bool:
         return self.pool_index.exceeds(text)
@@ -231,16 +281,28 @@ class Deduper:
         return score, texts[doc] if doc >= 0 else None
 
 
-def dedup(pool: Sequence[str], candidates: Sequence[str], threshold: float = 0.7) -> list[bool]:
+def dedup(
+    pool: Sequence[str],
+    candidates: Sequence[str],
+    threshold: float = 0.7,
+    similarity: str = "rouge_l",
+) -> list[bool]:
     """Decisions for ``candidates`` in order against ``pool`` (see :class:`Deduper`)."""
-    deduper = Deduper(pool, threshold)
+    deduper = Deduper(pool, threshold, similarity)
     return [deduper.offer(c) for c in candidates]
 
 
 def naive_decisions(
-    pool: Sequence[str], candidates: Sequence[str], threshold: float = 0.7
+    pool: Sequence[str],
+    candidates: Sequence[str],
+    threshold: float = 0.7,
+    similarity: str = "rouge_l",
 ) -> list[bool]:
-    """The reference: rouge-score over all pairs, one candidate at a time (the original way)."""
+    """The reference: rouge-score over all pairs, one candidate at a time (the original way);
+    with ``same_payload``, over the pairs whose payloads are equal."""
+    common = None
+    if similarity == "same_payload":
+        common = common_words(rouge_tokens(t) for t in pool)
     accepted: list[str] = []
     decisions = []
     for cand in candidates:
@@ -248,6 +310,7 @@ def naive_decisions(
         scores = [
             rouge_scorer._score_lcs(cand_tokens, rouge_tokens(t)).fmeasure
             for t in list(pool) + accepted
+            if common is None or payload(rouge_tokens(t), common) == payload(cand_tokens, common)
         ]
         keep = max(scores, default=0.0) <= threshold
         if keep:

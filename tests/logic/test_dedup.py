@@ -70,6 +70,41 @@ def test_decisions_equal_on_sandbox_tasks_and_other_thresholds():
         assert dedup(pool, cands, threshold) == naive_decisions(pool, cands, threshold)
 
 
+def test_same_payload_decisions_equal_the_reference():
+    rng = random.Random(5)
+    pool = [t.instruction for t in generate_tasks(300, seed=3, max_difficulty=2)]
+    cands = [t.instruction for t in generate_tasks(200, seed=4, max_difficulty=2)]
+    cands += [_perturb(rng.choice(pool), rng) for _ in range(60)]
+    rng.shuffle(cands)
+    fast = dedup(pool, cands, 0.7, "same_payload")
+    assert fast == naive_decisions(pool, cands, 0.7, "same_payload")
+    plain = dedup(pool, cands, 0.7)
+    # it only ever keeps more, and here it does
+    assert all(f or not p for f, p in zip(fast, plain, strict=True)) and sum(fast) > sum(plain)
+
+
+def test_same_payload_keeps_other_questions_of_one_template_and_stops_copies():
+    pool = [t.instruction for t in generate_tasks(300, seed=3, max_difficulty=2)]
+    pool += ["Add 301 and 402.", "Reverse the word 'kato'."]
+    deduper = Deduper(pool, 0.7, "same_payload")
+    plain = Deduper(pool, 0.7)
+    # same template, other payload: a different question (the paper's rule rejects it)
+    for text in ("Add 301 and 403.", "Reverse the word 'kati'."):
+        assert plain.reason(text) == "similar_to_pool"
+        assert Deduper(pool, 0.7, "same_payload").reason(text) is None
+    # the same question in nearly the same words: a copy
+    assert deduper.reason("Sum 301 and 402.") == "similar_to_pool"
+    assert deduper.nearest("Sum 301 and 402.", "similar_to_pool") == (0.75, "Add 301 and 402.")
+    assert deduper.reason("Add 707 and 808.") is None
+    assert deduper.reason("Sum 707 and 808.") == "similar_to_accepted"
+    try:
+        Deduper(pool, 0.7, "minhash")
+    except ValueError as exc:
+        assert "same_payload" in str(exc)
+    else:
+        raise AssertionError("an unknown similarity was accepted")
+
+
 def test_exact_threshold_is_not_rejected():
     # LCS 7 of 10 and 10 tokens: F is 0.7 in rouge-score's arithmetic, and 0.7 is not > 0.7
     base = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"
