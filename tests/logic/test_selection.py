@@ -115,6 +115,10 @@ def test_selection_config_and_its_old_name():
     assert LoopConfig(parent_selection="random").selection == "random"
     assert LoopConfig(selection="student_loss", hard_fraction=0.3).hard_fraction == 0.3
     assert LoopConfig(selection="learnability").selection == "learnability"
+    assert LoopConfig().similarity == "rouge_l"
+    assert LoopConfig(similarity="same_payload").similarity == "same_payload"
+    with pytest.raises(ConfigError, match="loop.similarity"):
+        parse_config("loop: {similarity: minhash}", "x.yaml")
     with pytest.raises(ConfigError, match="loop.selection"):
         parse_config("loop: {selection: loss}", "x.yaml")
     with pytest.raises(ConfigError, match="hard_fraction"):
