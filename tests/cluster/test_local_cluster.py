@@ -63,6 +63,10 @@ class LocalCluster:
             str(self.cpus),
             "--temp-dir",
             str(self.dirs[0]),
+            # each node its own dashboard agent port: Ray's default (52365) may be held by
+            # another Ray on this machine, and a head without an agent runs no job
+            "--agent-port",
+            str(free_port()),
             env={**self.env, **self.head_env},
         )
         for d in self.dirs[1:]:
@@ -73,6 +77,8 @@ class LocalCluster:
                 str(self.cpus),
                 "--temp-dir",
                 str(d),
+                "--agent-port",
+                str(free_port()),
             )
         return self
 
