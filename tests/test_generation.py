@@ -219,8 +219,9 @@ def test_one_limiter_serves_every_wave_of_a_generation_stage(ray_local, tmp_path
     """The provider allows 120 requests/minute but the config says 6,000: wave 1 learns the
     real limit from the 429s' headers, and the later waves, on the same limiter, keep it."""
     pool = _pool(30, seed=10)
+    # min_words 9 rejects the generator's shorter forms, so the target takes three waves
     loop = LoopConfig(
-        hard_per_round=10, easy_per_round=0, min_words=5, generation_attempts_factor=3
+        hard_per_round=10, easy_per_round=0, min_words=9, generation_attempts_factor=3
     )
     with SandboxProcess(ServerOptions(rpm=120, burst_s=1.0)) as sb:
         engine = sandbox_engine(sb, tmp_path, role="generator", requests_per_minute=6000)
