@@ -325,16 +325,7 @@ def write_report(run: RunDir, round_no: int, name: str = "lion") -> str:
         f"<p>Run directory: <code>{html.escape(run.uri)}</code></p>",
     ]
     head = list(summaries[0])
-    body.append(
-        "<table><tr>"
-        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
-        + "</tr>"
-        + "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(s[h]))}</td>" for h in head) + "</tr>"
-            for s in summaries
-        )
-        + "</table>"
-    )
+    body.append(_grid(head, [[s[h] for h in head] for s in summaries]))
     for img, title in (
         ("pools.png", "Pool sizes"),
         ("scores.png", "Score distributions"),
