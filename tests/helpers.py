@@ -39,6 +39,21 @@ def memorize(
     model.save_pretrained(model_dir)
 
 
+def registered_checkpoints(train_dir) -> int:
+    """Checkpoints Ray Train has registered in ``train_dir`` (a path or a URI): the ones a
+    rerun resumes from. A ``checkpoint_*`` folder appears before its registration, so a
+    test that kills a run as soon as the folder exists may leave nothing to resume."""
+    import json
+
+    from lion_ray import storage
+
+    snapshot = storage.join(str(train_dir), "checkpoint_manager_snapshot.json")
+    try:
+        return len(json.loads(storage.read_text(snapshot))["checkpoint_results"])
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return 0
+
+
 def free_port() -> int:
     import socket
 

@@ -17,7 +17,7 @@ import pytest
 from lion_ray import storage
 
 from .conftest import DATA, ROOT
-from .helpers import MotoS3, free_port
+from .helpers import MotoS3, free_port, registered_checkpoints
 
 BUCKET = "lion-test"
 
@@ -120,10 +120,8 @@ def test_a_round_on_s3_killed_resumed_and_served(s3_env, tmp_path):
     first = _lion(*args, env=s3_env, stdout=log, stderr=subprocess.STDOUT)
     train_dir = f"{run}/round_1/imitation/train"
     deadline = time.time() + 300
-    snapshot = f"{train_dir}/checkpoint_manager_snapshot.json"  # Ray Train's registry
     while time.time() < deadline and first.poll() is None:
-        # a checkpoint is resumable once Ray Train registered it, not when its files appear
-        if storage.exists(snapshot) and "checkpoint_0" in storage.read_text(snapshot):
+        if registered_checkpoints(train_dir) > 0:
             break
         time.sleep(0.5)
     assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]

@@ -27,6 +27,7 @@ from lion_ray.logic.prompts import build_prompt
 from lion_ray.sandbox.tasks import generate_tasks
 
 from ..conftest import ROOT
+from ..helpers import registered_checkpoints
 
 COMPACT = StudentConfig(prompt_format="compact")  # the tiny students' text template
 
@@ -277,12 +278,11 @@ def test_rerun_after_driver_crash_resumes(tiny_student, tmp_path):
     )
     store = tmp_path / "model.checkpoints" / "train"
     deadline = time.time() + 240
-    while time.time() < deadline and not list(store.glob("checkpoint_*")):
+    while time.time() < deadline and not registered_checkpoints(store):
         time.sleep(0.5)
-    time.sleep(2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert list(store.glob("checkpoint_*")) and not (tmp_path / "model").exists()
+    assert registered_checkpoints(store) and not (tmp_path / "model").exists()
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     final = json.loads((store / "final.json").read_text())
