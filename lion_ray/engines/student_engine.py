@@ -20,6 +20,7 @@ replicas answer the chat page and the OpenAI routes while the run goes on
 from __future__ import annotations
 
 import socket
+import uuid
 
 import pyarrow as pa
 
@@ -47,6 +48,7 @@ class StudentEngine:
         self.first_model = first  # what the replicas start with (their constructor's)
         self.replicas = settings.num_replicas
         self.owns_serve = False
+        self.serve_id = ""  # one per start: tells a stage task that the engine is a new one
 
     @classmethod
     def start(
@@ -85,6 +87,7 @@ class StudentEngine:
         cluster.HELD["the student engine"] = replicas_request(settings).total()
         engine = cls(app, url, student, settings, model_dir)
         engine.owns_serve = not serve_was_up
+        engine.serve_id = uuid.uuid4().hex
         return engine
 
     def _update(self, model_dir: str, asleep: bool = False) -> None:
@@ -133,7 +136,7 @@ class StudentEngine:
             call_engine,
             batch_format="pyarrow",
             batch_size=None,
-            fn_kwargs={"app": self.app, "method": method},
+            fn_kwargs={"app": self.app, "method": method, "serve_id": self.serve_id},
             # tasks, not an actor pool: Ray's warm workers run them, each keeping its
             # handle (below), so a stage starts no process; the concurrency bounds the
             # batches in flight at the replicas
@@ -156,11 +159,12 @@ class StudentEngine:
 
 
 # Deployment handles by (app, method), per worker process: made once, reused by every task
-# (and every stage) that worker runs.
+# (and every stage) that worker runs, while the Serve they were made under runs.
 _HANDLES: dict[tuple[str, str], object] = {}
+_HANDLES_SERVE: list[str] = [""]
 
 
-def call_engine(batch: pa.Table, app: str, method: str) -> pa.Table:
+def call_engine(batch: pa.Table, app: str, method: str, serve_id: str = "") -> pa.Table:
     """Ray Data task: one batch to the student deployment's ``method`` (answer_rows,
     loss_rows); its rows come back with when the engine worked on them (``_t0``/``_t1``,
     the stage's compute time)."""
@@ -168,6 +172,15 @@ def call_engine(batch: pa.Table, app: str, method: str) -> pa.Table:
 
     from lion_ray.engines.inference import answer_rows_table, loss_table, timed
 
+    if serve_id != _HANDLES_SERVE[0]:
+        # A warm worker outlives an engine: after one run in this process shut its Serve
+        # down and the next started another, the handles and Serve's cached controller
+        # client here would still name the dead one (Serve rechecks only on a new Ray job).
+        from ray.serve.context import _disconnect
+
+        _disconnect()
+        _HANDLES.clear()
+        _HANDLES_SERVE[0] = serve_id
     handle = _HANDLES.get((app, method))
     if handle is None:
         handle = getattr(serve.get_deployment_handle(DEPLOYMENT, app), method)

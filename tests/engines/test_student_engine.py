@@ -76,3 +76,26 @@ def test_stages_get_the_per_stage_answers_and_losses_from_one_engine(
     (broken / "model.safetensors").write_bytes(b"torn")
     with pytest.raises(Exception, match="SafetensorError|safetensors|header"):
         engine.load(str(broken))
+
+
+def test_runs_one_after_another_in_one_process_reach_their_own_engine(
+    ray_local, taught_student, taught_student_b
+):
+    """Two runs in one process (a benchmark's arms, a notebook): the first run's engine shuts
+    its Serve down at the end; the second starts a new one, and the stage tasks, run by the
+    same warm Ray workers, reach it rather than the first run's dead controller."""
+    from ray import serve
+
+    serve.shutdown()  # both engines below start (and so own) their Serve
+    one_replica = STUDENT.model_copy(update={"num_engines": 1})
+    pool = _pool([q for q, _ in MEMORIZED])
+    for model, expected in ((taught_student, MEMORIZED), (taught_student_b, MEMORIZED_B)):
+        engine = StudentEngine.start(one_replica, str(model), app="engine-test", http=False)
+        try:
+            assert engine.owns_serve
+            answers, _ = student_answers(
+                pool, one_replica, model_uri=str(model), engine=engine, show_progress=False
+            )
+        finally:
+            engine.stop()
+        assert [r["answer"] for r in answers.to_pylist()] == [a for _, a in expected]
