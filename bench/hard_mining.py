@@ -1,34 +1,37 @@
-"""Does adversarial mining pay? Four ways to spend the same teacher budget, several seeds each.
+"""Does adversarial mining pay? Five ways to spend the same teacher budget, several seeds each.
 
-    python -m bench.hard_mining --quick          # about 10 minutes on 2 cores
-    python -m bench.hard_mining                  # the full size of docs/method.md
+    python -m bench.hard_mining --quick          # a smoke size: 3 seeds x 5 arms, ~15 minutes
+    python -m bench.hard_mining                  # the full size of docs/method.md (5 seeds)
     python -m bench.hard_mining --docs           # and write its table and plot into docs/
     python -m bench.hard_mining --report-only    # summarize finished arms again, run nothing
+    python -m bench.hard_mining --first-seed 100 --seeds 1 --arms random   # a validation pilot
 
-The world: the sandbox's ten task families. What the user cares about (the target) is every
-family at every difficulty the run's generation can reach; the held-out set is drawn from
-that, in equal parts per family and difficulty (``sandbox.heldout_distribution=target``).
-The seed pool under-represents it: difficulty 1 only, families drawn by their weights (so
-the rare ones are rare). There is something to discover.
+The world: the sandbox's ten task families, with the generator that writes like an LLM
+(docs/method.md). The full size is the demo (configs/demo.yaml): a seed pool of 1000
+difficulty-1 instructions, families drawn by their weights, and a held-out set drawn the
+same way (``sandbox.heldout_distribution=seed``) from a seed the seed pool never uses.
 
 Arms, each adding the same number of teacher-answered training instructions per round
 (``loop.hard_per_round + loop.easy_per_round``; the Train Pool accumulates, as in the demo):
 
   referee       the paper's: both-order referee, hard when teacher - student >= tau
   student_loss  the student's loss on the teacher's answer, the hardest half hard
+  learnability  that loss times the fraction it fell since the last round, the top half hard
   random        parents drawn from the whole Cache Pool, same hard/easy generation calls
   one_shot      fresh instructions from the seed distribution, no feedback (Alpaca-style)
 
 Round 1 (setup, teacher answers, training, held-out score) is the same for every arm of a
 seed, so it runs once and each arm continues from a copy of it (the stage graph skips what
-is recorded with the same inputs). No setting was tuned on the held-out set: every value
-below was fixed before the first run.
+is recorded with the same inputs). The last round trains and scores only: its
+discrimination and generation would feed a round that never runs. No setting was tuned on
+the held-out set: every value below was fixed, and written in docs/method.md, before the
+first reported run; seeds from 100 up are validation seeds, never reported.
 
 Prints one JSON line: per arm the final held-out accuracy (mean and 95% t-interval over
 seeds), per pair the mean paired difference and its interval, plus accuracy by round, by
 family and by difficulty, what each arm added (by family and difficulty), and what
-discrimination cost. Writes ``accuracy.png`` and
-``table.md`` under --out (and docs/ with --docs).
+discrimination cost. Writes ``accuracy.png`` and ``table.md`` under --out (and docs/ with
+--docs). Interrupted runs resume where they stopped (run it again with the same --out).
 """
 
 from __future__ import annotations
@@ -56,10 +59,10 @@ ARMS = ("referee", "student_loss", "learnability", "random", "one_shot")
 SHARED = ("imitation.teacher", "imitation.train", "eval.heldout")  # round 1, every arm
 SIZES = {
     # a smoke size: every arm, stage and statistic runs; the student learns too little here
-    # for its numbers to say anything about the method. Two seeds keep it near 10 minutes on
-    # 2 cores (each seed is ~5 minutes of fixed stage start-up); --seeds 3 for a third.
+    # for its numbers to say anything about the method (most of each seed's minutes are
+    # fixed stage start-up: Ray Train worker groups, Ray Data pipelines, engine swaps)
     "quick": {
-        "seeds": 2,
+        "seeds": 3,
         "rounds": 2,
         "overrides": [
             "sandbox.seed_tasks=150",
@@ -69,32 +72,41 @@ SIZES = {
             "train.epochs=6",
         ],
     },
-    # the size of docs/method.md: large enough that the student learns part of the target
-    # in round 1 (the demo's seed pool is 1000), small enough for about an hour on 2 cores
+    # the size of docs/method.md: the demo itself (configs/demo.yaml: 1000 seed instructions,
+    # 400 hard-rule + 200 easy-rule new ones per round, 12 epochs, 300 held-out), where the
+    # student learns most of what it is tested on (the demo reached 0.58), so that arms can
+    # differ; about 35 minutes per seed on 2 cores
     "full": {
-        "seeds": 3,
+        "seeds": 5,
         "rounds": 3,
-        "overrides": [
-            "sandbox.seed_tasks=800",
-            "sandbox.heldout_tasks=300",
-            "loop.hard_per_round=200",
-            "loop.easy_per_round=100",
-            "train.epochs=10",
-        ],
+        "overrides": [],
     },
 }
 COMMON = [
     "sandbox.max_difficulty=1",
-    "sandbox.heldout_distribution=target",
+    "sandbox.heldout_distribution=seed",
     "loop.pool_policy=accumulate",
     "loop.hard_fraction=0.5",
     "train.workers=1",  # two cores: one worker trains as fast, without the gloo all-reduce
+    "serve.during_run=false",  # nobody chats with these students: no HTTP proxy
 ]
 # two-sided 95% quantiles of Student's t by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-class OneShot(Driver):
+class ArmDriver(Driver):
+    """The loop as ``lion-ray run`` runs it, less the last round's discrimination and
+    generation: their instructions would feed a round that this experiment never runs, so
+    they would cost time and referee calls and change no result."""
+
+    def round_stages(self, r: int, base_model: str) -> list[Stage]:
+        stages = super().round_stages(r, base_model)
+        if r < self.cfg.loop.rounds:
+            return stages
+        return [s for s in stages if s.name.startswith("imitation.") or s.name == "eval.heldout"]
+
+
+class OneShot(ArmDriver):
     """The Alpaca-style arm: each round adds fresh instructions drawn like the seed pool,
     with no discrimination and no generator."""
 
@@ -144,10 +156,10 @@ def arm_config(size: dict, seed: int, arm: str, run_dir: Path, rounds: int):
     )
 
 
-def shared_round_one(size: dict, seed: int, out: Path, console: Console) -> Path:
+def shared_round_one(size: dict, seed: int, out: Path, console: Console, rounds: int) -> Path:
     """Setup and round 1's imitation and held-out score, once per seed."""
     base = out / f"seed{seed}" / "round1"
-    cfg = arm_config(size, seed, "random", base, size["rounds"])
+    cfg = arm_config(size, seed, "random", base, rounds)
     with Session(cfg, show_progress=False, quiet=True) as session:
         driver = Driver(cfg, session, console, show_progress=False)
         driver.check_config()
@@ -332,8 +344,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="the ~10-minute size")
+    parser.add_argument("--quick", action="store_true", help="the ~15-minute smoke size")
     parser.add_argument("--seeds", type=int, default=None, help="override the size's seeds")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="override the size's rounds (a pilot's)"
+    )
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds run from here: 0 for the reported runs, 100+ for validation (pilots)",
+    )
+    parser.add_argument(
+        "--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}"
+    )
     parser.add_argument("--out", default=None, help="default: /tmp/lion-bench-hard-mining-SIZE")
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     parser.add_argument(
@@ -347,24 +371,37 @@ def main() -> None:
     args = parser.parse_args()
     name = "quick" if args.quick else "full"
     size = SIZES[name]
-    seeds = list(range(args.seeds or size["seeds"]))
-    rounds = size["rounds"]
+    seeds = list(range(args.first_seed, args.first_seed + (args.seeds or size["seeds"])))
+    arms = [a for a in args.arms.split(",") if a]
+    if unknown := set(arms) - set(ARMS):
+        parser.error(f"--arms: unknown {sorted(unknown)}; choose from {','.join(ARMS)}")
+    rounds = args.rounds or size["rounds"]
     out = Path(args.out or f"/tmp/lion-bench-hard-mining-{name}")
     if args.fresh and not args.report_only:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
     started = time.monotonic()
+    if not args.report_only:
+        # one Ray and one Serve for every run: each run's student engine is then an app of a
+        # Serve it did not start, deleted at the run's end, instead of a Serve started and
+        # shut down per run (seconds each, times seeds x arms)
+        from ray import serve
+
+        from lion_ray.engines.cluster import init_ray
+
+        init_ray(arm_config(size, seeds[0], arms[0], out, rounds).cluster, quiet=True)
+        serve.start(proxy_location="Disabled")
 
     # run: round 1 once per seed, then every arm from a copy of it
-    results: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
+    results: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
     for seed in seeds:
         if args.report_only:
-            for arm in ARMS:
+            for arm in arms:
                 results[arm][seed] = arm_results(out / f"seed{seed}" / arm, rounds)
             continue
-        base = shared_round_one(size, seed, out, console)
-        for arm in ARMS:
+        base = shared_round_one(size, seed, out, console, rounds)
+        for arm in arms:
             run_dir = out / f"seed{seed}" / arm
             cfg = arm_config(size, seed, arm, run_dir, rounds)
             fork(base, cfg, run_dir)
@@ -372,7 +409,7 @@ def main() -> None:
                 cfg,
                 show_progress=False,
                 console=console,
-                driver_cls=OneShot if arm == "one_shot" else Driver,
+                driver_cls=OneShot if arm == "one_shot" else ArmDriver,
             )
             results[arm][seed] = arm_results(run_dir, rounds)
             console.print(

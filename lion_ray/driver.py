@@ -322,13 +322,16 @@ class Driver:
         uri = self.run.path("config.yaml")
         ours = _results_config(self.cfg)
         if storage.exists(uri):
-            theirs = _results_config(parse_config(storage.read_text(uri), uri))
+            recorded = parse_config(storage.read_text(uri), uri)
+            theirs = _results_config(recorded)
             if theirs != ours:
                 diffs = sorted(_diff(theirs, ours))
                 raise LionError(
                     f"{self.run.uri} was started with a different config ({', '.join(diffs[:6])}); "
                     "rerun with the same config to resume, or set storage.run_dir to a new directory"
                 )
+            if recorded.loop.rounds != self.cfg.loop.rounds:  # a run extended (or cut short)
+                storage.write_text(uri, dump_config(self.cfg))
         else:
             storage.write_text(uri, dump_config(self.cfg))
 
@@ -689,6 +692,9 @@ def _results_config(cfg: LionConfig) -> dict:
         "serve": True,
         "storage": {"run_dir"},  # a run may be moved
         "train": {"start_timeout_s"},
+        # round r's stages do not depend on how many rounds follow: a finished run goes on
+        # with more rounds (its recorded ones are kept), or a run stops after fewer
+        "loop": {"rounds"},
     }
     for name in ("teacher", "referee", "generator"):
         exclude[name] = OPERATIONAL_ENDPOINT_FIELDS

@@ -409,6 +409,9 @@ def test_a_run_dir_keeps_its_config(tmp_path):
         ),
         FakeSession(),
     ).check_config()  # and so may how fast and how far the API stages go, and where it lives
+    Driver(load_config(MINI, ["loop.rounds=5"]), FakeSession()).check_config()
+    recorded = FakeSession.run.path("config.yaml")
+    assert load_config(recorded).loop.rounds == 5  # a finished run goes on for more rounds
     changed = load_config(MINI, ["train.lr=0.1", "loop.tau=2"])
     with pytest.raises(
         LionError, match=r"different config \(loop.tau: 1.0 -> 2.0, train.lr: 0.003 -> 0.1\)"
