@@ -69,7 +69,7 @@ SIZES = {
             "sandbox.heldout_tasks=100",
             "loop.hard_per_round=60",
             "loop.easy_per_round=30",
-            "train.epochs=6",
+            "train.epochs=3",
         ],
     },
     # the size of docs/method.md: the demo itself (configs/demo.yaml: 1000 seed instructions,
