@@ -1,7 +1,7 @@
 """Does adversarial mining pay? Five ways to spend the same teacher budget, several seeds each.
 
     python -m bench.hard_mining --quick          # a smoke size: 3 seeds x 5 arms, ~15 minutes
-    python -m bench.hard_mining                  # the full size of docs/method.md (5 seeds)
+    python -m bench.hard_mining                  # the full size of docs/method.md (~12 h here)
     python -m bench.hard_mining --docs           # and write its table and plot into docs/
     python -m bench.hard_mining --report-only    # summarize finished arms again, run nothing
     python -m bench.hard_mining --first-seed 100 --seeds 1 --arms random   # a validation pilot
@@ -73,12 +73,12 @@ SIZES = {
         ],
     },
     # the size of docs/method.md: the demo itself (configs/demo.yaml: 1000 seed instructions,
-    # 400 hard-rule + 200 easy-rule new ones per round, 12 epochs, 300 held-out), where the
-    # student learns most of what it is tested on (the demo reached 0.58), so that arms can
-    # differ; about 35 minutes per seed on 2 cores
+    # 400 hard-rule + 200 easy-rule new ones per round, 12 epochs, 300 held-out), for five
+    # rounds: a pilot on validation seed 100 reached 0.48 in four, and arms need room to
+    # differ. About 2.4 hours per seed on 2 cores (training dominates); it resumes
     "full": {
         "seeds": 5,
-        "rounds": 3,
+        "rounds": 5,
         "overrides": [],
     },
 }
