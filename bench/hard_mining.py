@@ -298,7 +298,7 @@ def plot(summary: dict, rounds: int, path: Path) -> None:
             alpha=0.15,
         )
     ax.set_xlabel("round")
-    ax.set_ylabel("held-out accuracy (target distribution)")
+    ax.set_ylabel("held-out accuracy")
     ax.set_xticks(xs)
     ax.legend()
     ax.set_title("mean over seeds, 95% t-interval")
@@ -358,7 +358,9 @@ def main() -> None:
     parser.add_argument(
         "--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}"
     )
-    parser.add_argument("--out", default=None, help="default: /tmp/lion-bench-hard-mining-SIZE")
+    parser.add_argument(
+        "--out", default=None, help="default: /tmp/lion-bench-hard-mining-SIZE[-seedFIRST]"
+    )
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     parser.add_argument(
         "--docs", action="store_true", help="also write docs/method_[quick_]{table.md,accuracy.png}"
@@ -376,7 +378,10 @@ def main() -> None:
     if unknown := set(arms) - set(ARMS):
         parser.error(f"--arms: unknown {sorted(unknown)}; choose from {','.join(ARMS)}")
     rounds = args.rounds or size["rounds"]
-    out = Path(args.out or f"/tmp/lion-bench-hard-mining-{name}")
+    if args.docs and args.first_seed >= 100:
+        parser.error("--docs: seeds from 100 up are validation seeds, never reported")
+    pilot = f"-seed{args.first_seed}" if args.first_seed else ""  # never mixed with reported runs
+    out = Path(args.out or f"/tmp/lion-bench-hard-mining-{name}{pilot}")
     if args.fresh and not args.report_only:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -331,7 +331,8 @@ class Driver:
                     "rerun with the same config to resume, or set storage.run_dir to a new directory"
                 )
             if recorded.loop.rounds != self.cfg.loop.rounds:  # a run extended (or cut short)
-                storage.write_text(uri, dump_config(self.cfg))
+                loop = recorded.loop.model_copy(update={"rounds": self.cfg.loop.rounds})
+                storage.write_text(uri, dump_config(recorded.model_copy(update={"loop": loop})))
         else:
             storage.write_text(uri, dump_config(self.cfg))
 
@@ -692,10 +693,11 @@ def _results_config(cfg: LionConfig) -> dict:
         "serve": True,
         "storage": {"run_dir"},  # a run may be moved
         "train": {"start_timeout_s"},
+    }
+    if cfg.sandbox.heldout_distribution != "target":  # a target held-out set spans the rounds
         # round r's stages do not depend on how many rounds follow: a finished run goes on
         # with more rounds (its recorded ones are kept), or a run stops after fewer
-        "loop": {"rounds"},
-    }
+        exclude["loop"] = {"rounds"}
     for name in ("teacher", "referee", "generator"):
         exclude[name] = OPERATIONAL_ENDPOINT_FIELDS
     return cfg.model_dump(mode="json", exclude=exclude)

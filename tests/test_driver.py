@@ -409,9 +409,19 @@ def test_a_run_dir_keeps_its_config(tmp_path):
         ),
         FakeSession(),
     ).check_config()  # and so may how fast and how far the API stages go, and where it lives
-    Driver(load_config(MINI, ["loop.rounds=5"]), FakeSession()).check_config()
-    recorded = FakeSession.run.path("config.yaml")
-    assert load_config(recorded).loop.rounds == 5  # a finished run goes on for more rounds
+    more = ["loop.rounds=5", "generator.requests_per_minute=7"]
+    Driver(load_config(MINI, more), FakeSession()).check_config()
+    recorded = load_config(FakeSession.run.path("config.yaml"))
+    assert recorded.loop.rounds == 5  # a finished run goes on for more rounds
+    assert recorded.generator.requests_per_minute == cfg.generator.requests_per_minute != 7
+
+    class TargetSession:
+        run = RunDir(str(tmp_path / "target"))
+
+    target = ["sandbox.heldout_distribution=target"]
+    Driver(load_config(MINI, target), TargetSession()).check_config()
+    with pytest.raises(LionError, match=r"loop.rounds: 1 -> 5"):  # its held-out set spans them
+        Driver(load_config(MINI, [*target, "loop.rounds=5"]), TargetSession()).check_config()
     changed = load_config(MINI, ["train.lr=0.1", "loop.tau=2"])
     with pytest.raises(
         LionError, match=r"different config \(loop.tau: 1.0 -> 2.0, train.lr: 0.003 -> 0.1\)"
