@@ -1,4 +1,5 @@
-"""Run by test_training.py in its own process: a 3-node Ray cluster on one machine
+"""Run by test_training.py in its own process (``python -m tests.engines.multinode_train``
+from the repository root): a 3-node Ray cluster on one machine
 (ray.cluster_utils.Cluster), two training workers spread over the worker nodes, then a run
 that loses a node mid-training. Prints one JSON line with what happened."""
 
@@ -14,6 +15,7 @@ from ray.cluster_utils import Cluster
 from lion_ray import storage
 from lion_ray.config import StudentConfig, TrainConfig
 from lion_ray.engines.training import train_student
+from tests.helpers import registered_checkpoints
 
 COMPACT = StudentConfig(prompt_format="compact")  # the tiny students' text template
 
@@ -76,18 +78,10 @@ thread.start()
 deadline = time.time() + 240
 
 
-def registered_checkpoints() -> int:
-    """Checkpoints the Train controller has recorded (the ones a restart can restore)."""
-    snapshot = work / "s" / "node-loss" / "checkpoint_manager_snapshot.json"
-    try:
-        return len(json.loads(snapshot.read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-while time.time() < deadline and registered_checkpoints() < 1:
+train_dir = work / "s" / "node-loss"
+while time.time() < deadline and registered_checkpoints(train_dir) < 1:
     time.sleep(0.2)
-out["checkpoint_seen_before_loss"] = registered_checkpoints() >= 1
+out["checkpoint_seen_before_loss"] = registered_checkpoints(train_dir) >= 1
 cluster.remove_node(nodes[0])  # a worker node is lost mid-training ...
 cluster.add_node(num_cpus=3)  # ... and the autoscaler brings a replacement
 thread.join(timeout=400)

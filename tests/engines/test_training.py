@@ -298,7 +298,8 @@ def test_multinode_placement_and_node_loss(tiny_student, tmp_path):
     res = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "tests" / "engines" / "multinode_train.py"),
+            "-m",
+            "tests.engines.multinode_train",
             str(tiny_student),
             str(data),
             str(tmp_path),
