@@ -148,15 +148,26 @@ def read_model_json(model_uri: str, name: str) -> dict:
 _VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"}
 
 
-def same_architecture(a: str, b: str) -> bool:
-    """Whether two model directories hold weights of one shape (a new round of the same
-    student): then an engine can load the second into the first in place."""
+# what turns text into ids and back: two students of one shape may still differ here (tiny
+# students trained on other texts, a fine-tune with added tokens)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+
+
+def fits_in_place(a: str, b: str) -> bool:
+    """Whether the second model can replace the first inside a running engine: weights of
+    one shape and one tokenizer (a new round of the same student). Else a new engine must
+    load it, since a reload moves weights only."""
 
     def shape(d: str) -> dict:
         config = storage.read_json(storage.join(storage.current(d), "config.json"))
         return {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG}
 
-    return shape(a) == shape(b)
+    def tokenizer(d: str) -> dict:
+        root = storage.current(d)
+        files = (storage.join(root, name) for name in _TOKENIZER_FILES)
+        return {f.rsplit("/", 1)[-1]: storage.read_bytes(f) for f in files if storage.exists(f)}
+
+    return shape(a) == shape(b) and tokenizer(a) == tokenizer(b)
 
 
 def checksums_differ(a: str, b: str) -> bool:

@@ -36,3 +36,24 @@ def test_tokenizer_learns_merges_from_local_text():
     tok = train_tokenizer(["the theory of the thing"] * 50, vocab_size=300)
     assert len(tok) > 260
     assert len(tok("the theory").input_ids) < len("the theory")
+
+
+def test_only_a_student_of_one_shape_and_one_tokenizer_fits_in_place(tmp_path):
+    """A running engine reloads weights only: a student whose tokenizer differs (same shape,
+    other merges) must be loaded by a new engine, or it would answer in the old one's ids."""
+    from lion_ray.models import fits_in_place
+
+    shape = dict(hidden_size=32, num_layers=1, num_heads=1, intermediate_size=64, vocab_size=300)
+    texts = ["the theory of the thing"] * 50
+    paths = {}
+    for name, cfg, corpus in [
+        ("a", TinyStudentConfig(**shape), texts),
+        ("a_again", TinyStudentConfig(**shape, seed=7), texts),  # new weights: a new round
+        ("other_merges", TinyStudentConfig(**shape), ["reverse the letters"] * 50),
+        ("wider", TinyStudentConfig(**shape | {"hidden_size": 64}), texts),
+    ]:
+        paths[name] = str(tmp_path / name)
+        init_student(paths[name], cfg, corpus)
+    assert fits_in_place(paths["a"], paths["a_again"])
+    assert not fits_in_place(paths["a"], paths["other_merges"])
+    assert not fits_in_place(paths["a"], paths["wider"])

@@ -146,11 +146,11 @@ class HFGenerator:
     def prepare_reload(self, model_uri: str):
         """The new checkpoint's weights on CPU, ready to copy into this model in place, or
         None when it cannot be (an adapter on either side, another architecture)."""
-        from lion_ray.models import local_model_dir, same_architecture
+        from lion_ray.models import fits_in_place, local_model_dir
         from lion_ray.weights import load_tensors
 
         new_dir = local_model_dir(model_uri)
-        if self.adapter or is_adapter(new_dir) or not same_architecture(self.model_dir, new_dir):
+        if self.adapter or is_adapter(new_dir) or not fits_in_place(self.model_dir, new_dir):
             return None
         return new_dir, load_tensors(new_dir)
 

@@ -382,13 +382,13 @@ class VLLMGenerator:
     def prepare_reload(self, model_uri: str):
         """What an in-place reload of ``model_uri`` needs (a new adapter on the same base, or
         new weights of the same architecture), or None when only a new engine can serve it."""
-        from lion_ray.models import adapter_base, is_adapter, local_model_dir, same_architecture
+        from lion_ray.models import adapter_base, fits_in_place, is_adapter, local_model_dir
 
         new_dir = local_model_dir(model_uri)
         if is_adapter(new_dir):
             same_base = local_model_dir(adapter_base(new_dir)) == self.base_dir
             return ("adapter", new_dir) if self.lora is not None and same_base else None
-        if self.lora is None and same_architecture(self.base_dir, new_dir):
+        if self.lora is None and fits_in_place(self.base_dir, new_dir):
             return ("weights", new_dir)
         return None
 
