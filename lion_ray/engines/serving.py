@@ -687,6 +687,13 @@ class StudentServer:
                     await asyncio.to_thread(self.model.wake)
                 self.asleep = False
 
+    async def move_to(self, model_dir: str) -> dict:
+        """The run's engine, on every replica at once (``DeploymentHandle.broadcast``): serve
+        ``model_dir`` from now on, awake (a colocated engine slept through training); how
+        the move went. A failed move raises."""
+        await self.reconfigure({"model_dir": model_dir})
+        return await self.swap_report()
+
     def _watch(self) -> None:
         failed = None  # a round whose swap failed is not retried until a newer one comes
         while True:
@@ -704,12 +711,16 @@ class StudentServer:
 
     # --- the run's stages (through deployment handles, from Ray Data) ---------------------
 
-    async def answer_rows(self, rows: list[dict]) -> dict:
+    async def answer_rows(self, rows: list[dict], model_dir: str | None = None) -> dict:
         """Student answers for pool rows (id, instruction, input), with the student's own
         decoding settings; a row that fails carries its error. Also when the engine was
-        busy (t0, t1): the stage's model-compute time."""
+        busy (t0, t1): the stage's model-compute time. ``model_dir``: the student the stage
+        asks (a replica that Serve restarted since the round's move starts on the run's
+        first student: it moves first)."""
         from lion_ray.engines.inference import fit_prompt
 
+        if model_dir and (model_dir != self.model_dir or self.asleep):
+            await self.move_to(model_dir)
         t0 = time.time()
         async with self._lease() as model:
             if isinstance(model, VLLMGenerator):
@@ -734,9 +745,12 @@ class StudentServer:
                     outs = [exc] * len(rows)
         return {"outs": [_row_result(o) for o in outs], "t0": t0, "t1": time.time()}
 
-    async def loss_rows(self, rows: list[dict]) -> dict:
+    async def loss_rows(self, rows: list[dict], model_dir: str | None = None) -> dict:
         """The student's mean per-token loss on each row's ``answer`` (None and the error
-        where scoring failed), and when the engine was busy."""
+        where scoring failed), and when the engine was busy; ``model_dir`` as for
+        ``answer_rows``."""
+        if model_dir and (model_dir != self.model_dir or self.asleep):
+            await self.move_to(model_dir)
         t0 = time.time()
         items = [(r["instruction"], r["input"] or "", r["answer"]) for r in rows]
         async with self._lease() as model:
@@ -1115,8 +1129,10 @@ def student_app(
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         ray_actor_options=resources_,
-        # what every replica is told in place (reconfigure), without restarting: the model
-        # to serve (``target``, else the one it started with) and whether to sleep
+        # what a replica is told on start (``reconfigure``): the model to serve (``target``,
+        # else the one it started with) and whether to sleep. Deployed again from Python,
+        # the app gets a new code version and Serve replaces the replicas (a rolling update);
+        # the run's engine moves weights by broadcast instead (StudentEngine.load)
         user_config={"model_dir": target or model_dir, "asleep": asleep} if model_dir else {},
     )
     return deployment.bind(
@@ -1158,8 +1174,8 @@ def deploy(
     """Start (or update in place) the student app on the connected Ray cluster; returns its
     URL (None with no ``route_prefix``: reached through handles only).
 
-    Deploying again with another model_dir is a hot swap: Serve passes the new user_config to
-    the running replicas (``reconfigure``), which move to the new student.
+    Deploying again with another model_dir is a rolling update: Serve starts replicas on the
+    new student and retires the old ones once they have (no request is dropped).
     """
     from lion_ray.engines.cluster import preflight
 

@@ -46,6 +46,7 @@ class StudentEngine:
         self.student = student
         self.settings = settings
         self.first_model = first  # what the replicas start with (their constructor's)
+        self.serving = first  # what they serve now
         self.replicas = settings.num_replicas
         self.owns_serve = False
         self.serve_id = ""  # one per start: tells a stage task that the engine is a new one
@@ -77,55 +78,50 @@ class StudentEngine:
             settings = settings.model_copy(
                 update={"port": _free_or_other(settings.host, settings.port)}
             )
-        url = deploy(
-            settings,
-            student=student,
-            model_dir=model_dir,
-            name=app,
-            route_prefix="/" if http else None,
-        )
+        # held from the start: a stage that checks resources while the engine is still
+        # starting (beside the run's first stages) counts it
         cluster.HELD["the student engine"] = replicas_request(settings).total()
+        try:
+            url = deploy(
+                settings,
+                student=student,
+                model_dir=model_dir,
+                name=app,
+                route_prefix="/" if http else None,
+            )
+        except BaseException:
+            cluster.HELD.pop("the student engine", None)
+            raise
         engine = cls(app, url, student, settings, model_dir)
         engine.owns_serve = not serve_was_up
         engine.serve_id = uuid.uuid4().hex
         return engine
 
-    def _update(self, model_dir: str, asleep: bool = False) -> None:
-        """Tell every replica, in place (Serve calls each one's ``reconfigure``, and the update
-        fails if any of them raises): serve ``model_dir``, or sleep."""
+    def _broadcast(self, method: str, *args) -> list[dict]:
+        """``method`` on every replica at once (Serve's ``DeploymentHandle.broadcast``: no
+        redeploy, so no replica restarts; a redeploy from Python gets a new code version
+        and replaces every replica). Raises with each failed replica's cause."""
         from ray import serve
 
-        from lion_ray.engines.serving import student_app
-
-        app = student_app(
-            self.settings,
-            student=self.student,
-            model_dir=self.first_model,
-            target=model_dir,
-            asleep=asleep,
-        )
-        try:
-            serve.run(app, name=self.app, route_prefix="/" if self.url else None)
-        except Exception as exc:  # Serve says only that the update failed: add the replica's
-            status = serve.status().applications.get(self.app)
-            causes = [d.message for d in status.deployments.values()] if status else []
-            detail = "; ".join(c for c in causes if c) or str(exc)
-            what = "sleep" if asleep else f"move to {model_dir}"
-            raise LionError(f"the student engine could not {what}: {detail[-3000:]}") from None
+        handle = serve.get_deployment_handle(DEPLOYMENT, self.app)
+        results = handle.broadcast(method, *args).results(timeout_s=600, return_exceptions=True)
+        failed = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
+        if failed or not results:
+            detail = "; ".join(failed)[-3000:] or "no replica is running"
+            raise LionError(f"the student engine could not {method}: {detail}")
+        return results
 
     def load(self, model_dir: str) -> dict:
         """Move ``model_dir`` into every running replica; how it went (raises on failure, with
         the replica's cause)."""
-        from ray import serve
+        reports = self._broadcast("move_to", model_dir)
+        self.serving = model_dir
+        return reports[0]
 
-        self._update(model_dir)
-        handle = serve.get_deployment_handle(DEPLOYMENT, self.app)
-        return handle.swap_report.remote().result(timeout_s=600)
-
-    def sleep(self, model_dir: str) -> None:
+    def sleep(self) -> None:
         """Give the accelerators to training (student.colocate): every replica sleeps until
-        the next load (``model_dir``: what they serve meanwhile, for Serve's record)."""
-        self._update(model_dir, asleep=True)
+        the next load."""
+        self._broadcast("sleep")
 
     def map(self, ds, method: str, blocks: int):
         """``ds`` through the deployment's ``method`` (answer_rows, loss_rows), a batch per
@@ -136,7 +132,12 @@ class StudentEngine:
             call_engine,
             batch_format="pyarrow",
             batch_size=None,
-            fn_kwargs={"app": self.app, "method": method, "serve_id": self.serve_id},
+            fn_kwargs={
+                "app": self.app,
+                "method": method,
+                "serve_id": self.serve_id,
+                "model_dir": self.serving,
+            },
             # tasks, not an actor pool: Ray's warm workers run them, each keeping its
             # handle (below), so a stage starts no process; the concurrency bounds the
             # batches in flight at the replicas
@@ -164,10 +165,12 @@ _HANDLES: dict[tuple[str, str], object] = {}
 _HANDLES_SERVE: list[str] = [""]
 
 
-def call_engine(batch: pa.Table, app: str, method: str, serve_id: str = "") -> pa.Table:
+def call_engine(
+    batch: pa.Table, app: str, method: str, serve_id: str = "", model_dir: str | None = None
+) -> pa.Table:
     """Ray Data task: one batch to the student deployment's ``method`` (answer_rows,
-    loss_rows); its rows come back with when the engine worked on them (``_t0``/``_t1``,
-    the stage's compute time)."""
+    loss_rows) for the student ``model_dir``; its rows come back with when the engine worked
+    on them (``_t0``/``_t1``, the stage's compute time)."""
     from ray import serve
 
     from lion_ray.engines.inference import answer_rows_table, loss_table, timed
@@ -186,7 +189,7 @@ def call_engine(batch: pa.Table, app: str, method: str, serve_id: str = "") -> p
         handle = getattr(serve.get_deployment_handle(DEPLOYMENT, app), method)
         _HANDLES[(app, method)] = handle
     rows = batch.to_pylist()
-    reply = handle.remote(rows).result(timeout_s=3600)
+    reply = handle.remote(rows, model_dir).result(timeout_s=3600)
     if method == "answer_rows":
         table = answer_rows_table(rows, reply["outs"])
     else:
