@@ -11,11 +11,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
-# PYTEST_WORKERS=2 runs the main tier's test files on two pytest-xdist workers (a file
-# stays on one worker, so a module's Ray and fixtures are still shared): 29 instead of
-# about 37 minutes on 2 cores, but the rate-limit and budget tests' timings are not yet
-# robust to a second cluster beside them, so CI runs in series (0).
-PYTEST_WORKERS ?= 0
+# The main tier's test files run on two pytest-xdist workers (a file stays on one worker,
+# so a module's Ray and fixtures are still shared): 31 instead of 38 minutes on 2 cores.
+# PYTEST_WORKERS=0 runs them in series.
+PYTEST_WORKERS ?= 2
 
 # The vLLM tier: a second environment with the CPU build of vLLM (it brings torchvision,
 # torchaudio and torchcodec builds that do not match the CPU torch; they are removed).

@@ -156,11 +156,13 @@ def arm_config(size: dict, seed: int, arm: str, run_dir: Path, rounds: int):
     )
 
 
-def shared_round_one(size: dict, seed: int, out: Path, console: Console, rounds: int) -> Path:
+def shared_round_one(
+    size: dict, seed: int, out: Path, console: Console, rounds: int, engine
+) -> Path:
     """Setup and round 1's imitation and held-out score, once per seed."""
     base = out / f"seed{seed}" / "round1"
     cfg = arm_config(size, seed, "random", base, rounds)
-    with Session(cfg, show_progress=False, quiet=True) as session:
+    with Session(cfg, show_progress=False, quiet=True, student_engine=engine) as session:
         driver = Driver(cfg, session, console, show_progress=False)
         driver.check_config()
         driver.run_stages(None, driver.setup_stages())
@@ -387,16 +389,30 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
     started = time.monotonic()
+    engine = None
     if not args.report_only:
-        # one Ray and one Serve for every run: each run's student engine is then an app of a
-        # Serve it did not start, deleted at the run's end, instead of a Serve started and
-        # shut down per run (seconds each, times seeds x arms)
+        # one Ray, one Serve and one student engine for every run, as for every stage of one
+        # run: each run moves its own student into the engine (a start is about 10 s, and
+        # there are six runs per seed)
         from ray import serve
 
         from lion_ray.engines.cluster import init_ray
+        from lion_ray.engines.student_engine import StudentEngine
+        from lion_ray.student import init_student
 
-        init_ray(arm_config(size, seeds[0], arms[0], out, rounds).cluster, quiet=True)
+        first = arm_config(size, seeds[0], arms[0], out, rounds)
+        init_ray(first.cluster, quiet=True)
         serve.start(proxy_location="Disabled")
+        if not (out / "engine_init" / storage.CHECKSUMS).exists():
+            init_student(str(out / "engine_init"), first.student.tiny)
+        engine = StudentEngine.start(
+            first.student,
+            str(out / "engine_init"),
+            first.serve,
+            train=first.train,
+            app="hard-mining-student",
+            http=False,
+        )
 
     # run: round 1 once per seed, then every arm from a copy of it
     results: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
@@ -405,7 +421,7 @@ def main() -> None:
             for arm in arms:
                 results[arm][seed] = arm_results(out / f"seed{seed}" / arm, rounds)
             continue
-        base = shared_round_one(size, seed, out, console, rounds)
+        base = shared_round_one(size, seed, out, console, rounds, engine)
         for arm in arms:
             run_dir = out / f"seed{seed}" / arm
             cfg = arm_config(size, seed, arm, run_dir, rounds)
@@ -415,11 +431,15 @@ def main() -> None:
                 show_progress=False,
                 console=console,
                 driver_cls=OneShot if arm == "one_shot" else ArmDriver,
+                student_engine=engine,
             )
             results[arm][seed] = arm_results(run_dir, rounds)
             console.print(
                 f"seed {seed} {arm}: {json.dumps(results[arm][seed]['accuracy_by_round'])}"
             )
+
+    if engine is not None:
+        engine.stop()
 
     # report
     summary = summarize(results, rounds)

@@ -33,6 +33,13 @@ from lion_ray.rundir import ApiUsage, RunDir, StageInput, StageRecord
 from lion_ray.session import Session
 
 HELDOUT_SEED_OFFSET = 10_000  # held-out tasks come from a seed the seed pool never uses
+# the round's stages that ask the student engine
+ENGINE_STAGES = {
+    "discrimination.student",
+    "discrimination.student_loss",
+    "discrimination.learnability",
+    "eval.heldout",
+}
 
 
 @dataclass
@@ -90,7 +97,12 @@ class Driver:
         model = self.cfg.student.model_path or self.run.path("student_init")
         summaries = []
         for r in range(1, self.cfg.loop.rounds + 1):
-            self.run_stages(r, self.round_stages(r, model))
+            stages = self.round_stages(r, model)
+            done = self.run.manifest.stages
+            if any(s.name in ENGINE_STAGES and f"round_{r}/{s.name}" not in done for s in stages):
+                # up while the round's API and training stages run, not after them
+                self.session.prestart_student_engine(model)
+            self.run_stages(r, stages)
             model = self.run.model_dir(r)
             report_uri = write_report(self.run, r, self.cfg.name)
             summary = round_summary(collect(self.run, r)["rounds"][-1])
@@ -339,7 +351,7 @@ class Driver:
     def check_resources(self) -> None:
         """Refuse a run whose stages ask for more than the cluster can ever give them, now,
         not when the stage comes (each engine checks again before it asks Ray)."""
-        from lion_ray.engines.cluster import preflight
+        from lion_ray.engines.cluster import HELD, preflight
         from lion_ray.engines.inference import engines_request
         from lion_ray.engines.serving import replicas_request
         from lion_ray.engines.student_engine import engine_settings
@@ -350,7 +362,8 @@ class Driver:
         if self.cfg.loop.selection != "random" or self.heldout_enabled:
             if student.engine == "resident":  # up while training runs, beside it
                 engine = replicas_request(engine_settings(student, self.cfg.serve, self.cfg.train))
-                preflight(engine)
+                if "the student engine" not in HELD:  # one passed in is up and held already
+                    preflight(engine)
                 held["the student engine"] = engine.total()
             else:
                 preflight(engines_request(student))
@@ -721,9 +734,12 @@ def run(
     console: Console | None = None,
     driver_cls: type[Driver] = Driver,
     verbose: bool = False,
+    student_engine=None,
 ) -> list[dict]:
     """Run (or resume) the whole Lion loop for ``cfg``; returns per-round summaries.
     ``driver_cls``: a Driver with stages replaced (an experiment's control arm).
+    ``student_engine``: a running ``StudentEngine`` for the run's student (runs one after
+    another in one process: each loads its student into it; the caller stops it).
     ``verbose``: Ray's and the libraries' own messages on the console too (else they go to
     the run's log file)."""
     console = console or make_console()
@@ -732,7 +748,13 @@ def run(
 
         check_model_path(cfg.student.model_path)
     log_file = run_log_file(cfg.storage.run_dir)
-    with Session(cfg, show_progress=show_progress, quiet=not verbose, log_file=log_file) as session:
+    with Session(
+        cfg,
+        show_progress=show_progress,
+        quiet=not verbose,
+        log_file=log_file,
+        student_engine=student_engine,
+    ) as session:
         if session.dashboard_url:
             console.print(f"Ray dashboard: {session.dashboard_url}")
         console.print(f"run directory: {session.run.uri}")

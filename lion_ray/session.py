@@ -12,6 +12,8 @@ count against the run's budget.
 
 from __future__ import annotations
 
+import contextlib
+
 from lion_ray.config import EndpointConfig, LionConfig
 from lion_ray.rundir import RunDir
 
@@ -26,7 +28,11 @@ class Session:
         quiet: bool = False,
         show_progress: bool = True,
         log_file: str | None = None,
+        student_engine=None,
     ):
+        """``student_engine``: a running ``StudentEngine`` to use instead of starting one
+        (several runs in one process, a sweep): each run loads its own student into it, and
+        it stays up after the run for its owner to stop."""
         self.cfg = cfg
         self.need_ray = need_ray
         self.need_endpoints = need_endpoints
@@ -38,9 +44,11 @@ class Session:
         self.dashboard_url: str | None = None
         self._clients: dict = {}
         self._stage = ""
-        self._student = None  # the run's student engine (student.engine: resident)
-        self._student_model: str | None = None
-        self.student_url: str | None = None
+        self._student = student_engine  # the run's student engine (student.engine: resident)
+        self._student_given = student_engine is not None
+        self._student_starting = None  # a Future: the engine starting in the background
+        self._student_model: str | None = student_engine.serving if student_engine else None
+        self.student_url: str | None = student_engine.url if student_engine else None
 
     def __enter__(self) -> Session:
         if self.need_ray:
@@ -117,26 +125,54 @@ class Session:
 
             log_to_file(self.log_file)
 
+    def prestart_student_engine(self, model: str) -> None:
+        """Start the run's student engine in the background, serving ``model`` until a stage
+        asks for another, so that its start (process, imports, weights; minutes for a vLLM
+        engine on a GPU) overlaps the API and training stages before the first stage that
+        needs it. Not with ``student.colocate``: a new engine would take the GPU memory
+        that training is about to use."""
+        student = self.cfg.student
+        if student.engine != "resident" or student.colocate or self._student is not None:
+            return
+        if self._student_starting is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student-engine")
+            self._student_starting = starter.submit(self._start_student, model)
+            starter.shutdown(wait=False)  # the start goes on; the executor takes no more
+
+    def _start_student(self, model: str):
+        import hashlib
+
+        from lion_ray.engines.student_engine import StudentEngine
+
+        return StudentEngine.start(
+            self.cfg.student,
+            model,
+            self.cfg.serve,
+            train=self.cfg.train,
+            app="lion-run-" + hashlib.sha256(self.run.uri.encode()).hexdigest()[:8],
+            http=self.cfg.serve.during_run,
+        )
+
+    def _started_student(self):
+        """The engine a background start brought up (its error, if it failed)."""
+        starting, self._student_starting = self._student_starting, None
+        self._student = starting.result()
+        self._student_model = self._student.serving
+        self.student_url = self._student.url
+
     def student_engine(self, model: str):
-        """The run's one student engine, serving ``model``: started on first use, and a new
-        round's weights moved into it after (a failed move raises, failing the stage). None
-        with ``student.engine: per_stage``."""
+        """The run's one student engine, serving ``model``: started on first use (or
+        before, by ``prestart_student_engine``), and a new round's weights moved into it
+        after (a failed start or move raises, failing the stage). None with
+        ``student.engine: per_stage``."""
         if self.cfg.student.engine != "resident":
             return None
+        if self._student_starting is not None:
+            self._started_student()
         if self._student is None:
-            import hashlib
-
-            from lion_ray.engines.student_engine import StudentEngine
-
-            app = "lion-run-" + hashlib.sha256(self.run.uri.encode()).hexdigest()[:8]
-            self._student = StudentEngine.start(
-                self.cfg.student,
-                model,
-                self.cfg.serve,
-                train=self.cfg.train,
-                app=app,
-                http=self.cfg.serve.during_run,
-            )
+            self._student = self._start_student(model)
             self.student_url = self._student.url
         elif model != self._student_model:
             self._student.load(model)
@@ -146,7 +182,7 @@ class Session:
     def student_sleeps(self) -> None:
         """Before training, with student.colocate: the engine gives its GPU to Ray Train."""
         if self._student is not None and self.cfg.student.colocate:
-            self._student.sleep(self._student_model)
+            self._student.sleep()
 
     def take_api_wait_s(self) -> float:
         """Seconds the current stage waited on API answers (over all endpoints)."""
@@ -160,7 +196,10 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         try:
-            if self._student is not None:
+            if self._student_starting is not None:  # no stage came to use it: stop it too
+                with contextlib.suppress(Exception):
+                    self._started_student()
+            if self._student is not None and not self._student_given:
                 self._student.stop()
             for engine in self._clients.values():
                 engine.close()

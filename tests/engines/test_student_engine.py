@@ -2,6 +2,7 @@
 Data, answering as the per-stage engines do, with each round's weights moved into it."""
 
 import shutil
+import time
 
 import pytest
 
@@ -51,18 +52,57 @@ def test_stages_get_the_per_stage_answers_and_losses_from_one_engine(
     expected, _ = student_losses(rows, STUDENT, model_uri=str(taught_student))
     assert losses == pytest.approx(expected, rel=1e-5)
 
-    # the next round's weights move into the running replicas, all of them
+    # the next round's weights move into the running replicas, all of them, which stay
+    # the same processes (a redeploy from Python would have replaced them)
+    processes = _replica_pids(engine.app)
     swap = engine.load(str(taught_student_b))
     assert swap["how"] == "in_place" and swap["serving"] == str(taught_student_b)
+    assert _replica_pids(engine.app) == processes and len(processes) == 2
     from ray import serve
 
     handle = serve.get_deployment_handle("StudentServer", engine.app)
     reports = [handle.swap_report.remote().result() for _ in range(24)]
     assert {r["serving"] for r in reports} == {str(taught_student_b)}
-    moved, _ = student_answers(
-        _pool([q for q, _ in MEMORIZED]), STUDENT, model_uri=str(taught_student_b), engine=engine
+    # a replica that Serve restarts comes back on the first student; the stage's requests
+    # name their student, so it moves before it answers
+    import ray
+    from ray.util.state import list_actors
+
+    victim = next(
+        a
+        for a in list_actors(
+            filters=[("class_name", "=", f"ServeReplica:{engine.app}:StudentServer")]
+        )
+        if a.state == "ALIVE"
     )
-    assert [r["answer"] for r in moved.to_pylist()] == [a for _, a in MEMORIZED_B]
+    ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 120
+    while len(_replica_pids(engine.app) - {victim.pid}) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(_replica_pids(engine.app) - {victim.pid}) == 2, "Serve did not replace it"
+    restarted = []
+    while len(restarted) < 2 and time.monotonic() < deadline:  # the handle learns of it
+        restarted = handle.broadcast("swap_report").results(timeout_s=60)
+        time.sleep(0.2)
+    assert sorted(r["serving"] for r in restarted) == sorted(
+        map(str, [taught_student, taught_student_b])
+    )
+    for _ in range(4):  # a batch per row, over both replicas
+        moved, _ = student_answers(
+            _pool([q for q, _ in MEMORIZED]),
+            STUDENT.model_copy(update={"batch_size": 1}),
+            model_uri=str(taught_student_b),
+            engine=engine,
+            show_progress=False,
+        )
+        assert [r["answer"] for r in moved.to_pylist()] == [a for _, a in MEMORIZED_B]
+    healed = handle.broadcast("swap_report").results(timeout_s=60)
+    assert [r["serving"] for r in healed] == [str(taught_student_b)] * 2
+    # student.colocate: every replica sleeps through training; the next load wakes them
+    engine.sleep()
+    assert all(r["asleep"] for r in handle.broadcast("swap_report").results(timeout_s=60))
+    engine.load(str(taught_student_b))  # the same round again: woken as it is
+    assert not any(r["asleep"] for r in handle.broadcast("swap_report").results(timeout_s=60))
     # the same engine answers users, on the serving routes
     status, body = http_json(
         f"{engine.url}/v1/chat/completions",
@@ -99,3 +139,89 @@ def test_runs_one_after_another_in_one_process_reach_their_own_engine(
         finally:
             engine.stop()
         assert [r["answer"] for r in answers.to_pylist()] == [a for _, a in expected]
+
+
+def test_runs_that_are_passed_one_engine_load_their_students_into_it(
+    ray_local, taught_student, taught_student_b, tmp_path
+):
+    """A sweep (a benchmark's arms) passes one running engine to run after run: each run's
+    session moves its own student into it instead of starting one, and leaves it up for its
+    owner, who stops it."""
+    from ray import serve
+
+    from lion_ray.config import LionConfig
+    from lion_ray.session import Session
+
+    one_replica = STUDENT.model_copy(update={"num_engines": 1})
+    pool = _pool([q for q, _ in MEMORIZED])
+    engine = StudentEngine.start(one_replica, str(taught_student), app="engine-passed", http=False)
+    replica = serve.get_deployment_handle("StudentServer", "engine-passed")
+    first_process = _replica_pids("engine-passed")
+    try:
+        for n, (model, expected) in enumerate(
+            [(taught_student_b, MEMORIZED_B), (taught_student, MEMORIZED)]
+        ):
+            cfg = LionConfig(student=one_replica, storage={"run_dir": str(tmp_path / f"r{n}")})
+            with Session(cfg, need_ray=False, need_endpoints=False, student_engine=engine) as s:
+                assert s.student_engine(str(model)) is engine
+                answers, _ = student_answers(
+                    pool, one_replica, model_uri=str(model), engine=engine, show_progress=False
+                )
+            assert [r["answer"] for r in answers.to_pylist()] == [a for _, a in expected]
+            swap = replica.swap_report.remote().result()
+            assert swap["serving"] == str(model) and swap["how"] == "in_place"
+            assert _replica_pids("engine-passed") == first_process  # moved into, not restarted
+            assert serve.status().applications["engine-passed"].status == "RUNNING"  # still up
+    finally:
+        engine.stop()
+    assert "engine-passed" not in _apps()
+
+
+def test_an_engine_started_in_the_background_is_waited_for_or_stopped(
+    ray_local, taught_student, taught_student_b, tmp_path
+):
+    """The run starts its engine beside the round's first stages: the first stage that
+    needs it waits for the start and moves its round's student in; a run that ends before
+    any stage used it stops it all the same."""
+    from lion_ray.config import LionConfig
+    from lion_ray.session import Session
+
+    one_replica = STUDENT.model_copy(update={"num_engines": 1})
+    for n, used in enumerate([True, False]):
+        cfg = LionConfig(
+            student=one_replica,
+            serve={"during_run": False},
+            storage={"run_dir": str(tmp_path / f"r{n}")},
+        )
+        with Session(cfg, need_ray=False, need_endpoints=False) as session:
+            session.prestart_student_engine(str(taught_student))  # returns before the start
+            assert session._student_starting is not None
+            if used:
+                engine = session.student_engine(str(taught_student_b))
+                answers, _ = student_answers(
+                    _pool([q for q, _ in MEMORIZED]),
+                    one_replica,
+                    model_uri=str(taught_student_b),
+                    engine=engine,
+                    show_progress=False,
+                )
+                assert [r["answer"] for r in answers.to_pylist()] == [a for _, a in MEMORIZED_B]
+        assert not any(app.startswith("lion-run-") for app in _apps())
+
+
+def _replica_pids(app: str) -> set[int]:
+    """The processes of the app's live student replicas."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:StudentServer")])
+    return {a.pid for a in actors if a.state == "ALIVE"}
+
+
+def _apps() -> set[str]:
+    """The Serve applications running now (none when Serve is down)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    if _get_global_client(raise_if_no_controller_running=False) is None:
+        return set()
+    return set(serve.status().applications)
