@@ -53,11 +53,11 @@ def test_stages_get_the_per_stage_answers_and_losses_from_one_engine(
     assert losses == pytest.approx(expected, rel=1e-5)
 
     # the next round's weights move into the running replicas, all of them, which stay
-    # the same processes (a redeploy from Python would have replaced them)
-    processes = _replica_pids(engine.app)
+    # the same replicas (a redeploy from Python would have replaced them)
+    replicas = _replica_names(engine.app)
     swap = engine.load(str(taught_student_b))
     assert swap["how"] == "in_place" and swap["serving"] == str(taught_student_b)
-    assert _replica_pids(engine.app) == processes and len(processes) == 2
+    assert _replica_names(engine.app) == replicas and len(replicas) == 2
     from ray import serve
 
     handle = serve.get_deployment_handle("StudentServer", engine.app)
@@ -66,20 +66,13 @@ def test_stages_get_the_per_stage_answers_and_losses_from_one_engine(
     # a replica that Serve restarts comes back on the first student; the stage's requests
     # name their student, so it moves before it answers
     import ray
-    from ray.util.state import list_actors
 
-    victim = next(
-        a
-        for a in list_actors(
-            filters=[("class_name", "=", f"ServeReplica:{engine.app}:StudentServer")]
-        )
-        if a.state == "ALIVE"
-    )
-    ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
+    victim = sorted(replicas)[0]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     deadline = time.monotonic() + 120
-    while len(_replica_pids(engine.app) - {victim.pid}) < 2 and time.monotonic() < deadline:
+    while len(_replica_names(engine.app) - {victim}) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert len(_replica_pids(engine.app) - {victim.pid}) == 2, "Serve did not replace it"
+    assert len(_replica_names(engine.app) - {victim}) == 2, "Serve did not replace it"
     restarted = []
     while len(restarted) < 2 and time.monotonic() < deadline:  # the handle learns of it
         restarted = handle.broadcast("swap_report").results(timeout_s=60)
@@ -156,7 +149,7 @@ def test_runs_that_are_passed_one_engine_load_their_students_into_it(
     pool = _pool([q for q, _ in MEMORIZED])
     engine = StudentEngine.start(one_replica, str(taught_student), app="engine-passed", http=False)
     replica = serve.get_deployment_handle("StudentServer", "engine-passed")
-    first_process = _replica_pids("engine-passed")
+    first_replicas = _replica_names("engine-passed")
     try:
         for n, (model, expected) in enumerate(
             [(taught_student_b, MEMORIZED_B), (taught_student, MEMORIZED)]
@@ -170,7 +163,7 @@ def test_runs_that_are_passed_one_engine_load_their_students_into_it(
             assert [r["answer"] for r in answers.to_pylist()] == [a for _, a in expected]
             swap = replica.swap_report.remote().result()
             assert swap["serving"] == str(model) and swap["how"] == "in_place"
-            assert _replica_pids("engine-passed") == first_process  # moved into, not restarted
+            assert _replica_names("engine-passed") == first_replicas  # moved into, not restarted
             assert serve.status().applications["engine-passed"].status == "RUNNING"  # still up
     finally:
         engine.stop()
@@ -209,12 +202,14 @@ def test_an_engine_started_in_the_background_is_waited_for_or_stopped(
         assert not any(app.startswith("lion-run-") for app in _apps())
 
 
-def _replica_pids(app: str) -> set[int]:
-    """The processes of the app's live student replicas."""
-    from ray.util.state import list_actors
+def _replica_names(app: str) -> set[str]:
+    """The app's live student replicas, by actor name (a replacement gets a new one). From
+    the connected Ray, not the state API, which cannot choose between two local clusters."""
+    import ray
 
-    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:StudentServer")])
-    return {a.pid for a in actors if a.state == "ALIVE"}
+    prefix = f"SERVE_REPLICA::{app}#StudentServer#"
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return {a["name"] for a in named if a["name"].startswith(prefix)}
 
 
 def _apps() -> set[str]:
