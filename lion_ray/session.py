@@ -47,8 +47,6 @@ class Session:
         self._student = student_engine  # the run's student engine (student.engine: resident)
         self._student_given = student_engine is not None
         self._student_starting = None  # a Future: the engine starting in the background
-        self._student_model: str | None = student_engine.serving if student_engine else None
-        self.student_url: str | None = student_engine.url if student_engine else None
 
     def __enter__(self) -> Session:
         if self.need_ray:
@@ -159,8 +157,6 @@ class Session:
         """The engine a background start brought up (its error, if it failed)."""
         starting, self._student_starting = self._student_starting, None
         self._student = starting.result()
-        self._student_model = self._student.serving
-        self.student_url = self._student.url
 
     def student_engine(self, model: str):
         """The run's one student engine, serving ``model``: started on first use (or
@@ -173,11 +169,14 @@ class Session:
             self._started_student()
         if self._student is None:
             self._student = self._start_student(model)
-            self.student_url = self._student.url
-        elif model != self._student_model:
+        elif model != self._student.serving:
             self._student.load(model)
-        self._student_model = model
         return self._student
+
+    @property
+    def student_url(self) -> str | None:
+        """Where the run's engine answers users (None before it is up, or without HTTP)."""
+        return self._student.url if self._student is not None else None
 
     def student_sleeps(self) -> None:
         """Before training, with student.colocate: the engine gives its GPU to Ray Train."""

@@ -694,6 +694,11 @@ class StudentServer:
         await self.reconfigure({"model_dir": model_dir})
         return await self.swap_report()
 
+    async def _serving(self, model_dir: str | None) -> None:
+        """Before a stage's batch: serve ``model_dir``, awake, if this replica does not."""
+        if model_dir and (model_dir != self.model_dir or self.asleep):
+            await self.move_to(model_dir)
+
     def _watch(self) -> None:
         failed = None  # a round whose swap failed is not retried until a newer one comes
         while True:
@@ -719,8 +724,7 @@ class StudentServer:
         first student: it moves first)."""
         from lion_ray.engines.inference import fit_prompt
 
-        if model_dir and (model_dir != self.model_dir or self.asleep):
-            await self.move_to(model_dir)
+        await self._serving(model_dir)
         t0 = time.time()
         async with self._lease() as model:
             if isinstance(model, VLLMGenerator):
@@ -749,8 +753,7 @@ class StudentServer:
         """The student's mean per-token loss on each row's ``answer`` (None and the error
         where scoring failed), and when the engine was busy; ``model_dir`` as for
         ``answer_rows``."""
-        if model_dir and (model_dir != self.model_dir or self.asleep):
-            await self.move_to(model_dir)
+        await self._serving(model_dir)
         t0 = time.time()
         items = [(r["instruction"], r["input"] or "", r["answer"]) for r in rows]
         async with self._lease() as model:
