@@ -585,13 +585,6 @@ class ClusterConfig(_Strict):
         description="Logical CPUs for a locally started Ray. null: max(8, 2 x physical cores), "
         "so small machines do not deadlock Ray Data (actors + read tasks).",
     )
-    dashboard: bool = Field(
-        True,
-        description="Start Ray's dashboard with a locally started Ray (its URL is printed at "
-        "the start of a run; the state API and `ray job submit` need it). false: a lighter "
-        "local Ray (measured: about 2 s less to start and a third less CPU while idle on 2 "
-        "cores), as the test suite uses. Ignored when connecting to a running cluster.",
-    )
 
 
 class StorageConfig(_Strict):

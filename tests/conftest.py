@@ -76,14 +76,13 @@ def openai_client(sandbox):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session (8 logical CPUs on any machine: DESIGN section 4), without
-    the dashboard: nothing here reads it, and it costs CPU that the other worker's tests need."""
+    """One local Ray for the session (8 logical CPUs on any machine: DESIGN section 4)."""
     import ray
 
     from lion_ray.config import ClusterConfig
     from lion_ray.engines.cluster import init_ray
 
-    init_ray(ClusterConfig(num_cpus=8, dashboard=False), quiet=True)
+    init_ray(ClusterConfig(num_cpus=8), quiet=True)
     yield ray
     ray.shutdown()
 

@@ -90,7 +90,7 @@ def pool_ids(run_dir: Path, round_no: int, which: str) -> list[str]:
 def reference_run(tmp_path_factory):
     """One uninterrupted mini run: the baseline the resumed runs must reproduce."""
     run_dir = tmp_path_factory.mktemp("runs") / "reference"
-    proc = lion_run(run_dir, "--set", "cluster.dashboard=true")  # a user's run prints its URL
+    proc = lion_run(run_dir)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     return run_dir, out

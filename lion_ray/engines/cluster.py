@@ -41,7 +41,7 @@ def init_ray(
             ctx = ray.init(  # "local": a new cluster even if a `ray start` one runs here
                 address="local",
                 num_cpus=cluster.num_cpus or default_num_cpus(),
-                include_dashboard=cluster.dashboard,
+                include_dashboard=True,
                 **kwargs,
             )
         url = ctx.dashboard_url
