@@ -375,6 +375,15 @@ class TrainConfig(_Strict):
         "adding nodes, another job finishing) before the stage fails; requests the cluster "
         "can never grant fail at once.",
     )
+    poll_interval_s: float = Field(
+        0.25,
+        gt=0,
+        le=60,
+        description="How often Ray Train's controller polls the workers "
+        "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's default is 2 s). A worker's report waits "
+        "for the poll that collects the one before it, and the stage ends at the poll after "
+        "training does, so Ray's default costs seconds per checkpoint and per round.",
+    )
     seed: int = Field(0, description="Data order and initialisation seed.")
 
     @model_validator(mode="after")

@@ -705,7 +705,7 @@ def _results_config(cfg: LionConfig) -> dict:
         "cluster": True,
         "serve": True,
         "storage": {"run_dir"},  # a run may be moved
-        "train": {"start_timeout_s"},
+        "train": {"start_timeout_s", "poll_interval_s"},
     }
     if cfg.sandbox.heldout_distribution != "target":  # a target held-out set spans the rounds
         # round r's stages do not depend on how many rounds follow: a finished run goes on

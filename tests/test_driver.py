@@ -343,7 +343,7 @@ def test_sigkill_in_any_stage_then_rerun_gives_the_same_pools(reference_run, tmp
         (
             "round_1/imitation.train",
             lambda: registered_checkpoints(r1 / "imitation" / "train") > 0,
-            [],
+            ["--set", "train.poll_interval_s=2"],  # each checkpoint waits up to 2 s
         ),  # training
         ("round_1/discrimination.student", lambda: True, []),  # inference
         (

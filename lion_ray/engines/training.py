@@ -601,6 +601,8 @@ def train_student(
     preflight(request)  # Ray Train would retry a worker group that can never start, forever
     data_context_quiet()
     progress_uri = _progress_uri(storage_path, name)
+    # read by TorchTrainer.fit(), which hands it to the controller actor it starts
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(train.poll_interval_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

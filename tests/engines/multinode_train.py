@@ -61,7 +61,8 @@ def run():
     result.update(
         train_student(
             answers,
-            train.model_copy(update={"epochs": 12}),
+            # Ray's default pacing (each checkpoint waits up to 2 s): the node is lost mid-way
+            train.model_copy(update={"epochs": 12, "poll_interval_s": 2.0}),
             base_model=base_model,
             out_uri=str(work / "m2"),
             storage_path=str(work / "s"),

@@ -269,7 +269,7 @@ def test_rerun_after_driver_crash_resumes(tiny_student, tmp_path):
     ]
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(
-        cmd,
+        [*cmd, "--set", "train.poll_interval_s=2"],  # each checkpoint waits: killed mid-way
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
