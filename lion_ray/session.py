@@ -151,6 +151,7 @@ class Session:
             train=self.cfg.train,
             app="lion-run-" + hashlib.sha256(self.run.uri.encode()).hexdigest()[:8],
             http=self.cfg.serve.during_run,
+            record_uri=self.run.path("student_engine.json"),
         )
 
     def _started_student(self):

@@ -120,6 +120,25 @@ def newest_model(run_uri: str) -> str | None:
     return run.model_dir(rounds[-1]) if rounds else None
 
 
+def engine_record(engine: dict | None) -> dict | None:
+    """What a run's engine last moved every replica to ({"model_dir", "asleep"}), from the
+    record ``StudentEngine`` keeps; None without one, or when the record is another engine's
+    (an earlier driver of the same run). An unreadable record is ignored: the replica starts
+    on the engine's first student, as it would without one."""
+    if not engine or not engine.get("record"):
+        return None
+    try:
+        if not storage.exists(engine["record"]):
+            return None
+        record = storage.read_json(engine["record"])
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the engine record %s: %s", engine["record"], exc)
+        return None
+    if not isinstance(record, dict) or record.get("engine") != engine.get("id"):
+        return None
+    return {k: record[k] for k in ("model_dir", "asleep") if k in record}
+
+
 # What the middleware and the key check need from the replica's settings. One replica per
 # process, so module state is the replica's. The deployment class is pickled by value (so
 # its methods see copies of this module's globals); `configure_replica` is pickled by
@@ -515,7 +534,15 @@ class StudentServer:
             )
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
-        first = settings.get("model_dir") or (newest_model(self.run_dir) if self.run_dir else None)
+        # The run's engine: a replica that Serve restarts (a crash, a lost node) comes back
+        # on the round the driver last moved the engine to, not on the student it started
+        # with, and asleep if training has the GPU; Serve's first reconfigure applies it too.
+        self._restart_state = engine_record(settings.get("engine"))
+        first = (
+            (self._restart_state or {}).get("model_dir")
+            or settings.get("model_dir")
+            or (newest_model(self.run_dir) if self.run_dir else None)
+        )
         if not first:
             raise ValueError(
                 "no student to serve: the run has no finished round yet, or pass model_dir"
@@ -671,6 +698,8 @@ class StudentServer:
         """Serve calls this on every replica when the app's user_config changes (an update in
         place): the model to serve, and whether to sleep (student.colocate, while the next
         round trains). A swap that fails raises, and so fails the update."""
+        if self._restart_state is not None:  # Serve's call as the replica starts
+            user_config, self._restart_state = {**user_config, **self._restart_state}, None
         if user_config.get("asleep"):
             await self.sleep()
             return
@@ -1108,10 +1137,12 @@ def student_app(
     run_dir: str | None = None,
     target: str | None = None,
     asleep: bool = False,
+    engine: dict | None = None,
 ):
     """The bound Serve application (with body-size limit, replicas and backpressure). With
     ``run_dir``, the prompt format is the one the run trained with, whatever path deploys it
-    (CLI, ray job, RayService)."""
+    (CLI, ray job, RayService). ``engine``: a run's engine, {"id", "record"} (see
+    ``engine_record``)."""
     if not model_dir and not run_dir:
         raise ValueError("give model_dir (one student) or run_dir (the newest round's student)")
     if run_dir and not model_dir and not newest_model(run_dir):
@@ -1145,6 +1176,7 @@ def student_app(
             "model_dir": model_dir,
             "run_dir": run_dir,
             "access": access,
+            "engine": engine,
         }
     )
 
@@ -1173,6 +1205,7 @@ def deploy(
     run_dir: str | None = None,
     name: str = APP_NAME,
     route_prefix: str | None = "/",
+    engine: dict | None = None,
 ) -> str | None:
     """Start (or update in place) the student app on the connected Ray cluster; returns its
     URL (None with no ``route_prefix``: reached through handles only).
@@ -1188,7 +1221,7 @@ def deploy(
     else:
         serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(
-        student_app(settings, student=student, model_dir=model_dir, run_dir=run_dir),
+        student_app(settings, student=student, model_dir=model_dir, run_dir=run_dir, engine=engine),
         name=name,
         route_prefix=route_prefix,
     )

@@ -50,6 +50,7 @@ class StudentEngine:
         self.replicas = settings.num_replicas
         self.owns_serve = False
         self.serve_id = ""  # one per start: tells a stage task that the engine is a new one
+        self.record_uri: str | None = None  # what every replica serves: for restarted ones
 
     @classmethod
     def start(
@@ -61,10 +62,13 @@ class StudentEngine:
         train: TrainConfig | None = None,
         app: str = "lion-run-student",
         http: bool = True,
+        record_uri: str | None = None,
     ) -> StudentEngine:
         """Deploy the student (``student.num_engines`` replicas of the serving deployment)
         serving ``model_dir``; with ``http``, on serve.host/port (a free port when that one
-        is taken) under the serving rules (keys, loopback)."""
+        is taken) under the serving rules (keys, loopback). ``record_uri``: where the engine
+        records what its replicas serve after each load or sleep, so that a replica Serve
+        restarts comes back on it (a replica's constructor arguments are fixed at deploy)."""
         from ray.serve.context import _get_global_client
 
         from lion_ray.engines import cluster
@@ -81,6 +85,7 @@ class StudentEngine:
         # held from the start: a stage that checks resources while the engine is still
         # starting (beside the run's first stages) counts it
         cluster.HELD["the student engine"] = replicas_request(settings).total()
+        serve_id = uuid.uuid4().hex
         try:
             url = deploy(
                 settings,
@@ -88,13 +93,15 @@ class StudentEngine:
                 model_dir=model_dir,
                 name=app,
                 route_prefix="/" if http else None,
+                engine={"id": serve_id, "record": record_uri},
             )
         except BaseException:
             cluster.HELD.pop("the student engine", None)
             raise
         engine = cls(app, url, student, settings, model_dir)
         engine.owns_serve = not serve_was_up
-        engine.serve_id = uuid.uuid4().hex
+        engine.serve_id = serve_id
+        engine.record_uri = record_uri
         return engine
 
     def _broadcast(self, method: str, *args) -> list[dict]:
@@ -116,12 +123,25 @@ class StudentEngine:
         the replica's cause)."""
         reports = self._broadcast("move_to", model_dir)
         self.serving = model_dir
+        self._record(asleep=False)
         return reports[0]
 
     def sleep(self) -> None:
         """Give the accelerators to training (student.colocate): every replica sleeps until
         the next load."""
         self._broadcast("sleep")
+        self._record(asleep=True)
+
+    def _record(self, asleep: bool) -> None:
+        # written once every replica has it: a replica restarted meanwhile may start on the
+        # previous state, and the next stage's requests (which name their student) move it
+        if self.record_uri:
+            from lion_ray import storage
+
+            storage.write_json(
+                self.record_uri,
+                {"engine": self.serve_id, "model_dir": self.serving, "asleep": asleep},
+            )
 
     def map(self, ds, method: str, blocks: int):
         """``ds`` through the deployment's ``method`` (answer_rows, loss_rows), a batch per

@@ -25,9 +25,13 @@ def _pool(questions):
 
 
 @pytest.fixture()
-def engine(ray_local, taught_student):
+def engine(ray_local, taught_student, tmp_path):
     engine = StudentEngine.start(
-        STUDENT, str(taught_student), ServeConfig(port=free_port()), app="engine-test"
+        STUDENT,
+        str(taught_student),
+        ServeConfig(port=free_port()),
+        app="engine-test",
+        record_uri=str(tmp_path / "student_engine.json"),
     )
     yield engine
     engine.stop()
@@ -63,8 +67,11 @@ def test_stages_get_the_per_stage_answers_and_losses_from_one_engine(
     handle = serve.get_deployment_handle("StudentServer", engine.app)
     reports = [handle.swap_report.remote().result() for _ in range(24)]
     assert {r["serving"] for r in reports} == {str(taught_student_b)}
-    # a replica that Serve restarts comes back on the first student; the stage's requests
-    # name their student, so it moves before it answers
+    # student.colocate: every replica sleeps through training ...
+    engine.sleep()
+    assert all(r["asleep"] for r in handle.broadcast("swap_report").results(timeout_s=60))
+    # ... and one that Serve restarts meanwhile comes back as the engine was last moved
+    # (the round it served, asleep), not as it was deployed
     import ray
 
     victim = sorted(replicas)[0]
@@ -77,9 +84,15 @@ def test_stages_get_the_per_stage_answers_and_losses_from_one_engine(
     while len(restarted) < 2 and time.monotonic() < deadline:  # the handle learns of it
         restarted = handle.broadcast("swap_report").results(timeout_s=60)
         time.sleep(0.2)
-    assert sorted(r["serving"] for r in restarted) == sorted(
-        map(str, [taught_student, taught_student_b])
-    )
+    assert [(r["serving"], r["asleep"]) for r in restarted] == [(str(taught_student_b), True)] * 2
+    engine.load(str(taught_student_b))  # the same round again: woken as it is
+    assert not any(r["asleep"] for r in handle.broadcast("swap_report").results(timeout_s=60))
+    # a replica that serves another student than the stage's (moved before the record was
+    # written) moves when a request names the stage's student, before it answers
+    handle.move_to.remote(str(taught_student)).result(timeout_s=120)
+    assert str(taught_student) in {
+        r["serving"] for r in handle.broadcast("swap_report").results(timeout_s=60)
+    }
     for _ in range(4):  # a batch per row, over both replicas
         moved, _ = student_answers(
             _pool([q for q, _ in MEMORIZED]),
@@ -91,11 +104,6 @@ def test_stages_get_the_per_stage_answers_and_losses_from_one_engine(
         assert [r["answer"] for r in moved.to_pylist()] == [a for _, a in MEMORIZED_B]
     healed = handle.broadcast("swap_report").results(timeout_s=60)
     assert [r["serving"] for r in healed] == [str(taught_student_b)] * 2
-    # student.colocate: every replica sleeps through training; the next load wakes them
-    engine.sleep()
-    assert all(r["asleep"] for r in handle.broadcast("swap_report").results(timeout_s=60))
-    engine.load(str(taught_student_b))  # the same round again: woken as it is
-    assert not any(r["asleep"] for r in handle.broadcast("swap_report").results(timeout_s=60))
     # the same engine answers users, on the serving routes
     status, body = http_json(
         f"{engine.url}/v1/chat/completions",
