@@ -136,9 +136,10 @@ def test_one_global_limit_across_actors(ray_local, tmp_path):
         assert [r.text for r in res] == [t.answer for t in tasks]
         assert [r.request_id for r in res] == [r.request_id for r in reqs]
         stats = sb.stats()
-        # a few 429s where a busy machine delays one request into the next one's window
-        # (and it is retried); three actors each pacing alone would draw about 100
-        assert stats["rejected_429"] <= len(reqs) // 10
+        # some 429s where a busy machine delays one request into the next one's window (and
+        # it is retried): up to 21 of 160 seen inside the full suite on 2 cores; three
+        # actors each pacing alone send 3x the limit and would draw about 100
+        assert stats["rejected_429"] <= len(reqs) // 4
         assert stats["max_accepted_in_window"]["requests"] <= 1200
         assert time.perf_counter() - t > 160 / 20 * 0.8  # paced near 20/s, not faster
 
