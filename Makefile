@@ -13,7 +13,6 @@ TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 # The main tier's test files run on two pytest-xdist workers (a file stays on one worker,
 # so a module's Ray and fixtures are still shared): 31 instead of 38 minutes on 2 cores.
-# Files are handed out longest first (tests/conftest.py: LONGEST_FIRST).
 # PYTEST_WORKERS=0 runs them in series.
 PYTEST_WORKERS ?= 2
 
@@ -54,7 +53,7 @@ test-main: $(STAMP)
 	# shutdown failed on CI for a reason not yet found (see issue notes); alone it passes.
 	$(BIN)/pytest -q -rs tests/test_cli.py::test_serve_command_until_ctrl_c
 	$(BIN)/pytest -q -rs --durations=15 -m "not vllm and not gpu" \
-		-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		-n $(PYTEST_WORKERS) --dist loadfile \
 		--deselect tests/test_cli.py::test_serve_command_until_ctrl_c
 
 test-vllm: $(VLLM_STAMP)

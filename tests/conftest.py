@@ -22,38 +22,11 @@ ADMIN_KEYS_ENV = "LION_TEST_ADMIN_KEYS"
 os.environ[ADMIN_KEYS_ENV] = "admin-key-1"
 
 
-# `make test` hands the main tier's files to two pytest-xdist workers in collection order
-# (--dist loadfile --no-loadscope-reorder; xdist's own reorder puts the files with the most
-# tests first, which left the few-test, several-minute files to run alone at the end). The
-# longest files go first, so the short ones fill in at the end. Seconds per file measured
-# with --junitxml on this 2-core machine (2026-11-30), longest first.
-LONGEST_FIRST = [
-    "tests/test_driver.py",  # 956 s
-    "tests/engines/test_training.py",  # 501 s
-    "tests/test_object_store.py",  # 358 s
-    "tests/cluster/test_local_cluster.py",  # 279 s
-    "tests/engines/test_students.py",  # 277 s
-    "tests/engines/test_student_engine.py",  # 190 s
-    "tests/engines/test_api.py",  # 177 s
-    "tests/test_weights.py",  # 165 s
-    "tests/test_cli.py",  # 119 s
-    "tests/engines/test_inference.py",  # 114 s
-    "tests/engines/test_serving.py",  # 101 s
-    "tests/test_evaluation.py",  # 89 s
-    "tests/test_packaging.py",  # 82 s
-    "tests/engines/test_batch.py",  # 68 s
-]
-
-
 def pytest_collection_modifyitems(config, items):
-    """Longest files first (see LONGEST_FIRST; a stable sort keeps each file's own order).
-    vLLM tests run in the vLLM tier's environment (`make test-vllm`); GPU tests where
+    """vLLM tests run in the vLLM tier's environment (`make test-vllm`); GPU tests where
     torch sees a CUDA device (`python -m bench.gpu_smoke`). Elsewhere they skip and say why
     (`make test` deselects both kinds from the main tier, so they are not reported there)."""
     import importlib.util
-
-    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
 
     has_vllm = importlib.util.find_spec("vllm") is not None
     cuda = None
