@@ -547,7 +547,13 @@ class StudentServer:
             raise ValueError(
                 "no student to serve: the run has no finished round yet, or pass model_dir"
             )
-        self.model, self.model_dir = self._load(first), first
+        self.model_dir = first
+        if (self._restart_state or {}).get("asleep"):
+            # training has the GPU: load nothing until the engine wakes (a vLLM engine
+            # allocates its weights and KV cache as it is built, before it could sleep)
+            self.asleep = True
+        else:
+            self.model = self._load(first)
         if self.run_dir and self.settings.watch_interval_s:
             threading.Thread(target=self._watch, daemon=True).start()
 
@@ -598,6 +604,9 @@ class StudentServer:
             return True
 
     async def _move(self, model_dir: str) -> str:
+        if self.model is None:  # a replica restarted asleep: nothing loaded to move from
+            self.model = await asyncio.to_thread(self._load, model_dir)
+            return "loaded"
         mode = self.settings.swap
         if mode == "auto":
             prepared = await asyncio.to_thread(self.model.prepare_reload, model_dir)
@@ -644,6 +653,8 @@ class StudentServer:
             self.retiring = False
 
     async def _drain(self, model, timeout_s: float = 600.0) -> None:
+        if model is None:  # a replica restarted asleep has nothing to drain
+            return
         deadline = time.monotonic() + timeout_s
         while model.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -706,11 +717,13 @@ class StudentServer:
         target = user_config.get("model_dir") or (
             newest_model(self.run_dir) if self.run_dir else None
         )
-        if target and self.model is not None:
+        if target:
             await self.swap_to(target)
         if self.asleep:  # the same model as before it slept: wake it as it is
             async with self._swap_lock:
-                if isinstance(self.model, VLLMGenerator):
+                if self.model is None:  # restarted asleep: its first load
+                    self.model = await asyncio.to_thread(self._load, self.model_dir)
+                elif isinstance(self.model, VLLMGenerator):
                     await self.model.wake()
                 else:
                     await asyncio.to_thread(self.model.wake)
@@ -801,14 +814,21 @@ class StudentServer:
         Until the next load, requests get 503 with Retry-After."""
         async with self._swap_lock, self._held_back():
             self.asleep = True
+            if self.model is None:  # restarted asleep: nothing loaded
+                return
             if isinstance(self.model, VLLMGenerator):
                 await self.model.sleep()
             else:
                 await asyncio.to_thread(self.model.sleep)
 
     async def swap_report(self) -> dict:
-        """How the newest swap went, and what this replica serves."""
-        return (self.last_swap or {}) | {"serving": self.model_dir, "asleep": self.asleep}
+        """How the newest swap went, what this replica serves, and whether its model is in
+        memory (a replica restarted asleep loads it when it wakes)."""
+        return (self.last_swap or {}) | {
+            "serving": self.model_dir,
+            "asleep": self.asleep,
+            "loaded": self.model is not None,
+        }
 
     # --- generation -------------------------------------------------------------------
 

@@ -82,11 +82,17 @@ def test_stages_get_the_per_stage_answers_and_losses_from_one_engine(
     assert len(_replica_names(engine.app) - {victim}) == 2, "Serve did not replace it"
     restarted = []
     while len(restarted) < 2 and time.monotonic() < deadline:  # the handle learns of it
-        restarted = handle.broadcast("swap_report").results(timeout_s=60)
+        try:
+            restarted = handle.broadcast("swap_report").results(timeout_s=60)
+        except ray.exceptions.ActorDiedError:  # it still had the killed replica
+            pass
         time.sleep(0.2)
     assert [(r["serving"], r["asleep"]) for r in restarted] == [(str(taught_student_b), True)] * 2
-    engine.load(str(taught_student_b))  # the same round again: woken as it is
-    assert not any(r["asleep"] for r in handle.broadcast("swap_report").results(timeout_s=60))
+    # the restarted one loads nothing while asleep (on a GPU, training holds the memory)
+    assert sorted(r["loaded"] for r in restarted) == [False, True]
+    engine.load(str(taught_student_b))  # the same round again: woken as it is, or loaded
+    woken = handle.broadcast("swap_report").results(timeout_s=60)
+    assert [(r["asleep"], r["loaded"]) for r in woken] == [(False, True)] * 2
     # a replica that serves another student than the stage's (moved before the record was
     # written) moves when a request names the stage's student, before it answers
     handle.move_to.remote(str(taught_student)).result(timeout_s=120)
