@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,10 +18,28 @@ from .conftest import ROOT
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """Built from a copy of the checkout: a build writes build/ and lion_ray.egg-info into
+    its source tree, where `make test`'s background install of .venv-vllm writes too."""
+    source = tmp_path_factory.mktemp("source") / "lion-ray"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv*",
+            "runs",
+            "build",
+            "dist",
+            "test-artifacts",
+            "*.egg-info",
+            "__pycache__",
+            ".*_cache",
+        ),
+    )
     out = tmp_path_factory.mktemp("dist")
     res = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["-w", str(out), str(ROOT)],
+        + ["-w", str(out), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
