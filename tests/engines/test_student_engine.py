@@ -1,6 +1,7 @@
 """The run's one student engine: the serving deployment, reached by the stages through Ray
 Data, answering as the per-stage engines do, with each round's weights moved into it."""
 
+import contextlib
 import shutil
 import time
 
@@ -82,10 +83,8 @@ def test_stages_get_the_per_stage_answers_and_losses_from_one_engine(
     assert len(_replica_names(engine.app) - {victim}) == 2, "Serve did not replace it"
     restarted = []
     while len(restarted) < 2 and time.monotonic() < deadline:  # the handle learns of it
-        try:
+        with contextlib.suppress(ray.exceptions.ActorDiedError):  # it still had the killed one
             restarted = handle.broadcast("swap_report").results(timeout_s=60)
-        except ray.exceptions.ActorDiedError:  # it still had the killed replica
-            pass
         time.sleep(0.2)
     assert [(r["serving"], r["asleep"]) for r in restarted] == [(str(taught_student_b), True)] * 2
     # the restarted one loads nothing while asleep (on a GPU, training holds the memory)
