@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -38,17 +39,50 @@ def init_ray(
         if address:
             ctx = ray.init(address=address, **kwargs)
         else:
-            ctx = ray.init(  # "local": a new cluster even if a `ray start` one runs here
-                address="local",
-                num_cpus=cluster.num_cpus or default_num_cpus(),
-                include_dashboard=True,
-                **kwargs,
-            )
+            ctx = start_local_ray(cluster.num_cpus or default_num_cpus(), **kwargs)
         url = ctx.dashboard_url
     if log_file:
         log_to_file(log_file)
     data_context_quiet()
     return f"http://{url}" if url and not str(url).startswith("http") else url
+
+
+# Ray gives a local cluster's dashboard 60 s to come up (RAY_DASHBOARD_STARTUP_TIMEOUT_S); on 2
+# cores beside another run it has taken over 80 s. A slow start is better than a failed run.
+DASHBOARD_STARTUP_TIMEOUT_S = 300
+
+
+def start_local_ray(num_cpus: int, attempts: int = 2, **kwargs):
+    """``ray.init(address="local")``: a new cluster even if a `ray start` one runs here, tried
+    ``attempts`` times. On a loaded machine a start can fail: Ray 2.60's raylet gives its
+    dashboard agent a fixed 15 s to write its port files and aborts when the agent's imports
+    take longer ("Timed out waiting for file .../metrics_agent_port_..."); the next start
+    finds those imports in the page cache. A failed start's processes are stopped first."""
+    import psutil
+    from ray._private import ray_constants
+
+    if "RAY_DASHBOARD_STARTUP_TIMEOUT_S" not in os.environ:  # read at import: set the value
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = DASHBOARD_STARTUP_TIMEOUT_S
+    me = psutil.Process()
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            return ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, **kwargs)
+        except Exception as exc:
+            ray.shutdown()
+            # ray.shutdown does not stop what a failed start left (the GCS, the dashboard)
+            left = [p for p in me.children(recursive=True) if p.pid not in before]
+            for proc in left:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            psutil.wait_procs(left, timeout=10)
+            if attempt == attempts:
+                raise
+            log.warning(
+                "a local Ray did not start (%s); starting it again",
+                (str(exc).splitlines() or [type(exc).__name__])[0][:300],
+            )
+    raise AssertionError("unreachable")
 
 
 # Loggers of the libraries whose internal notices (restarts, deprecations, progress) go to a
