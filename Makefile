@@ -48,11 +48,13 @@ demo: $(STAMP)
 # minutes of pip are off the suite's critical path; its output goes to .venv-vllm/install.log.
 # It starts after .venv's install: two editable installs of this checkout at once would
 # both write its lion_ray.egg-info. A failed main tier still fails `make test`, after the
-# install is waited for.
+# install is waited for; Ctrl-C stops the install too (its own process group, so that no pip
+# is left writing into .venv-vllm beside the next run's).
 test: $(STAMP)
 	mkdir -p $(VLLM_VENV)
-	nice -n 19 $(MAKE) --no-print-directory venv-vllm > $(VLLM_VENV)/install.log 2>&1 & \
+	setsid nice -n 19 $(MAKE) --no-print-directory venv-vllm > $(VLLM_VENV)/install.log 2>&1 & \
 	install=$$!; \
+	trap 'kill -TERM -$$install 2>/dev/null; exit 130' INT TERM; \
 	$(MAKE) --no-print-directory test-main; main=$$?; \
 	wait $$install || { tail -n 30 $(VLLM_VENV)/install.log; \
 		echo "installing $(VLLM_VENV) failed: see $(VLLM_VENV)/install.log"; exit 1; }; \

@@ -69,9 +69,10 @@ def start_local_ray(num_cpus: int, attempts: int = 2, **kwargs):
         try:
             return ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, **kwargs)
         except Exception as exc:
-            ray.shutdown()
+            with contextlib.suppress(Exception):  # the start's own error is the one to keep
+                ray.shutdown()
             # ray.shutdown does not stop what a failed start left (the GCS, the dashboard)
-            left = [p for p in me.children(recursive=True) if p.pid not in before]
+            left = _ray_processes([p for p in me.children(recursive=True) if p.pid not in before])
             for proc in left:
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
@@ -83,6 +84,21 @@ def start_local_ray(num_cpus: int, attempts: int = 2, **kwargs):
                 (str(exc).splitlines() or [type(exc).__name__])[0][:300],
             )
     raise AssertionError("unreachable")
+
+
+def _ray_processes(procs: list) -> list:
+    """Of ``procs``, Ray's own (the GCS, raylet, dashboard and agents: programs in Ray's
+    package) and what they started; a process another thread started meanwhile is left."""
+    import psutil
+
+    ray_dir = os.path.dirname(ray.__file__)
+    found: dict[int, psutil.Process] = {}
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if ray_dir in " ".join(proc.cmdline()):
+                found[proc.pid] = proc
+                found.update((c.pid, c) for c in proc.children(recursive=True))
+    return list(found.values())
 
 
 # Loggers of the libraries whose internal notices (restarts, deprecations, progress) go to a

@@ -19,14 +19,22 @@ if any(a.endswith(os.path.join("dashboard", "agent.py")) for a in sys.argv):
 """
 
 START = """
-import json, logging, psutil, ray
+import json, logging, subprocess, threading, time, psutil, ray
 from lion_ray.config import ClusterConfig
 from lion_ray.engines.cluster import init_ray
 
 logging.basicConfig(level=logging.WARNING)
+# a process of the program's own, started while the first Ray start is under way
+other = []
+threading.Thread(target=lambda: (time.sleep(3), other.append(subprocess.Popen(["sleep", "300"])))).start()
 init_ray(ClusterConfig(num_cpus=2), quiet=True)
 names = [p.name() for p in psutil.Process().children(recursive=True)]
-print(json.dumps({"cpus": ray.cluster_resources().get("CPU"), "gcs": names.count("gcs_server")}))
+print(json.dumps({
+    "cpus": ray.cluster_resources().get("CPU"),
+    "gcs": names.count("gcs_server"),
+    "other_alive": bool(other) and other[0].poll() is None,
+}))
+other[0].kill()
 ray.shutdown()
 """
 
@@ -37,7 +45,9 @@ def test_a_local_start_that_fails_is_cleaned_up_and_made_again(tmp_path):
     env = {
         **os.environ,
         "RAY_ADDRESS": "",
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in [str(tmp_path), os.environ.get("PYTHONPATH", "")] if p
+        ),
         "SLOW_AGENT_ONCE": str(tmp_path / "slowed"),
     }
     res = subprocess.run(
@@ -47,5 +57,6 @@ def test_a_local_start_that_fails_is_cleaned_up_and_made_again(tmp_path):
     assert (tmp_path / "slowed").exists()  # the first start did meet the slow agent
     assert "a local Ray did not start" in res.stderr and "starting it again" in res.stderr
     started = json.loads(res.stdout.strip().splitlines()[-1])
-    # one cluster up, with the configured CPUs: the failed start's GCS was stopped
-    assert started == {"cpus": 2.0, "gcs": 1}
+    # one cluster up, with the configured CPUs: the failed start's GCS was stopped, and
+    # only Ray's processes were
+    assert started == {"cpus": 2.0, "gcs": 1, "other_alive": True}

@@ -83,7 +83,7 @@ def test_stages_get_the_per_stage_answers_and_losses_from_one_engine(
     assert len(_replica_names(engine.app) - {victim}) == 2, "Serve did not replace it"
     restarted = []
     while len(restarted) < 2 and time.monotonic() < deadline:  # the handle learns of it
-        with contextlib.suppress(ray.exceptions.ActorDiedError):  # it still had the killed one
+        with contextlib.suppress(ray.exceptions.RayActorError):  # it still had the killed one
             restarted = handle.broadcast("swap_report").results(timeout_s=60)
         time.sleep(0.2)
     assert [(r["serving"], r["asleep"]) for r in restarted] == [(str(taught_student_b), True)] * 2
