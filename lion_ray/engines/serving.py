@@ -1217,6 +1217,21 @@ def replicas_request(settings: ServeConfig):
     )
 
 
+# Serve's controller gives a new HTTP proxy 5 s to answer its ready check, then kills it, and
+# serve.start fails ("ProxyActor ... killed by `ray.kill`"): seen in the test suite on 2 busy
+# cores, where the proxy's process took longer to start. A slow node is better than a failed run.
+PROXY_READY_CHECK_TIMEOUT_S = 60
+
+
+def start_serve(**options) -> None:
+    """``serve.start`` with a controller that waits ``PROXY_READY_CHECK_TIMEOUT_S`` for each
+    proxy (``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S`` in this process's environment overrides
+    it). A Serve already running on the cluster keeps its own controller and settings."""
+    name = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+    timeout = os.environ.get(name, str(PROXY_READY_CHECK_TIMEOUT_S))
+    serve.start(controller_options={"runtime_env": {"env_vars": {name: timeout}}}, **options)
+
+
 def deploy(
     settings: ServeConfig,
     *,
@@ -1237,9 +1252,9 @@ def deploy(
 
     preflight(replicas_request(settings))
     if route_prefix is None:  # reached through handles only: no HTTP proxy needed
-        serve.start(proxy_location="Disabled")
+        start_serve(proxy_location="Disabled")
     else:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
+        start_serve(http_options={"host": settings.host, "port": settings.port})
     serve.run(
         student_app(settings, student=student, model_dir=model_dir, run_dir=run_dir, engine=engine),
         name=name,

@@ -174,6 +174,14 @@ def _progress_uri(storage_path: str, name: str) -> str:
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: DeepSpeed engine, deterministic data order, checkpoints, export."""
     entered = time.monotonic()
+    setup: dict[str, float] = {}  # seconds per set-up phase: where a round's start-up goes
+    mark = [entered]
+
+    def phase(name: str) -> None:
+        now = time.monotonic()
+        setup[name] = round(now - mark[0], 2)
+        mark[0] = now
+
     import warnings
 
     warnings.filterwarnings(
@@ -187,6 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
     from lion_ray.config import StudentConfig
     from lion_ray.formats import PromptFormat
 
+    phase("imports")
     train = TrainConfig.model_validate(config["train"])
     student = StudentConfig.model_validate(config["student"])
     use_gpu = train.gpus_per_worker > 0
@@ -200,15 +209,18 @@ def train_loop_per_worker(config: dict) -> None:
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray's group
     torch.manual_seed(train.seed)
+    phase("distributed")
 
     # Data: the rows from the object store (put there once by the driver), split by id: the
     # data order, and so a resumed run, does not depend on how anything was scheduled.
     table = ray.get(config["rows"])
     rows = sorted(table.to_pylist(), key=lambda r: r["id"])[rank::world]
     del table
+    phase("rows")
 
     ds_config = deepspeed_config(train, use_gpu)
     model, tokenizer, base_dir, export_dtype = _load_for_training(config, train, ds_config)
+    phase("model")
     held = torch.tensor([_held_numel(model)], dtype=torch.long, device=device)
     dist.all_reduce(held, op=dist.ReduceOp.MAX)  # the most parameters one rank loaded
     fmt = PromptFormat(tokenizer, student.prompt_format, student.system_prompt)
@@ -228,6 +240,7 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = max(1, math.ceil(total_micro / train.grad_accum_steps))
     warmup = math.ceil(train.warmup_ratio * total_steps)
 
+    phase("sequences")
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
@@ -238,6 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
         ),
     )
     assert engine.device == device, (engine.device, device)  # DeepSpeed agrees with Ray Train
+    phase("deepspeed")
 
     start_micro, resumed_from = 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -249,6 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
             )
         start_micro = client["micro_step"]
         resumed_from = engine.global_steps  # restored by DeepSpeed with the optimizer state
+        phase("resume")
 
     def batch_at(micro: int) -> tuple[dict, int]:
         """The micro-batch at ``micro`` and its count of real (non-padding) tokens."""
@@ -363,6 +378,7 @@ def train_loop_per_worker(config: dict) -> None:
         "real_tokens_per_s": real_tokens * world / max(1e-6, elapsed),  # padding excluded
         "train_s": elapsed,
         "setup_s": round(started - entered, 2),  # imports, data, model, DeepSpeed, resume
+        "setup_phases_s": setup,
         "worker_started_at": time.time() - (time.monotonic() - entered),
         "export_s": round(export_s, 2),
         "resumed_from_step": resumed_from,

@@ -1,4 +1,5 @@
-"""Starting a local Ray on a loaded machine: a start that fails is cleaned up and made again."""
+"""Ray and Serve on a loaded machine: a local start that fails is cleaned up and made again,
+and a Serve proxy that starts slowly is waited for."""
 
 import json
 import os
@@ -60,3 +61,54 @@ def test_a_local_start_that_fails_is_cleaned_up_and_made_again(tmp_path):
     # one cluster up, with the configured CPUs: the failed start's GCS was stopped, and
     # only Ray's processes were
     assert started == {"cpus": 2.0, "gcs": 1, "other_alive": True}
+
+
+# Holds the Serve controller's worker processes at start-up (their environment carries
+# lion-ray's proxy setting: Ray gives the proxy the controller's runtime_env), as 2 busy
+# cores did: Serve's HTTP proxy then misses the 3 ready checks of 5 s that Serve's default
+# gives it, and is killed.
+SLOW_SERVE = """
+import os, sys, time
+worker = any(a.endswith("default_worker.py") for a in sys.argv)
+if worker and "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S" in os.environ:
+    time.sleep(20)
+"""
+
+SERVE = """
+import json, sys, ray
+from ray import serve
+from lion_ray.config import ClusterConfig
+from lion_ray.engines.cluster import init_ray
+from lion_ray.engines.serving import start_serve
+
+init_ray(ClusterConfig(num_cpus=2), quiet=True)
+start_serve(http_options={"host": "127.0.0.1", "port": int(sys.argv[1])})
+print(json.dumps({"proxies": len(serve.status().proxies)}))
+serve.shutdown()
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_serve_waits_for_a_proxy_that_starts_slowly(tmp_path):
+    from ..helpers import free_port
+
+    (tmp_path / "sitecustomize.py").write_text(SLOW_SERVE)
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": "",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in [str(tmp_path), os.environ.get("PYTHONPATH", "")] if p
+        ),
+    }
+    env.pop("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", None)  # lion-ray's own setting applies
+    res = subprocess.run(
+        [sys.executable, "-c", SERVE, str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    printed = [line for line in res.stdout.splitlines() if line.startswith("{")]
+    assert printed and json.loads(printed[-1]) == {"proxies": 1}, res.stdout[-2000:]
