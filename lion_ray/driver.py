@@ -84,6 +84,7 @@ class Driver:
         self.run: RunDir = session.run
         self.console = console or make_console()
         self.show_progress = show_progress
+        self.engines_started = False
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -92,7 +93,6 @@ class Driver:
         from lion_ray.status import generation_line
 
         self.check_config()
-        self.check_resources()
         self.run_stages(None, self.setup_stages())
         model = self.cfg.student.model_path or self.run.path("student_init")
         summaries = []
@@ -101,6 +101,7 @@ class Driver:
             done = self.run.manifest.stages
             if any(s.name in ENGINE_STAGES and f"round_{r}/{s.name}" not in done for s in stages):
                 # up while the round's API and training stages run, not after them
+                self.start_engines()
                 self.session.prestart_student_engine(model)
             self.run_stages(r, stages)
             model = self.run.model_dir(r)
@@ -291,6 +292,7 @@ class Driver:
             why = f" (changed: {', '.join(changed)})"
         elif rec is not None:
             why = " (an output is missing)"
+        self.start_engines()
         manifest.set_current(key)
         self.console.print(f"[bold cyan]>[/bold cyan] {key}{why}")
         self.session.bill_to(key)
@@ -347,6 +349,19 @@ class Driver:
                 storage.write_text(uri, dump_config(recorded.model_copy(update={"loop": loop})))
         else:
             storage.write_text(uri, dump_config(self.cfg))
+
+    def start_engines(self) -> None:
+        """Ray and the sandbox, and the check that the cluster can hold the run's engines:
+        once, before the first stage with work to do, so that a run with nothing left to do
+        (run again for its report, or after its last stage) starts none of them."""
+        if self.engines_started:
+            return
+        self.engines_started = True
+        up = self.session.started
+        self.session.start()
+        if self.session.dashboard_url and not up:
+            self.console.print(f"Ray dashboard: {self.session.dashboard_url}")
+        self.check_resources()
 
     def check_resources(self) -> None:
         """Refuse a run whose stages ask for more than the cluster can ever give them, now,
@@ -754,9 +769,8 @@ def run(
         quiet=not verbose,
         log_file=log_file,
         student_engine=student_engine,
+        lazy=True,  # started by the first stage that has work to do
     ) as session:
-        if session.dashboard_url:
-            console.print(f"Ray dashboard: {session.dashboard_url}")
         console.print(f"run directory: {session.run.uri}")
         if not verbose:
             console.print(f"Ray's and the libraries' messages: {log_file} (--verbose shows them)")

@@ -29,11 +29,16 @@ class Session:
         show_progress: bool = True,
         log_file: str | None = None,
         student_engine=None,
+        lazy: bool = False,
     ):
         """``student_engine``: a running ``StudentEngine`` to use instead of starting one
         (several runs in one process, a sweep): each run loads its own student into it, and
-        it stays up after the run for its owner to stop."""
+        it stays up after the run for its owner to stop. ``lazy``: Ray and the sandbox start
+        at the first ``start()``, not on entering (a resumed run with nothing left to do
+        starts neither)."""
         self.cfg = cfg
+        self.lazy = lazy
+        self.started = False
         self.need_ray = need_ray
         self.need_endpoints = need_endpoints
         self.quiet = quiet
@@ -49,6 +54,13 @@ class Session:
         self._student_starting = None  # a Future: the engine starting in the background
 
     def __enter__(self) -> Session:
+        return self if self.lazy else self.start()
+
+    def start(self) -> Session:
+        """Start Ray (``need_ray``) and the sandbox (``need_endpoints``), once."""
+        if self.started:
+            return self
+        self.started = True
         if self.need_ray:
             from lion_ray.engines.cluster import init_ray
 
