@@ -956,6 +956,8 @@ class StudentServer:
             "swaps": self.swaps,
             "last_swap": self.last_swap,
             "swapping": self.retiring,
+            "asleep": self.asleep,  # colocated training has the GPU
+            "loaded": self.model is not None,  # restarted asleep: nothing loaded until woken
             "backend": self.settings.backend,
             "rss_mb": _process_tree_rss_mb(),
         }
@@ -1226,9 +1228,16 @@ PROXY_READY_CHECK_TIMEOUT_S = 60
 def start_serve(**options) -> None:
     """``serve.start`` with a controller that waits ``PROXY_READY_CHECK_TIMEOUT_S`` for each
     proxy (``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S`` in this process's environment overrides
-    it). A Serve already running on the cluster keeps its own controller and settings."""
+    it; serve.start itself waits 60 s at most). A Serve already running on the cluster keeps
+    its own controller and settings."""
     name = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
     timeout = os.environ.get(name, str(PROXY_READY_CHECK_TIMEOUT_S))
+    try:
+        valid = float(timeout) > 0
+    except ValueError:
+        valid = False
+    if not valid:  # the controller would fail at import, with a less helpful error
+        raise LionError(f"${name} is {timeout!r}: set it to a number of seconds above 0")
     serve.start(controller_options={"runtime_env": {"env_vars": {name: timeout}}}, **options)
 
 

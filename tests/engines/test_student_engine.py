@@ -71,6 +71,8 @@ def test_stages_get_the_per_stage_answers_and_losses_from_one_engine(
     # student.colocate: every replica sleeps through training ...
     engine.sleep()
     assert all(r["asleep"] for r in handle.broadcast("swap_report").results(timeout_s=60))
+    status, body = http_json(f"{engine.url}/v1/admin/status", timeout=30)  # as an operator sees it
+    assert status == 200 and (body["asleep"], body["loaded"]) == (True, True), body
     # ... and one that Serve restarts meanwhile comes back as the engine was last moved
     # (the round it served, asleep), not as it was deployed
     import ray
