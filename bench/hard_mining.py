@@ -394,15 +394,14 @@ def main() -> None:
         # one Ray, one Serve and one student engine for every run, as for every stage of one
         # run: each run moves its own student into the engine (a start is about 10 s, and
         # there are six runs per seed)
-        from ray import serve
-
         from lion_ray.engines.cluster import init_ray
+        from lion_ray.engines.serving import start_serve
         from lion_ray.engines.student_engine import StudentEngine
         from lion_ray.student import init_student
 
         first = arm_config(size, seeds[0], arms[0], out, rounds)
         init_ray(first.cluster, quiet=True)
-        serve.start(proxy_location="Disabled")
+        start_serve(proxy_location="Disabled")
         if not (out / "engine_init" / storage.CHECKSUMS).exists():
             init_student(str(out / "engine_init"), first.student.tiny)
         engine = StudentEngine.start(

@@ -174,7 +174,9 @@ def _progress_uri(storage_path: str, name: str) -> str:
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: DeepSpeed engine, deterministic data order, checkpoints, export."""
     entered = time.monotonic()
-    setup: dict[str, float] = {}  # seconds per set-up phase: where a round's start-up goes
+    # seconds per set-up phase (rank 0's reach final.json): where a round's start-up goes;
+    # a phase that ends in a collective includes the wait for the slowest rank
+    setup: dict[str, float] = {}
     mark = [entered]
 
     def phase(name: str) -> None:

@@ -63,14 +63,13 @@ def test_a_local_start_that_fails_is_cleaned_up_and_made_again(tmp_path):
     assert started == {"cpus": 2.0, "gcs": 1, "other_alive": True}
 
 
-# Holds the Serve controller's worker processes at start-up (their environment carries
-# lion-ray's proxy setting: Ray gives the proxy the controller's runtime_env), as 2 busy
-# cores did: Serve's HTTP proxy then misses the 3 ready checks of 5 s that Serve's default
-# gives it, and is killed.
-SLOW_SERVE = """
-import os, sys, time
-worker = any(a.endswith("default_worker.py") for a in sys.argv)
-if worker and "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S" in os.environ:
+# Holds every new Ray worker process 20 s at start-up (none is prestarted, so each actor
+# gets a new one), as 2 busy cores did: Serve's HTTP proxy then misses the 3 ready checks of
+# 5 s that Serve's default gives it, is killed, and serve.start fails (checked by hand with
+# RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=5).
+SLOW_WORKERS = """
+import sys, time
+if any(a.endswith("default_worker.py") for a in sys.argv):
     time.sleep(20)
 """
 
@@ -93,10 +92,11 @@ ray.shutdown()
 def test_serve_waits_for_a_proxy_that_starts_slowly(tmp_path):
     from ..helpers import free_port
 
-    (tmp_path / "sitecustomize.py").write_text(SLOW_SERVE)
+    (tmp_path / "sitecustomize.py").write_text(SLOW_WORKERS)
     env = {
         **os.environ,
         "RAY_ADDRESS": "",
+        "RAY_prestart_worker_first_driver": "0",
         "PYTHONPATH": os.pathsep.join(
             p for p in [str(tmp_path), os.environ.get("PYTHONPATH", "")] if p
         ),
@@ -112,3 +112,15 @@ def test_serve_waits_for_a_proxy_that_starts_slowly(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     printed = [line for line in res.stdout.splitlines() if line.startswith("{")]
     assert printed and json.loads(printed[-1]) == {"proxies": 1}, res.stdout[-2000:]
+
+
+@pytest.mark.parametrize("value", ["abc", "0"])
+def test_a_proxy_timeout_that_is_not_a_positive_number_is_refused_before_serve_starts(
+    monkeypatch, value
+):
+    from lion_ray.engines.serving import start_serve
+    from lion_ray.errors import LionError
+
+    monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", value)
+    with pytest.raises(LionError, match=r"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S is .* above 0"):
+        start_serve(http_options={"host": "127.0.0.1", "port": 1})
