@@ -99,7 +99,14 @@ def test_rayjob_runs_the_project_driver_with_a_valid_config():
 
 
 def test_rayservice_imports_the_serve_app_with_known_arguments():
+    from ray.serve.schema import ServeDeploySchema
+
+    from lion_ray.engines.serving import PROXY_READY_CHECK_TIMEOUT_S
+
     serve_config = yaml.safe_load(manifest("RayService")["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)  # as Serve reads it from KubeRay
+    env = serve_config["controller_options"]["runtime_env"]["env_vars"]
+    assert env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == str(PROXY_READY_CHECK_TIMEOUT_S)
     app = serve_config["applications"][0]
     module, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attr))
@@ -111,7 +118,7 @@ def test_rayservice_imports_the_serve_app_with_known_arguments():
         args["run_dir"] == paper.storage.run_dir
         and args["prompt_format"] == paper.student.prompt_format
     )
-    assert app["runtime_env"]["working_dir"] == _dockerfile_workdir()
+    assert app["runtime_env"]["working_dir"] == f"local://{_dockerfile_workdir()}"
 
 
 def _gpus(container: dict) -> int:
