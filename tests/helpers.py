@@ -39,6 +39,11 @@ def memorize(
     model.save_pretrained(model_dir)
 
 
+# Ray Train's default controller pacing: each checkpoint waits up to 2 s for the controller,
+# which keeps an attempt in training long enough for a test to kill it there.
+SLOW_CHECKPOINTS = ("--set", "train.poll_interval_s=2")
+
+
 def registered_checkpoints(train_dir) -> int:
     """Checkpoints Ray Train has registered in ``train_dir`` (a path or a URI): the ones a
     rerun resumes from. A ``checkpoint_*`` folder appears before its registration, so a

@@ -17,7 +17,7 @@ import pytest
 from lion_ray import storage
 
 from .conftest import DATA, ROOT
-from .helpers import MotoS3, free_port, registered_checkpoints
+from .helpers import SLOW_CHECKPOINTS, MotoS3, free_port, registered_checkpoints
 
 BUCKET = "lion-test"
 
@@ -117,10 +117,7 @@ def test_a_round_on_s3_killed_resumed_and_served(s3_env, tmp_path):
         *("--set", "loop.hard_per_round=6", "--set", "loop.easy_per_round=4"),
     )
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - the child writes to it
-    # Ray's default controller pacing (each checkpoint waits up to 2 s) keeps the first
-    # attempt in training long enough to be killed there
-    slow = ("--set", "train.poll_interval_s=2")
-    first = _lion(*args, *slow, env=s3_env, stdout=log, stderr=subprocess.STDOUT)
+    first = _lion(*args, *SLOW_CHECKPOINTS, env=s3_env, stdout=log, stderr=subprocess.STDOUT)
     train_dir = f"{run}/round_1/imitation/train"
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None:

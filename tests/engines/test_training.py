@@ -27,7 +27,7 @@ from lion_ray.logic.prompts import build_prompt
 from lion_ray.sandbox.tasks import generate_tasks
 
 from ..conftest import ROOT
-from ..helpers import registered_checkpoints
+from ..helpers import SLOW_CHECKPOINTS, registered_checkpoints
 
 COMPACT = StudentConfig(prompt_format="compact")  # the tiny students' text template
 
@@ -269,7 +269,7 @@ def test_rerun_after_driver_crash_resumes(tiny_student, tmp_path):
     ]
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(
-        [*cmd, "--set", "train.poll_interval_s=2"],  # each checkpoint waits: killed mid-way
+        [*cmd, *SLOW_CHECKPOINTS],  # killed mid-way
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
