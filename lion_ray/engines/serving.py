@@ -957,7 +957,9 @@ class StudentServer:
             "last_swap": self.last_swap,
             "swapping": self.retiring,
             "asleep": self.asleep,  # colocated training has the GPU
-            "loaded": self.model is not None,  # restarted asleep: nothing loaded until woken
+            # False: restarted asleep, no engine to wake (one loads when woken); a vLLM
+            # engine put to sleep stays loaded (its weights are freed, not the engine)
+            "loaded": self.model is not None,
             "backend": self.settings.backend,
             "rss_mb": _process_tree_rss_mb(),
         }
