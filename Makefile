@@ -13,8 +13,8 @@ TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 # The main tier's test files run on three pytest-xdist workers (a file stays on one worker,
 # so a module's Ray and fixtures are still shared). Its tests wait on Ray start-ups and
-# HTTP between bursts of work: on 2 cores, two workers left the CPU idle a third of the
-# time, and three ran the tier in 27 instead of 34-37 minutes. PYTEST_WORKERS=0: in series.
+# HTTP between bursts of work: on 2 cores two workers left the CPU idle a third of the
+# time, three keep it busy (20-22 minutes for the tier). PYTEST_WORKERS=0: in series.
 PYTEST_WORKERS ?= 3
 
 # The vLLM tier: a second environment with the CPU build of vLLM (it brings torchvision,
