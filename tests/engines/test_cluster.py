@@ -40,21 +40,27 @@ ray.shutdown()
 """
 
 
-@pytest.mark.slow
-def test_a_local_start_that_fails_is_cleaned_up_and_made_again(tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(SLOW_AGENT)
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": "",
-        "PYTHONPATH": os.pathsep.join(
-            p for p in [str(tmp_path), os.environ.get("PYTHONPATH", "")] if p
-        ),
-        "SLOW_AGENT_ONCE": str(tmp_path / "slowed"),
-    }
+def _run_slowed(tmp_path, sitecustomize: str, program: str, *args: str, **env):
+    """Run ``program`` in a fresh Python whose processes (Ray's included: they inherit the
+    environment) load ``sitecustomize`` first; ``env`` adds variables (None removes one).
+    Asserts it succeeded."""
+    (tmp_path / "sitecustomize.py").write_text(sitecustomize)
+    path = os.pathsep.join(p for p in [str(tmp_path), os.environ.get("PYTHONPATH", "")] if p)
+    full = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": path, **env}
     res = subprocess.run(
-        [sys.executable, "-c", START], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", program, *args],
+        env={k: v for k, v in full.items() if v is not None},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.slow
+def test_a_local_start_that_fails_is_cleaned_up_and_made_again(tmp_path):
+    res = _run_slowed(tmp_path, SLOW_AGENT, START, SLOW_AGENT_ONCE=str(tmp_path / "slowed"))
     assert (tmp_path / "slowed").exists()  # the first start did meet the slow agent
     assert "a local Ray did not start" in res.stderr and "starting it again" in res.stderr
     started = json.loads(res.stdout.strip().splitlines()[-1])
@@ -92,24 +98,14 @@ ray.shutdown()
 def test_serve_waits_for_a_proxy_that_starts_slowly(tmp_path):
     from ..helpers import free_port
 
-    (tmp_path / "sitecustomize.py").write_text(SLOW_WORKERS)
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": "",
-        "RAY_prestart_worker_first_driver": "0",
-        "PYTHONPATH": os.pathsep.join(
-            p for p in [str(tmp_path), os.environ.get("PYTHONPATH", "")] if p
-        ),
-    }
-    env.pop("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", None)  # lion-ray's own setting applies
-    res = subprocess.run(
-        [sys.executable, "-c", SERVE, str(free_port())],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    res = _run_slowed(
+        tmp_path,
+        SLOW_WORKERS,
+        SERVE,
+        str(free_port()),
+        RAY_prestart_worker_first_driver="0",
+        RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=None,  # lion-ray's own setting applies
     )
-    assert res.returncode == 0, res.stderr[-3000:]
     printed = [line for line in res.stdout.splitlines() if line.startswith("{")]
     assert printed and json.loads(printed[-1]) == {"proxies": 1}, res.stdout[-2000:]
 
