@@ -8,7 +8,6 @@ files and machines, and exact duplicates collapse to one row.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import unicodedata
@@ -116,11 +115,21 @@ def _records_from_jsonl_text(text: str, name: str) -> Iterator[tuple[object, str
         yield rec, f"{name}:{lineno}"
 
 
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    """A Parquet file's table from its bytes, copied into Arrow's own memory first: Arrow's
+    reader threads must not hold a Python object (``BytesIO`` or a ``bytes`` buffer), or
+    one may still reach for the GIL while the interpreter exits, which aborts the process
+    (``terminate called without an active exception``) after its work is done."""
+    copy = pa.BufferOutputStream()
+    copy.write(data)
+    return pq.read_table(pa.BufferReader(copy.getvalue()))
+
+
 def iter_records(data: bytes, name: str) -> Iterator[tuple[object, str]]:
     """(record, location) pairs from the bytes of a pool file called ``name``."""
     fmt = detect_format(name, data[:64])
     if fmt == "parquet":
-        table = pq.read_table(io.BytesIO(data))
+        table = read_parquet_bytes(data)
         for i, rec in enumerate(table.to_pylist()):
             yield rec, f"{name}: row {i}"
         return
@@ -271,7 +280,7 @@ def load_pool_bytes(
 ) -> tuple[pa.Table, ImportStats]:
     """A pool from file bytes: a lion-ray Parquet pool as is, anything else imported."""
     if detect_format(name, data[:64]) == "parquet":
-        table = pq.read_table(io.BytesIO(data))
+        table = read_parquet_bytes(data)
         if "id" in table.column_names and "kind" in table.column_names:
             table = validate_pool(table, name)
             return table, ImportStats(records=table.num_rows, imported=table.num_rows)

@@ -154,3 +154,27 @@ def test_next_pools_accumulate_policy():
     assert train.num_rows == 3 and cache.num_rows == 3
     with pytest.raises(ValueError, match="unknown pool policy"):
         next_pools(seed, seed, new, "other")
+
+
+def test_a_process_that_read_a_parquet_pool_exits_cleanly(tmp_path, seed_tasks_path):
+    """Arrow's reader threads once held the pool's Python bytes; about a third of the
+    processes that read one then aborted at exit (SIGABRT, "terminate called without an
+    active exception") after printing their answer, as `lion-ray pool stats` did in CI."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    table, _ = _import(seed_tasks_path.read_bytes(), str(seed_tasks_path))
+    pool = tmp_path / "pool.parquet"
+    pq.write_table(table, pool)
+    program = (
+        "import sys; from lion_ray.logic.pools import load_pool_bytes; "
+        "data = open(sys.argv[1], 'rb').read(); "
+        "print(load_pool_bytes(data, sys.argv[1])[0].num_rows)"
+    )
+    for _ in range(20):  # the abort is a race: one clean exit proves little
+        done = subprocess.run(
+            [sys.executable, "-c", program, str(pool)], capture_output=True, text=True
+        )
+        assert (done.returncode, done.stdout.strip()) == (0, "175"), done.stderr
