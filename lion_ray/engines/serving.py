@@ -956,6 +956,7 @@ class StudentServer:
             "swaps": self.swaps,
             "last_swap": self.last_swap,
             "swapping": self.retiring,
+            "inflight": self.model.inflight if self.model is not None else 0,  # being answered
             "asleep": self.asleep,  # colocated training has the GPU
             # False: restarted asleep, no engine to wake (one loads when woken); a vLLM
             # engine put to sleep stays loaded (its weights are freed, not the engine)

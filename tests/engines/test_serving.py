@@ -288,13 +288,23 @@ def test_a_swap_that_retires_first_answers_503_and_loses_no_answer(
                 waits.add(headers.get("Retry-After"))
                 time.sleep(0.05)
 
+    # A long scoring call in flight holds the swap in its drain, so the window in which new
+    # requests must get 503 lasts seconds however loaded the machine is (a bare swap of a
+    # tiny student can end before a loaded proxy passes on the next request).
+    long_rows = [{"instruction": question, "input": "", "answer": "abc " * 40}] * 3000
+    in_flight = serve.get_app_handle("one").loss_rows.remote(long_rows)
+    _until(lambda: _admin(one, "status", ADMIN_KEY)[1]["inflight"] == 1, "the scoring call")
     threads = [threading.Thread(target=hammer, daemon=True) for _ in range(3)]
     for t in threads:
         t.start()
     try:
-        time.sleep(1)
+        _until(lambda: len(outcomes) >= 3, "the first answers")
+        asked = time.time()
         code, body = _admin(one, "reload", ADMIN_KEY, {"model_dir": str(taught_student_b)})
         assert code == 200 and body["swap"]["how"] == "retire_first", body
+        scored = in_flight.result(timeout_s=120)
+        assert scored["t1"] > asked  # still running when the swap began, and it finished
+        assert scored["error"] == "" and len(scored["losses"]) == len(long_rows)
         deadline = time.time() + 30
         while time.time() < deadline and (not outcomes or outcomes[-1][1] != MEMORIZED_B[0][1]):
             time.sleep(0.2)
@@ -321,6 +331,13 @@ def test_a_swap_that_retires_first_answers_503_and_loses_no_answer(
     code, body = http_json(f"{one}/v1/chat/completions", KEY, ask)
     assert code == 200 and body["choices"][0]["message"]["content"] == MEMORIZED_B[0][1]
     serve.delete("one")
+
+
+def _until(condition, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(0.1)
 
 
 def _post_chat(url, body) -> tuple[int, dict, object]:
