@@ -105,7 +105,9 @@ def test_a_request_that_timed_out_may_be_billed_one_never_sent_is_not():
 
 
 def test_caller_honours_retry_after():
-    with SandboxProcess(ServerOptions(rpm=60, burst_s=1.0)) as sb:  # one request per second
+    # one request banked, the next one 2 s later: the second meets a 429 unless a loaded
+    # machine takes 1.5 s to send it
+    with SandboxProcess(ServerOptions(rpm=30, burst_s=2.0)) as sb:
         ep = sandbox_endpoint(sb)
         limiter = RecordingLimiter()
 

@@ -102,7 +102,9 @@ def test_max_tokens_cuts_off_with_length(openai_client):
 
 
 def test_rate_limit_429_with_headers():
-    with SandboxProcess(ServerOptions(rpm=120, burst_s=1.0)) as sb:
+    # 30 rpm banked over 4 s: 2 requests, one more every 2 s, so the six requests below meet
+    # an empty bucket unless a loaded machine takes 2 s to send them
+    with SandboxProcess(ServerOptions(rpm=30, burst_s=4.0)) as sb:
         client = OpenAI(base_url=sb.base_url, api_key="x", max_retries=0)
         msgs = prompts.teacher_messages("What is 1 + 2?")
         ok, limited = 0, None
@@ -110,15 +112,15 @@ def test_rate_limit_429_with_headers():
             try:
                 raw = client.chat.completions.with_raw_response.create(model="t", messages=msgs)
                 ok += 1
-                assert raw.headers["x-ratelimit-limit-requests"] == "120"
+                assert raw.headers["x-ratelimit-limit-requests"] == "30"
             except openai.RateLimitError as exc:
                 limited = exc
-        assert ok == 2  # 120 rpm over a 1 s window banks 2 requests
+        assert ok == 2
         h = limited.response.headers
         assert int(h["retry-after"]) >= 1 and int(h["retry-after-ms"]) > 0
         assert h["x-ratelimit-remaining-requests"] == "0" and h[
             "x-ratelimit-reset-requests"
-        ].endswith("ms")
+        ].endswith("s")  # "3.99s": the bucket is full again in under 4 s
         assert limited.body["code"] == "rate_limit_exceeded"
         time.sleep(float(h["retry-after-ms"]) / 1000 + 0.05)
         client.chat.completions.create(model="t", messages=msgs)  # allowed again after Retry-After
@@ -126,13 +128,14 @@ def test_rate_limit_429_with_headers():
 
 
 def test_token_limit_429():
-    with SandboxProcess(ServerOptions(tpm=6000, burst_s=1.0)) as sb:  # 100 tokens per second window
+    # 600 tpm banked over 10 s: 100 tokens, refilled 10 per second
+    with SandboxProcess(ServerOptions(tpm=600, burst_s=10.0)) as sb:
         client = OpenAI(base_url=sb.base_url, api_key="x", max_retries=0)
         msgs = prompts.teacher_messages("What is 1 + 2?")
         client.chat.completions.create(model="t", messages=msgs, max_tokens=20)
         with pytest.raises(openai.RateLimitError) as err:
             client.chat.completions.create(model="t", messages=msgs, max_tokens=90)
-        assert err.value.response.headers["x-ratelimit-limit-tokens"] == "6000"
+        assert err.value.response.headers["x-ratelimit-limit-tokens"] == "600"
         assert sb.stats()["rejected"]["rate_limit_tokens"] == 1
 
 
@@ -177,7 +180,8 @@ def test_latency_distribution_and_slow_responses():
             client.chat.completions.create(model="t", messages=msgs)
             times.append(time.perf_counter() - t)
         mean = sum(times) / len(times)
-        assert 0.04 <= mean <= 0.12 and max(times) - min(times) > 0.01
+        # 60 ms injected on top of a local round trip (more on a loaded machine)
+        assert 0.04 <= mean <= 0.3 and max(times) - min(times) > 0.01
     with SandboxProcess(ServerOptions(slow_rate=1.0, slow_ms=3000)) as sb:
         client = OpenAI(base_url=sb.base_url, api_key="x", max_retries=0, timeout=0.5)
         with pytest.raises(openai.APITimeoutError):
@@ -200,10 +204,13 @@ def test_bearer_key_required_when_configured():
         assert sb.stats()["rejected"]["unauthorized"] == 1
 
 
-def test_cli_rpm_600_enforced_on_a_burst():
-    """`lion-ray sandbox serve --rpm 600`: a burst beyond the limit gets 429s with Retry-After."""
+def test_cli_rpm_enforced_on_a_burst():
+    """`lion-ray sandbox serve --rpm 60 --burst-s 10`: a burst beyond the limit gets 429s
+    with Retry-After (10 banked, one more per second: 40 requests sent within 10 s, as even a
+    loaded machine does, meet at least 20 refusals)."""
+    serve = ["sandbox", "serve", "--port", "0", "--rpm", "60", "--burst-s", "10"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lion_ray", "sandbox", "serve", "--port", "0", "--rpm", "600"],
+        [sys.executable, "-m", "lion_ray", *serve],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ},
@@ -213,7 +220,7 @@ def test_cli_rpm_600_enforced_on_a_burst():
         client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         msgs = prompts.teacher_messages("What is 2 + 2?")
         codes = []
-        for _ in range(40):  # far faster than 10 per second
+        for _ in range(40):  # far faster than one per second
             try:
                 client.chat.completions.create(model="t", messages=msgs)
                 codes.append(200)
@@ -225,7 +232,7 @@ def test_cli_rpm_600_enforced_on_a_burst():
 
         stats = json.loads(urllib.request.urlopen(f"{url}/stats").read())
         assert codes.count(429) >= 20 and stats["rejected_429"] == codes.count(429)
-        assert stats["max_accepted_in_window"]["requests"] <= 600
+        assert stats["max_accepted_in_window"]["requests"] == codes.count(200) <= 20
     finally:
         proc.terminate()
         proc.wait(10)
