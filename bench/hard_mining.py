@@ -3,7 +3,8 @@
     python -m bench.hard_mining --quick          # a smoke size: 3 seeds x 5 arms, ~15 minutes
     python -m bench.hard_mining                  # the full size of docs/method.md (~12 h here)
     python -m bench.hard_mining --docs           # and write its table and plot into docs/
-    python -m bench.hard_mining --report-only    # summarize finished arms again, run nothing
+    python -m bench.hard_mining --report-only    # summarize the recorded pairs, run nothing
+    python -m bench.hard_mining --parallel 2     # two (arm, seed) pairs at once
     python -m bench.hard_mining --first-seed 100 --seeds 1 --arms random   # a validation pilot
 
 The world: the sandbox's ten task families, with the generator that writes like an LLM
@@ -27,6 +28,17 @@ discrimination and generation would feed a round that never runs. No setting was
 the held-out set: every value below was fixed, and written in docs/method.md, before the
 first reported run; seeds from 100 up are validation seeds, never reported.
 
+Each finished (arm, seed) writes its result to a small JSON file (the full size:
+``docs/method_run2/ARM-seedN.json``, under version control; other sizes: under --out), and
+each seed's shared round 1 writes ``shared-seedN.json``; every file names the commit it ran
+on. A pair with a file is never run again, so the run goes on in parts, on any machine, and
+the tables are built from the files alone. A pair that was interrupted has no file and is
+run again from its run directory (or from scratch on a new machine). Pairs run in the order
+that answers the main question first: seeds in order, and within a seed ``referee``,
+``learnability``, ``random``, then ``student_loss`` and ``one_shot``. With --parallel N,
+N processes take pairs from that order, each claiming a pair with a lock file (a process
+that dies lets go of its claims); every process has its own local Ray.
+
 Prints one JSON line: per arm the final held-out accuracy (mean and 95% t-interval over
 seeds), per pair the mean paired difference and its interval, plus accuracy by round, by
 family and by difficulty, what each arm added (by family and difficulty), and what
@@ -37,10 +49,15 @@ discrimination cost. Writes ``accuracy.png`` and ``table.md`` under --out (and d
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import itertools
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -56,6 +73,11 @@ from lion_ray.sandbox.tasks import parse_instruction
 from lion_ray.session import Session
 
 ARMS = ("referee", "student_loss", "learnability", "random", "one_shot")
+# the order pairs run in: after three seeds of the first three arms, the paired intervals
+# for learnability-referee and referee-random exist
+RUN_ORDER = ("referee", "learnability", "random", "student_loss", "one_shot")
+REPO = Path(__file__).resolve().parent.parent
+RUN2_RECORDS = REPO / "docs" / "method_run2"  # the registered run's results, one per pair
 SHARED = ("imitation.teacher", "imitation.train", "eval.heldout")  # round 1, every arm
 SIZES = {
     # a smoke size: every arm, stage and statistic runs; the student learns too little here
@@ -264,6 +286,8 @@ def summarize(results: dict[str, dict[int, dict]], rounds: int) -> dict:
         }
     for a, b in itertools.combinations(results, 2):
         seeds = sorted(set(results[a]) & set(results[b]))
+        if not seeds:  # a run in parts: these two arms share no finished seed yet
+            continue
         diffs = [
             results[a][s]["accuracy_by_round"][-1] - results[b][s]["accuracy_by_round"][-1]
             for s in seeds
@@ -341,6 +365,185 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def code_commit() -> str:
+    """The commit this checkout runs, with '+dirty' when its tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + ("+dirty" if dirty else "")
+
+
+def record_path(records: Path, arm: str, seed: int) -> Path:
+    return records / f"{arm}-seed{seed}.json"
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Atomically: a file that exists is a finished pair (a kill mid-write leaves none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_record(path: Path, size: str, rounds: int) -> dict:
+    """A finished pair's result; one of another size or round count is not mixed in."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(
+            f"{path}: not a readable result ({exc}); delete it to run the pair again"
+        ) from None
+    if (record.get("size"), record.get("rounds")) != (size, rounds):
+        raise SystemExit(
+            f"{path}: recorded for size {record.get('size')!r} with {record.get('rounds')} "
+            f"rounds, this run is {size!r} with {rounds}; use another --records folder"
+        )
+    return record
+
+
+def api_totals(run_dir: Path) -> dict:
+    """Every API request and dollar of one arm's run (round 1's shared teacher included)."""
+    by_role: dict[str, dict] = {}
+    for rec in RunDir(str(run_dir)).manifest.stages.values():
+        for role, use in rec.api.items():
+            cur = by_role.setdefault(role, {"requests": 0, "usd": 0.0})
+            cur["requests"] += use.requests
+            cur["usd"] = round(cur["usd"] + use.cost_usd, 6)
+    return {
+        "api_requests": sum(r["requests"] for r in by_role.values()),
+        "api_usd": round(sum(r["usd"] for r in by_role.values()), 4),
+        "api_by_role": by_role,
+    }
+
+
+@contextlib.contextmanager
+def claim(path: Path, wait: bool):
+    """An exclusive lock on ``path`` (yields False when ``wait`` is off and another process
+    holds it). The kernel drops it when its process dies, so no claim outlives its owner."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def run_pairs(args, name: str, size: dict, pairs, out: Path, records: Path, rounds: int):
+    """Run every pair of ``pairs`` that has no record and no other process's claim."""
+    console = Console(stderr=True)
+    commit = code_commit()
+    engine = None
+    try:
+        for seed, arm in pairs:
+            final = record_path(records, arm, seed)
+            with claim(out / "claims" / final.with_suffix(".lock").name, wait=False) as mine:
+                if not mine or final.exists():
+                    continue
+                if engine is None:
+                    engine = start_engine(size, seed, arm, out, rounds)
+                started = time.monotonic()
+                with claim(out / "claims" / f"shared-seed{seed}.lock", wait=True):
+                    base = shared_round_one(size, seed, out, console, rounds, engine)
+                    record_shared(records, name, seed, rounds, base, commit, started)
+                run_dir = out / f"seed{seed}" / arm
+                cfg = arm_config(size, seed, arm, run_dir, rounds)
+                fork(base, cfg, run_dir)
+                run(
+                    cfg,
+                    show_progress=False,
+                    console=console,
+                    driver_cls=OneShot if arm == "one_shot" else ArmDriver,
+                    student_engine=engine,
+                )
+                result = arm_results(run_dir, rounds) | api_totals(run_dir)
+                write_record(
+                    final,
+                    result
+                    | {
+                        "arm": arm,
+                        "seed": seed,
+                        "size": name,
+                        "rounds": rounds,
+                        "commit": commit,
+                        # this pair alone, its share of the shared round 1 included when it ran
+                        "wall_s": round(time.monotonic() - started, 1),
+                        "parallel": args.parallel,
+                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    },
+                )
+                console.print(f"seed {seed} {arm}: {json.dumps(result['accuracy_by_round'])}")
+    finally:
+        if engine is not None:
+            engine.stop()
+
+
+def record_shared(records, name, seed, rounds, base, commit, started) -> None:
+    """Round 1 of a seed, the same for every arm: recorded once; a rerun of it on another
+    machine or commit is checked against the record (the arms' numbers build on it)."""
+    path = records / f"shared-seed{seed}.json"
+    stage = RunDir(str(base)).manifest.stages["round_1/eval.heldout"]
+    accuracy = stage.metrics["accuracy"]
+    if path.exists():
+        recorded = read_record(path, name, rounds)
+        if recorded["accuracy_round1"] != accuracy:
+            Console(stderr=True).print(
+                f"[yellow]seed {seed}: round 1 scored {accuracy} here, {path} recorded "
+                f"{recorded['accuracy_round1']} (commit {recorded['commit']}): the arms "
+                "that follow build on this machine's round 1[/yellow]"
+            )
+        return
+    write_record(
+        path,
+        {
+            "seed": seed,
+            "size": name,
+            "rounds": rounds,
+            "commit": commit,
+            "accuracy_round1": accuracy,
+            "by_family_round1": stage.metrics["by_family"],
+            "wall_s": round(time.monotonic() - started, 1),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+
+
+def start_engine(size: dict, seed: int, arm: str, out: Path, rounds: int):
+    """One Ray, one Serve and one student engine for every run of this process, as for every
+    stage of one run: each run moves its own student into the engine (a start is about
+    10 s, and there are six runs per seed)."""
+    from lion_ray.engines.cluster import init_ray
+    from lion_ray.engines.serving import start_serve
+    from lion_ray.engines.student_engine import StudentEngine
+    from lion_ray.student import init_student
+
+    first = arm_config(size, seed, arm, out, rounds)
+    init_ray(first.cluster, quiet=True)
+    start_serve(proxy_location="Disabled")
+    engine_init = out / f"engine_init-{os.getpid()}"  # processes of --parallel: one each
+    init_student(str(engine_init), first.student.tiny)
+    return StudentEngine.start(
+        first.student,
+        str(engine_init),
+        first.serve,
+        train=first.train,
+        app="hard-mining-student",
+        http=False,
+    )
+
+
 def main() -> None:
     # parse
     parser = argparse.ArgumentParser(
@@ -363,6 +566,15 @@ def main() -> None:
     parser.add_argument(
         "--out", default=None, help="default: /tmp/lion-bench-hard-mining-SIZE[-seedFIRST]"
     )
+    parser.add_argument(
+        "--records",
+        default=None,
+        help="where each finished (arm, seed) writes its result file; default: "
+        "docs/method_run2 for the full size's reported seeds, else OUT/records",
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="processes taking pairs at once (each its Ray)"
+    )
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     parser.add_argument(
         "--docs", action="store_true", help="also write docs/method_[quick_]{table.md,accuracy.png}"
@@ -370,8 +582,10 @@ def main() -> None:
     parser.add_argument(
         "--report-only",
         action="store_true",
-        help="run nothing: summarize the finished arms under --out again",
+        help="run nothing: summarize the recorded pairs",
     )
+    # a process that --parallel started: it takes pairs, and neither starts others nor reports
+    parser.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     name = "quick" if args.quick else "full"
     size = SIZES[name]
@@ -379,73 +593,58 @@ def main() -> None:
     arms = [a for a in args.arms.split(",") if a]
     if unknown := set(arms) - set(ARMS):
         parser.error(f"--arms: unknown {sorted(unknown)}; choose from {','.join(ARMS)}")
+    if args.parallel < 1:
+        parser.error("--parallel: at least 1")
     rounds = args.rounds or size["rounds"]
     if args.docs and args.first_seed >= 100:
         parser.error("--docs: seeds from 100 up are validation seeds, never reported")
     pilot = f"-seed{args.first_seed}" if args.first_seed else ""  # never mixed with reported runs
     out = Path(args.out or f"/tmp/lion-bench-hard-mining-{name}{pilot}")
+    reported = name == "full" and args.first_seed < 100 and args.rounds in (None, size["rounds"])
+    records = (
+        Path(args.records) if args.records else (RUN2_RECORDS if reported else out / "records")
+    )
     if args.fresh and not args.report_only:
         shutil.rmtree(out, ignore_errors=True)
+        if records != RUN2_RECORDS:  # the registered run's files are removed by hand only
+            shutil.rmtree(records, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    console = Console(stderr=True)
     started = time.monotonic()
-    engine = None
+    order = [a for a in RUN_ORDER if a in arms]
+    pairs = [(seed, arm) for seed in seeds for arm in order]
+
+    # run: round 1 once per seed, then every arm from a copy of it; pairs already recorded
+    # are skipped, so an interrupted run goes on where it stopped
     if not args.report_only:
-        # one Ray, one Serve and one student engine for every run, as for every stage of one
-        # run: each run moves its own student into the engine (a start is about 10 s, and
-        # there are six runs per seed)
-        from lion_ray.engines.cluster import init_ray
-        from lion_ray.engines.serving import start_serve
-        from lion_ray.engines.student_engine import StudentEngine
-        from lion_ray.student import init_student
+        helpers = []
+        for _ in range(0 if args.helper else args.parallel - 1):
+            argv = [a for a in sys.argv[1:] if a != "--fresh"]
+            helpers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "bench.hard_mining", *argv, "--helper"], cwd=REPO
+                )
+            )
+            time.sleep(30)  # Ray starts one at a time: two at once on 2 cores time out
+        run_pairs(args, name, size, pairs, out, records, rounds)
+        for helper in helpers:
+            if helper.wait() != 0:
+                raise SystemExit(f"a --parallel process failed (rc {helper.returncode})")
+    if args.helper:
+        return
 
-        first = arm_config(size, seeds[0], arms[0], out, rounds)
-        init_ray(first.cluster, quiet=True)
-        start_serve(proxy_location="Disabled")
-        if not (out / "engine_init" / storage.CHECKSUMS).exists():
-            init_student(str(out / "engine_init"), first.student.tiny)
-        engine = StudentEngine.start(
-            first.student,
-            str(out / "engine_init"),
-            first.serve,
-            train=first.train,
-            app="hard-mining-student",
-            http=False,
-        )
-
-    # run: round 1 once per seed, then every arm from a copy of it
+    # report: from the recorded pairs alone
     results: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
-    for seed in seeds:
-        if args.report_only:
-            for arm in arms:
-                results[arm][seed] = arm_results(out / f"seed{seed}" / arm, rounds)
-            continue
-        base = shared_round_one(size, seed, out, console, rounds, engine)
-        for arm in arms:
-            run_dir = out / f"seed{seed}" / arm
-            cfg = arm_config(size, seed, arm, run_dir, rounds)
-            fork(base, cfg, run_dir)
-            run(
-                cfg,
-                show_progress=False,
-                console=console,
-                driver_cls=OneShot if arm == "one_shot" else ArmDriver,
-                student_engine=engine,
-            )
-            results[arm][seed] = arm_results(run_dir, rounds)
-            console.print(
-                f"seed {seed} {arm}: {json.dumps(results[arm][seed]['accuracy_by_round'])}"
-            )
-
-    if engine is not None:
-        engine.stop()
-
-    # report
+    for seed, arm in pairs:
+        if record_path(records, arm, seed).exists():
+            results[arm][seed] = read_record(record_path(records, arm, seed), name, rounds)
+    results = {arm: by_seed for arm, by_seed in results.items() if by_seed}
+    if not results:
+        raise SystemExit(f"no recorded pair under {records}: nothing to report")
     summary = summarize(results, rounds)
     plot(summary, rounds, out / "accuracy.png")
     (out / "table.md").write_text(table(summary))
     if args.docs:
-        docs = Path(__file__).resolve().parent.parent / "docs"
+        docs = REPO / "docs"
         prefix = "method_quick_" if name == "quick" else "method_"  # quick never overwrites full
         shutil.copy(out / "accuracy.png", docs / f"{prefix}accuracy.png")
         (docs / f"{prefix}table.md").write_text(table(summary))
