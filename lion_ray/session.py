@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 
 from lion_ray.config import EndpointConfig, LionConfig
+from lion_ray.engines.plan import STUDENT_ENGINE
 from lion_ray.rundir import RunDir
 
 
@@ -52,6 +53,11 @@ class Session:
         self._student = student_engine  # the run's student engine (student.engine: resident)
         self._student_given = student_engine is not None
         self._student_starting = None  # a Future: the engine starting in the background
+        # What the session's long-lived engines hold while they live (holder -> Request): a
+        # stage's request is checked against the cluster less these (engines.cluster.preflight)
+        self.holdings: dict = {}
+        if student_engine is not None:
+            self.holdings[STUDENT_ENGINE] = student_engine.request
 
     def __enter__(self) -> Session:
         return self if self.lazy else self.start()
@@ -122,7 +128,7 @@ class Session:
                 batch_dir=run.batch_dir(role),
                 legacy_usd=legacy,
                 show_progress=self.show_progress,
-                resident=self.cfg.student.engine == "resident",
+                holdings=self.holdings,  # its workers live as long as this session
             )
             self._clients[role].stage = self._stage
         return self._clients[role]
@@ -154,17 +160,27 @@ class Session:
     def _start_student(self, model: str):
         import hashlib
 
-        from lion_ray.engines.student_engine import StudentEngine
+        from lion_ray.engines.student.engine import StudentEngine, engine_request
 
-        return StudentEngine.start(
-            self.cfg.student,
-            model,
-            self.cfg.serve,
-            train=self.cfg.train,
-            app="lion-run-" + hashlib.sha256(self.run.uri.encode()).hexdigest()[:8],
-            http=self.cfg.serve.during_run,
-            record_uri=self.run.path("student_engine.json"),
-        )
+        cfg = self.cfg
+        others = {k: v for k, v in self.holdings.items() if k != STUDENT_ENGINE}
+        # held from the start: a stage that checks resources while the engine is still
+        # starting (beside the run's first stages) counts it
+        self.holdings[STUDENT_ENGINE] = engine_request(cfg.student, cfg.serve, cfg.train)
+        try:
+            return StudentEngine.start(
+                cfg.student,
+                model,
+                cfg.serve,
+                train=cfg.train,
+                app="lion-run-" + hashlib.sha256(self.run.uri.encode()).hexdigest()[:8],
+                http=cfg.serve.during_run,
+                record_uri=self.run.path("student_engine.json"),
+                held=others,
+            )
+        except BaseException:
+            self.holdings.pop(STUDENT_ENGINE, None)
+            raise
 
     def _started_student(self):
         """The engine a background start brought up (its error, if it failed)."""
@@ -191,10 +207,17 @@ class Session:
         """Where the run's engine answers users (None before it is up, or without HTTP)."""
         return self._student.url if self._student is not None else None
 
-    def student_sleeps(self) -> None:
-        """Before training, with student.colocate: the engine gives its GPU to Ray Train."""
+    def student_sleeps(self) -> bool:
+        """Before training, with student.colocate: the engine gives its GPU to Ray Train.
+        True when an engine sleeps beside training (its share of each GPU stays reserved:
+        each worker gets the rest of one engine's GPU); False when none is up yet (round 1:
+        each worker asks a whole GPU, so that no two share one)."""
+        if self._student_starting is not None:
+            self._started_student()
         if self._student is not None and self.cfg.student.colocate:
             self._student.sleep()
+            return True
+        return False
 
     def take_api_wait_s(self) -> float:
         """Seconds the current stage waited on API answers (over all endpoints)."""
@@ -213,6 +236,7 @@ class Session:
                     self._started_student()
             if self._student is not None and not self._student_given:
                 self._student.stop()
+                self.holdings.pop(STUDENT_ENGINE, None)
             for engine in self._clients.values():
                 engine.close()
         finally:

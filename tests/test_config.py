@@ -132,7 +132,7 @@ def test_a_reasoning_model_as_referee(tmp_path):
         ),
         (
             ["student.backend=vllm", "train.lora.r=1024"],
-            r"train.lora.r \(1024\) is above the largest LoRA rank vLLM serves \(512\)",
+            r"train.lora.r: LoRA rank 1024 is above the largest vLLM serves \(512\)",
         ),
     ],
 )
@@ -151,7 +151,7 @@ def test_vllm_settings_that_can_start():
 
 
 def test_lora_ranks_round_up_to_what_vllm_accepts():
-    from lion_ray.engines.inference import VLLM_LORA_RANKS, vllm_lora_rank
+    from lion_ray.config import VLLM_LORA_RANKS, vllm_lora_rank
     from lion_ray.errors import LionError
 
     assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 16, 33, 300, 321, 512)] == [

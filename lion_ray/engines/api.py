@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from lion_ray.config import EndpointConfig
 from lion_ray.engines import cache as response_cache
+from lion_ray.engines.plan import API_WORKER_CPUS, api_workers_request
 from lion_ray.errors import LionError
 from lion_ray.logic.accounting import cost_usd, estimate_prompt_tokens
 from lion_ray.logic.chat import ChatRequest, ChatResult, usage
@@ -444,9 +445,6 @@ def _from_cache(request_id: str, entry: dict) -> ChatResult:
     )
 
 
-API_WORKER_CPUS = 0.25  # I/O bound: fractional CPUs keep 2-core machines from deadlocking
-
-
 def limiter_name(ledger_dir: str) -> str:
     return "lion-limiter-" + hashlib.sha256(ledger_dir.encode()).hexdigest()[:16]
 
@@ -467,7 +465,11 @@ class ApiEngine:
         flush_s: float = 1.0,
         show_progress: bool = True,
         resident: bool = True,
+        holdings: dict | None = None,
     ):
+        """``holdings``: the session's record of what its engines hold (holder -> Request):
+        the workers are checked against it before they start, and entered in it while they
+        live."""
         if endpoint.mode == "batch" and not batch_dir:
             raise LionError(f"{role}: mode 'batch' needs a directory to record its batches in")
         self.batch_dir = batch_dir
@@ -484,9 +486,10 @@ class ApiEngine:
         self._index: dict[str, dict] | None = None
         self._limiter = None
         self._workers: list | None = None
-        # False: workers start for each call and stop after it (student.engine: per_stage,
-        # the behaviour before resident engines, kept to compare against)
+        # False: workers start for each call and stop after it (the behaviour before resident
+        # engines, kept to compare against); True: they live until close()
         self.resident = resident
+        self.holdings = holdings if holdings is not None else {}
         self.wait_intervals: list[tuple[float, float]] = []  # (start, end) of answered chunks
         self._checked = False
 
@@ -638,17 +641,11 @@ class ApiEngine:
             import ray
 
             from lion_ray.engines.cluster import preflight
-            from lion_ray.logic.resources import Request
 
             ep = self.endpoint
-            preflight(
-                Request(
-                    f"{self.role} API workers",
-                    {"CPU": API_WORKER_CPUS},
-                    ep.num_actors,
-                    fix=f"Lower {self.role}.num_actors.",
-                )
-            )
+            request = api_workers_request(self.role, ep.num_actors)
+            preflight(request, {k: v for k, v in self.holdings.items() if k != self._holder})
+            self.holdings[self._holder] = request
             actor = ray.remote(ApiWorker).options(
                 num_cpus=API_WORKER_CPUS, max_restarts=3, max_task_retries=3
             )
@@ -737,6 +734,10 @@ class ApiEngine:
         self.wait_intervals = []
         return seconds
 
+    @property
+    def _holder(self) -> str:
+        return f"the {self.role} API workers"
+
     def _stop_workers(self) -> None:
         if self._workers:
             import ray
@@ -744,6 +745,7 @@ class ApiEngine:
             for worker in self._workers:
                 ray.kill(worker)
             self._workers = None
+        self.holdings.pop(self._holder, None)
 
     def close(self) -> None:
         """Stop the workers, and merge the cache's many small shards (once per run)."""

@@ -41,6 +41,7 @@ def init_ray(
         else:
             ctx = start_local_ray(cluster.num_cpus or default_num_cpus(), **kwargs)
         url = ctx.dashboard_url
+    set_scaling(cluster)
     if log_file:
         log_to_file(log_file)
     data_context_quiet()
@@ -163,32 +164,104 @@ def data_context_quiet() -> None:
     ctx.execution_options.preserve_order = False
 
 
-# What the run's own long-lived engines hold (a serving replica, resident API workers): a
-# stage cannot have it while they live. name -> resources; set by whoever starts them.
-HELD: dict[str, dict[str, float]] = {}
+# What the connected cluster can grow to (cluster.node_types) and how long a stage waits for
+# it: facts about the cluster this process connected to, set by init_ray.
+_SCALING: dict = {"node_types": [], "timeout_s": 900.0}
+NODE_GROUP_LABEL = "ray.io/node-group"  # KubeRay puts each pod's groupName here
 
 
-def node_capacity() -> list[dict[str, float]]:
-    """Each alive node's total resources, plus the nodes an autoscaler may still add."""
-    nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-    return nodes + autoscaler_headroom()
+def set_scaling(cluster: ClusterConfig) -> None:
+    _SCALING["node_types"] = list(cluster.node_types)
+    _SCALING["timeout_s"] = cluster.autoscale_timeout_s
 
 
-def autoscaler_headroom() -> list[dict[str, float]]:
-    """Nodes the autoscaler may still start (its node types' resources, up to their max
-    count, less those running), where the cluster reports them; [] without an autoscaler."""
-    return []
+def node_capacity() -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """(each alive node's total resources, the nodes an autoscaler may still add)."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return [dict(n["Resources"]) for n in alive], autoscaler_headroom(alive, _SCALING["node_types"])
 
 
-def preflight(request, also_held: dict[str, dict[str, float]] | None = None) -> None:
+def autoscaler_headroom(alive: list[dict], node_types: list) -> list[dict[str, float]]:
+    """Nodes the autoscaler may still start: each node type's resources, up to its max count,
+    less the nodes of that type already up (known by KubeRay's group label, or else by the
+    same CPU and GPU count)."""
+    pending: list[dict[str, float]] = []
+    for node_type in node_types:
+        shape = {k: float(v) for k, v in node_type.resources.items()}
+        up = sum(1 for node in alive if _of_type(node, node_type.name, shape))
+        pending += [dict(shape) for _ in range(max(0, node_type.max_count - up))]
+    return pending
+
+
+def _of_type(node: dict, name: str, shape: dict[str, float]) -> bool:
+    group = (node.get("Labels") or {}).get(NODE_GROUP_LABEL)
+    if group is not None:
+        return group == name
+    have = node.get("Resources") or {}
+    return all(abs(have.get(k, 0.0) - shape.get(k, 0.0)) < 1e-6 for k in ("CPU", "GPU"))
+
+
+def preflight(request, held: dict | None = None, *, wait: bool = True) -> None:
     """Refuse, before Ray is asked, a ``logic.resources.Request`` that this cluster can never
-    grant (Ray would queue it forever) while the run's engines hold what they hold (and
-    ``also_held``: engines not started yet that will be up at the same time)."""
-    from lion_ray.logic.resources import Capacity, check
+    grant (Ray would queue it forever) beside what the run's engines hold (``held``: holder
+    -> Request, e.g. a session's ``holdings``). A request that fits only on nodes an
+    autoscaler may still add is asked of the autoscaler (with what is held), and with
+    ``wait`` this waits for those nodes, up to cluster.autoscale_timeout_s."""
+    from lion_ray.logic.resources import Capacity, check, needs_scaling
 
-    holders = HELD | (also_held or {})
-    held: dict[str, float] = {}
-    for resources in holders.values():
-        for name, amount in resources.items():
-            held[name] = held.get(name, 0.0) + amount
-    check(request, Capacity(node_capacity(), held, " and ".join(sorted(holders))))
+    alive, pending = node_capacity()
+    capacity = Capacity(alive, dict(held or {}), pending)
+    check(request, capacity)
+    if needs_scaling(request, capacity):
+        ask_autoscaler([request, *capacity.held.values()])
+        if wait:
+            wait_for_nodes(request, capacity.held)
+
+
+def ask_autoscaler(requests: list) -> None:
+    """Tell the autoscaler what the run needs at once (its bundles), so that it starts the
+    nodes now; it keeps them while the request stands."""
+    from ray.autoscaler.sdk import request_resources
+
+    bundles = [r.asks() for r in requests for _ in range(r.count)]
+    request_resources(bundles=bundles)
+    log.warning(
+        "asked the autoscaler for %s",
+        "; ".join(f"{r.what}: {r.count} x {r.asks()}" for r in requests),
+    )
+
+
+def wait_for_nodes(request, held: dict, poll_s: float = 5.0) -> None:
+    """Until the nodes up now can hold ``request`` beside ``held``, or the deadline."""
+    import time
+
+    from lion_ray.logic.resources import Capacity, ResourcesUnavailable, possible
+
+    deadline = time.monotonic() + _SCALING["timeout_s"]
+    said = 0.0
+    while True:
+        alive, _ = node_capacity()
+        try:
+            have = possible(request, Capacity(alive, held))
+        except ResourcesUnavailable:
+            have = 0
+        if have >= request.count:
+            return
+        now = time.monotonic()
+        if now > deadline:
+            raise ResourcesUnavailable(
+                f"{request.what}: waited {_SCALING['timeout_s']:.0f} s for the autoscaler to "
+                f"add nodes for {request.count} x {request.asks()}; the {len(alive)} node(s) "
+                f"up hold {have}. Check the autoscaler's log (KubeRay: the operator and the "
+                "head's autoscaler container), or raise cluster.autoscale_timeout_s"
+            )
+        if now - said > 60:
+            log.warning(
+                "%s: waiting for the autoscaler (%d of %d fit on the %d node(s) up)",
+                request.what,
+                have,
+                request.count,
+                len(alive),
+            )
+            said = now
+        time.sleep(poll_s)

@@ -14,20 +14,22 @@ Every row comes back: ``ok`` or ``failed`` with the error.
 
 from __future__ import annotations
 
-import hashlib
-import threading
 import time
 import warnings
-from collections.abc import Iterator
 
 import pyarrow as pa
 
 from lion_ray import storage
 from lion_ray.config import StudentConfig
+from lion_ray.engines.student.backend import fit_prompt, student_format
+from lion_ray.engines.student.engine import Method
+from lion_ray.engines.student.hf import HFGenerator
+from lion_ray.engines.student.rows import answer_row, answers_table, loss_table, row_seed, timed
+from lion_ray.engines.student.vllm import VLLM_CPU_ENV, answer_nll, model_context, vllm_setup
 from lion_ray.errors import LionError
 from lion_ray.logic.pools import ANSWER_SCHEMA
 from lion_ray.logic.timing import union_seconds
-from lion_ray.models import adapter_base, check_model_path, is_adapter, read_model_json
+from lion_ray.models import check_model_path
 
 
 class StudentEngineError(LionError):
@@ -52,279 +54,6 @@ INPUT_SCHEMA = pa.schema(
 )
 
 
-def fit_prompt(ids: list[int], context: int, max_new_tokens: int) -> list[int]:
-    """A prompt that fits the context with room to answer: a short prompt is kept whole
-    (the answer gets what the context leaves); a long one loses tokens from its start,
-    keeping at least half the context (or max_new_tokens, if less) for the answer."""
-    answer = min(max_new_tokens, context // 2)
-    return ids[-(context - answer) :]
-
-
-class HFGenerator:
-    """Batched transformers generation on prompts in the student's own format.
-
-    Prompts are token ids from :class:`~lion_ray.formats.PromptFormat` (exactly what the
-    student trained on), sorted by length before batching (less padding), left-padded; only
-    the generated tokens are decoded. ``finish_reason`` is ``stop`` when an end token
-    (EOS / end of turn) was produced, else ``length``.
-    """
-
-    def __init__(
-        self,
-        model_uri: str,
-        *,
-        prompt_format: str = "alpaca",
-        system: str = "",
-        dtype: str = "auto",
-        attn_implementation: str | None = None,
-        trust_remote_code: bool = False,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        batch_size: int = 32,
-        device: str | None = None,
-        seed: int = 0,
-    ):
-        import torch
-
-        from lion_ray.formats import PromptFormat
-        from lion_ray.models import load_causal_lm, load_tokenizer
-
-        self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer_dir = load_causal_lm(
-            model_uri,
-            dtype=dtype,
-            device=self.device,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-        )
-        self.model = model.eval()
-        self.model_dir = tokenizer_dir
-        self.adapter = is_adapter(tokenizer_dir)
-        self.tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
-        self.format = PromptFormat(self.tokenizer, prompt_format, system)
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.batch_size = batch_size
-        self.seed = seed
-        config = getattr(self.model, "config", None)
-        self.position_limit = getattr(config, "max_position_embeddings", 2048)
-        self.inflight = 0  # requests using this generator (serving's hot swap waits for 0)
-        self.asleep = False
-
-    @classmethod
-    def for_student(cls, model_uri: str, student: StudentConfig) -> HFGenerator:
-        return cls(
-            model_uri,
-            prompt_format=student.prompt_format,
-            system=student.system_prompt,
-            dtype=student.dtype,
-            attn_implementation=student.attn_implementation,
-            trust_remote_code=student.trust_remote_code,
-            max_new_tokens=student.max_new_tokens,
-            temperature=student.temperature,
-            top_p=student.top_p,
-            batch_size=student.batch_size,
-            seed=student.seed,
-        )
-
-    def sleep(self) -> None:
-        """Give the accelerator to training (student.colocate): the model waits in host
-        memory until the next reload or request."""
-        if self.device != "cpu" and not self.asleep:
-            self.model.to("cpu")
-            self.torch.cuda.empty_cache()
-            self.asleep = True
-
-    def wake(self) -> None:
-        if self.asleep:
-            self.model.to(self.device)
-            self.asleep = False
-
-    def prepare_reload(self, model_uri: str):
-        """The new checkpoint's weights on CPU, ready to copy into this model in place, or
-        None when it cannot be (an adapter on either side, another architecture)."""
-        from lion_ray.models import fits_in_place, local_model_dir
-        from lion_ray.weights import load_tensors
-
-        new_dir = local_model_dir(model_uri)
-        if self.adapter or is_adapter(new_dir) or not fits_in_place(self.model_dir, new_dir):
-            return None
-        return new_dir, load_tensors(new_dir)
-
-    def apply_reload(self, prepared) -> None:
-        """Copy the prepared weights into the loaded model (no request may be running)."""
-        new_dir, state = prepared
-        own = self.model.state_dict()
-        given = {own[k].data_ptr() for k in state if k in own}
-        # a key the checkpoint leaves out is fine only when it is tied to one it has
-        untied = [k for k in own if k not in state and own[k].data_ptr() not in given]
-        unexpected = [k for k in state if k not in own]
-        if untied or unexpected:
-            raise LionError(
-                f"{new_dir} does not fit the loaded model: missing {untied[:3]}, "
-                f"unexpected {unexpected[:3]}"
-            )
-        self.model.load_state_dict(state, strict=False)  # copies in place, casting the dtype
-        self.model_dir = new_dir
-        self.wake()
-
-    def fit(self, ids: list[int], max_new_tokens: int | None = None) -> list[int]:
-        return fit_prompt(ids, self.position_limit, max_new_tokens or self.max_new_tokens)
-
-    def generate(self, items: list[tuple[str, str]], **sampling) -> list[dict]:
-        """One result per (instruction, input): answer, finish_reason, token counts."""
-        return self.generate_ids([self.format.prompt_ids(i, x) for i, x in items], **sampling)
-
-    def generate_ids(
-        self,
-        prompts: list[list[int]],
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-    ) -> list[dict]:
-        """Like :meth:`generate` for prompts already as token ids; sampling overrides the
-        defaults given at construction."""
-        self.wake()
-        encoded = [self.fit(p, max_new_tokens) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda k: len(encoded[k]))
-        results: list[dict | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            batch = self._generate_batch(
-                [encoded[k] for k in idx], max_new_tokens, temperature, top_p
-            )
-            for k, res in zip(idx, batch, strict=True):
-                results[k] = res
-        return results  # type: ignore[return-value]
-
-    def losses(self, items: list[tuple[str, str, str]]) -> list[float]:
-        """The mean per-token loss of each (instruction, input, answer): the same ids, the
-        same masking and the same truncation the student trains with."""
-        torch = self.torch
-        self.wake()
-        examples = [self.format.example(i, x, a, self.position_limit) for i, x, a in items]
-        order = sorted(range(len(items)), key=lambda k: len(examples[k].input_ids))
-        out: list[float] = [0.0] * len(items)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            width = max(len(examples[k].input_ids) for k in idx)
-            ids = torch.full((len(idx), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            labels = torch.full((len(idx), width), -100, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for row, k in enumerate(idx):  # right-padded: positions match training's
-                n = len(examples[k].input_ids)
-                ids[row, :n] = torch.tensor(examples[k].input_ids)
-                labels[row, :n] = torch.tensor(examples[k].labels)
-                attention[row, :n] = 1
-            with torch.no_grad():
-                logits = self.model(
-                    input_ids=ids.to(self.device), attention_mask=attention.to(self.device)
-                ).logits.float()
-            shifted, targets = logits[:, :-1], labels[:, 1:].to(self.device)
-            token_loss = torch.nn.functional.cross_entropy(
-                shifted.reshape(-1, shifted.size(-1)),
-                targets.reshape(-1),
-                ignore_index=-100,
-                reduction="none",
-            ).view(targets.shape)
-            counted = (targets != -100).sum(dim=1).clamp(min=1)
-            for row, k in enumerate(idx):
-                out[k] = float(token_loss[row].sum() / counted[row])
-        return out
-
-    def _sampling(self, max_new_tokens, temperature, top_p) -> dict:
-        temperature = self.temperature if temperature is None else temperature
-        sample = temperature > 0
-        return {
-            "max_new_tokens": max_new_tokens or self.max_new_tokens,
-            "do_sample": sample,
-            "temperature": temperature if sample else None,
-            "top_p": (self.top_p if top_p is None else top_p) if sample else None,
-            "eos_token_id": self.format.stop_ids,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
-
-    def _finish(self, ids: list[int], gen: list[int]) -> dict:
-        stop = next((k for k, t in enumerate(gen) if t in self.format.stop_ids), None)
-        if stop is not None:
-            gen = gen[: stop + 1]
-        text = self.tokenizer.decode(gen, skip_special_tokens=True)
-        return {
-            "answer": text.strip(),
-            "finish_reason": "stop" if stop is not None else "length",
-            "prompt_tokens": len(ids),
-            "completion_tokens": len(gen),
-        }
-
-    def _generate_batch(
-        self, batch_ids: list[list[int]], max_new_tokens=None, temperature=None, top_p=None
-    ) -> list[dict]:
-        torch = self.torch
-        width = max(len(x) for x in batch_ids)
-        input_ids = torch.full(
-            (len(batch_ids), width), self.tokenizer.pad_token_id, dtype=torch.long
-        )
-        attention = torch.zeros_like(input_ids)
-        for row, ids in enumerate(batch_ids):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention[row, width - len(ids) :] = 1
-        sampling = self._sampling(max_new_tokens, temperature, top_p)
-        sampling["max_new_tokens"] = min(sampling["max_new_tokens"], self.position_limit - width)
-        if sampling["do_sample"]:  # reproducible per batch content, whatever the batch order
-            torch.manual_seed(
-                self.seed + int(hashlib.sha256(repr(batch_ids).encode()).hexdigest()[:8], 16)
-            )
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention.to(self.device),
-                **sampling,
-            )
-        return [
-            self._finish(ids, gen)
-            for ids, gen in zip(batch_ids, out[:, width:].tolist(), strict=True)
-        ]
-
-    def stream(
-        self,
-        ids: list[int],
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-    ) -> Iterator[dict]:
-        """Text deltas as they are generated ({"delta": str}), then one final {"finish": ...}."""
-        from transformers import TextIteratorStreamer
-
-        self.wake()
-        ids = self.fit(ids, max_new_tokens)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        output: dict = {}
-        sampling = self._sampling(max_new_tokens, temperature, top_p)
-        sampling["max_new_tokens"] = min(sampling["max_new_tokens"], self.position_limit - len(ids))
-
-        def run() -> None:
-            with self.torch.no_grad():
-                output["ids"] = self.model.generate(
-                    input_ids=self.torch.tensor([ids], device=self.device),
-                    attention_mask=self.torch.ones(
-                        (1, len(ids)), dtype=self.torch.long, device=self.device
-                    ),
-                    streamer=streamer,
-                    **sampling,
-                )[0, len(ids) :].tolist()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        for text in streamer:
-            if text:
-                yield {"delta": text}
-        thread.join()
-        yield {"finish": self._finish(ids, output.get("ids", []))}
-
-
 def _with_retries(work, rows: list[dict], retries: int):
     """``work(rows)`` for one batch, tried ``retries + 1`` times: a bad batch must not take
     the stage down. Returns (result, "") or (None, the last error)."""
@@ -338,40 +67,47 @@ def _with_retries(work, rows: list[dict], retries: int):
 
 
 class HFPredictor:
-    """Ray Data actor: loads the student once, answers batches; a failing batch is retried,
-    then its rows are marked failed (never dropped)."""
+    """Ray Data actor: loads the student once, answers batches (a sampling seed per row); a
+    failing batch is retried, then its rows are marked failed (never dropped)."""
 
     max_batch_retries = 2
 
     def __init__(self, model_uri: str, student: dict):
-        self.generator = HFGenerator.for_student(model_uri, StudentConfig.model_validate(student))
+        self.student = StudentConfig.model_validate(student)
+        self.generator = HFGenerator.for_student(model_uri, self.student)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         t0 = time.time()
+        fmt, seed = self.generator.format, self.student.seed
         outs, error = _with_retries(
-            lambda rs: self.generator.generate([(r["instruction"], r["input"]) for r in rs]),
+            lambda rs: self.generator.generate_ids(
+                [fmt.prompt_ids(r["instruction"], r["input"] or "") for r in rs],
+                seeds=[row_seed(seed, r["id"]) for r in rs],
+            ),
             rows,
             self.max_batch_retries,
         )
-        return timed(_answers_table(rows, outs or [None] * len(rows), error), t0)
+        return timed(answers_table(rows, outs or [None] * len(rows), error), t0)
 
 
 class LossScorer:
-    """Ray Data actor: the student's loss on each row's teacher answer (``answer``); a
-    failing batch is retried, then its rows get no loss and the error."""
+    """Ray Data actor: the student's loss on each row's teacher answer (``answer``), on the
+    tokens training learns at ``max_length``; a failing batch is retried, then its rows get
+    no loss and the error."""
 
     max_batch_retries = 2
 
-    def __init__(self, model_uri: str, student: dict):
+    def __init__(self, model_uri: str, student: dict, max_length: int | None = None):
         self.generator = HFGenerator.for_student(model_uri, StudentConfig.model_validate(student))
+        self.max_length = max_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         t0 = time.time()
         losses, error = _with_retries(
             lambda rs: self.generator.losses(
-                [(r["instruction"], r["input"], r["answer"]) for r in rs]
+                [(r["instruction"], r["input"], r["answer"]) for r in rs], self.max_length
             ),
             rows,
             self.max_batch_retries,
@@ -379,130 +115,10 @@ class LossScorer:
         return timed(loss_table(rows, losses or [None] * len(rows), error), t0)
 
 
-def loss_table(rows: list[dict], losses: list, error: str) -> pa.Table:
-    return pa.Table.from_pylist(
-        [{"id": r["id"], "loss": x, "error": error} for r, x in zip(rows, losses, strict=True)],
-        schema=LOSS_SCHEMA,
-    )
-
-
-def timed(table: pa.Table, t0: float, t1: float | None = None) -> pa.Table:
-    """A batch's rows with when its engine worked on them (a stage's compute time)."""
-    t1, n = t1 or time.time(), table.num_rows
-    return table.append_column("_t0", pa.array([t0] * n)).append_column("_t1", pa.array([t1] * n))
-
-
-LOSS_SCHEMA = pa.schema([("id", pa.string()), ("loss", pa.float64()), ("error", pa.string())])
-
-
-def answer_rows_table(rows: list[dict], outs: list[dict]) -> pa.Table:
-    """Answers from the student engine: each out is a generator's result, or {"error": ...}
-    for a row that failed."""
-    table = _answers_table(rows, [None if "error" in o else o for o in outs])
-    errors = [o.get("error", "") for o in outs]
-    return table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors))
-
-
-def _answers_table(rows: list[dict], outs: list[dict | None], error: str = "") -> pa.Table:
-    table = []
-    for r, o in zip(rows, outs, strict=True):
-        table.append(
-            {
-                "id": r["id"],
-                "instruction": r["instruction"],
-                "input": r["input"],
-                "answer": o["answer"] if o else "",
-                "status": "ok" if o else "failed",
-                "error": "" if o else error,
-                "finish_reason": o["finish_reason"] if o else "",
-                "prompt_tokens": o["prompt_tokens"] if o else 0,
-                "completion_tokens": o["completion_tokens"] if o else 0,
-                "cost_usd": 0.0,
-                "cached": False,
-            }
-        )
-    return pa.Table.from_pylist(table, schema=ANSWER_SCHEMA)
-
-
-# The values vLLM accepts for max_lora_rank (vllm/config/lora.py); an adapter's rank is
-# rounded up to the next one (the engine pads smaller adapters).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def vllm_lora_rank(rank: int) -> int:
-    """The smallest max_lora_rank vLLM accepts that holds an adapter of ``rank``."""
-    for allowed in VLLM_LORA_RANKS:
-        if rank <= allowed:
-            return allowed
-    raise LionError(
-        f"LoRA rank {rank} is above the largest vLLM serves ({VLLM_LORA_RANKS[-1]}); lower "
-        "train.lora.r or use student.backend 'hf'"
-    )
-
-
-def vllm_setup(
-    student: StudentConfig,
-    model_uri: str,
-    *,
-    local: bool = True,
-    max_model_len: int | None = None,
-) -> tuple[str, dict, str | None]:
-    """(model for the engine, engine kwargs, LoRA adapter or None) for a student checkpoint.
-
-    ``local``: the model and adapter as directories on this machine (an engine started
-    here, as a serving replica starts its own); else as URIs every node resolves itself (an
-    object-store model is downloaded by each engine on its own node, never onto the
-    driver). The context is ``max_model_len`` (what the work needs) capped at the model's
-    own; an exported adapter runs as a LoRA request on its base; on CPU (the vllm-cpu
-    build) the engine runs in float32 and eager mode, with a small share of memory. The
-    config's ``engine_kwargs`` override all of it."""
-    from lion_ray.models import local_model_dir
-
-    files = storage.current(model_uri)
-    adapter = files if is_adapter(model_uri) else None
-    base = storage.current(adapter_base(files)) if adapter else files
-    context = model_context(base)
-    kwargs: dict = {"tensor_parallel_size": student.tensor_parallel_size}
-    if context or max_model_len:
-        kwargs["max_model_len"] = min(x for x in (context, max_model_len) if x)
-    if student.vllm_device == "cpu":
-        kwargs |= {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.3}
-    elif student.tensor_parallel_size > 1 and local:
-        # an engine in a Serve replica: its tensor-parallel workers are processes on the
-        # GPUs Ray gave the replica (the Ray executor would ask for more)
-        kwargs["distributed_executor_backend"] = "mp"
-    if student.colocate and student.vllm_device == "gpu":
-        kwargs["enable_sleep_mode"] = True  # sleeps while Ray Train has the GPU (CUDA only)
-    if student.trust_remote_code:
-        kwargs["trust_remote_code"] = True
-    if adapter:
-        rank = read_model_json(adapter, "adapter_config.json")["r"]
-        kwargs |= {"enable_lora": True, "max_lora_rank": vllm_lora_rank(rank), "max_loras": 1}
-    if local:
-        base = local_model_dir(base)
-        adapter = local_model_dir(adapter) if adapter else None
-    elif storage.is_local(base):
-        base = storage.resolve(base)[1]  # absolute: engines start in other directories
-        adapter = storage.resolve(adapter)[1] if adapter and storage.is_local(adapter) else adapter
-    return base, kwargs | student.engine_kwargs, adapter
-
-
-def model_context(model_uri: str) -> int | None:
-    """The model's own context length (max_position_embeddings; an adapter's base's), read
-    where the model is."""
-    files = storage.current(model_uri)
-    if is_adapter(files):
-        files = storage.current(adapter_base(files))
-    return read_model_json(files, "config.json").get("max_position_embeddings")
-
-
 def context_needed(prompt_lengths: list[int], student: StudentConfig) -> int:
     """The context a pool needs: its longest prompt and the answer (vLLM otherwise sizes
     its KV cache for the model's whole context, 128K tokens for current students)."""
     return max(prompt_lengths, default=0) + student.max_new_tokens
-
-
-VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache per CPU engine
 
 
 def _vllm_processor(cfg: StudentConfig, model_uri: str, max_model_len: int, sampling: dict, post):
@@ -512,9 +128,9 @@ def _vllm_processor(cfg: StudentConfig, model_uri: str, max_model_len: int, samp
     their own node (an object-store model is downloaded there by Ray, never onto the
     driver); an adapter is a LoRA request on its base, named by its version directory under
     ``dynamic_lora_loading_path`` when it is on an object store. With
-    ``should_continue_on_error``, a row that fails (a prompt longer than the context) skips
-    ``post`` and carries ``__inference_error__``; the stage counts failed rows against
-    ``student.max_failed_fraction``."""
+    ``should_continue_on_error``, a row that fails skips ``post`` and carries
+    ``__inference_error__``; the stage counts failed rows against
+    ``student.max_failed_fraction``. ``sampling`` maps a row to its sampling parameters."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from lion_ray.engines.cluster import preflight
@@ -542,7 +158,7 @@ def _vllm_processor(cfg: StudentConfig, model_uri: str, max_model_len: int, samp
     )
 
     def pre(row: dict) -> dict:
-        out = {**row, "tokenized_prompt": list(row["prompt_ids"]), "sampling_params": sampling}
+        out = {**row, "tokenized_prompt": list(row["prompt_ids"]), "sampling_params": sampling(row)}
         if lora_name:
             out["model"] = lora_name  # a LoRA request for this row
         return out
@@ -551,53 +167,35 @@ def _vllm_processor(cfg: StudentConfig, model_uri: str, max_model_len: int, samp
 
 
 def _vllm_dataset(ds, cfg: StudentConfig, model_uri: str, max_model_len: int):
-    """The pool's answers through the vLLM processor, in the answers schema. ray.data.llm
-    reports no finish reason: vLLM stops on an end token, which it returns as the last
-    generated token, or at the length limit, so the finish reason is read from the last
-    token. A failed row comes back without ``post``; :func:`_answer_row` marks it."""
-    stop_ids = set(_stop_ids(cfg, model_uri))
+    """The pool's answers through the vLLM processor, in the answers schema, a sampling seed
+    per row. ray.data.llm reports no finish reason: vLLM stops on an end token, which it
+    returns as the last generated token, or at the length limit, so the finish reason is
+    read from the last token. A failed row comes back without ``post``; :func:`_answer_row`
+    marks it."""
+    stop_ids = set(student_format(cfg, model_uri).stop_ids)
     sampling = {
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
         "max_tokens": cfg.max_new_tokens,
-        "seed": cfg.seed,
         "stop_token_ids": sorted(stop_ids),
     }
 
     def post(row: dict) -> dict:
         generated = list(row.get("generated_tokens") or [])
-        return {
-            "id": row["id"],
-            "instruction": row["instruction"],
-            "input": row["input"],
-            "answer": (row.get("generated_text") or "").strip(),
-            "status": "ok",
-            "error": "",
-            "finish_reason": "stop" if generated and generated[-1] in stop_ids else "length",
-            "prompt_tokens": int(row.get("num_input_tokens") or 0),
-            "completion_tokens": int(row.get("num_generated_tokens") or 0),
-            "cost_usd": 0.0,
-            "cached": False,
-        }
+        return answer_row(
+            row,
+            {
+                "answer": (row.get("generated_text") or "").strip(),
+                "finish_reason": "stop" if generated and generated[-1] in stop_ids else "length",
+                "prompt_tokens": int(row.get("num_input_tokens") or 0),
+                "completion_tokens": int(row.get("num_generated_tokens") or 0),
+            },
+        )
 
-    return _vllm_processor(cfg, model_uri, max_model_len, sampling, post)(ds)
+    def row_sampling(row: dict) -> dict:
+        return sampling | {"seed": row_seed(cfg.seed, row["id"])}
 
-
-def answer_nll(prompt_logprobs: list, ids: list[int], labels: list[int]) -> float:
-    """The mean negative log-likelihood of the tokens training learns (``labels`` not
-    IGNORE), from vLLM's prompt logprobs over ``ids`` (entry i scores ids[i] given ids[:i];
-    entry 0 is None): the same number as the hf backend's loss on that example."""
-    from lion_ray.logic.examples import IGNORE
-
-    picked = [
-        _logprob(prompt_logprobs[i], ids[i]) for i in range(1, len(ids)) if labels[i] != IGNORE
-    ]
-    return -sum(picked) / max(1, len(picked))
-
-
-def _logprob(entry: dict, token: int) -> float:
-    found = entry.get(token, entry.get(str(token)))  # int keys may arrive as strings
-    return float(found["logprob"] if isinstance(found, dict) else found.logprob)
+    return _vllm_processor(cfg, model_uri, max_model_len, row_sampling, post)(ds)
 
 
 def _vllm_losses(ds, cfg: StudentConfig, model_uri: str, max_model_len: int):
@@ -605,6 +203,9 @@ def _vllm_losses(ds, cfg: StudentConfig, model_uri: str, max_model_len: int):
     forward pass, no generation), rows carrying ``prompt_ids`` (the whole example) and
     ``labels``."""
     sampling = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+
+    def same_for_every_row(row: dict) -> dict:
+        return sampling
 
     def post(row: dict) -> dict:
         return {
@@ -615,7 +216,7 @@ def _vllm_losses(ds, cfg: StudentConfig, model_uri: str, max_model_len: int):
             "error": "",
         }
 
-    return _vllm_processor(cfg, model_uri, max_model_len, sampling, post)(ds)
+    return _vllm_processor(cfg, model_uri, max_model_len, same_for_every_row, post)(ds)
 
 
 def _answer_row(row: dict) -> dict:
@@ -624,44 +225,21 @@ def _answer_row(row: dict) -> dict:
     error = str(row.get("__inference_error__") or "")
     if "status" in row and not error:
         return {k: row[k] for k in ANSWER_SCHEMA.names}
-    return {
-        "id": row["id"],
-        "instruction": row["instruction"],
-        "input": row["input"],
-        "answer": "",
-        "status": "failed",
-        "error": (error or "inference returned no answer")[:300],
-        "finish_reason": "",
-        "prompt_tokens": len(row.get("prompt_ids") or row.get("tokenized_prompt") or []),
-        "completion_tokens": 0,
-        "cost_usd": 0.0,
-        "cached": False,
-    }
+    prompt = row.get("prompt_ids") or row.get("tokenized_prompt") or []
+    return answer_row(row, None, error, prompt_tokens=len(prompt))
 
 
-def _stop_ids(student: StudentConfig, model_uri: str) -> list[int]:
-    return _student_format(student, model_uri).stop_ids
-
-
-def _student_format(student: StudentConfig, model_uri: str):
-    """The student's prompt format, from its tokenizer alone (the weights stay where they are)."""
-    from lion_ray.formats import PromptFormat
-    from lion_ray.models import load_tokenizer, local_tokenizer_dir
-
-    return PromptFormat(
-        load_tokenizer(local_tokenizer_dir(model_uri), student.trust_remote_code),
-        student.prompt_format,
-        student.system_prompt,
-    )
-
-
-def _prompt_ids(student: StudentConfig, model_uri: str):
-    """A Ray Data column function: each row's prompt ids in the student's format."""
-    fmt = _student_format(student, model_uri)
+def _prompt_ids(student: StudentConfig, model_uri: str, context: int):
+    """A Ray Data column function: each row's prompt ids in the student's format, cut to
+    ``context`` with room to answer by the rule every path uses (``fit_prompt``)."""
+    fmt = student_format(student, model_uri)
 
     def column(batch: pa.Table) -> pa.Array:
         pairs = zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)
-        return pa.array([fmt.prompt_ids(i, x) for i, x in pairs], type=pa.list_(pa.int64()))
+        return pa.array(
+            [fit_prompt(fmt.prompt_ids(i, x), context, student.max_new_tokens) for i, x in pairs],
+            type=pa.list_(pa.int64()),
+        )
 
     return column
 
@@ -674,7 +252,7 @@ def engines_request(student: StudentConfig, count: int | None = None):
 
     count = student.num_engines if count is None else count
     fix = "Lower student.num_engines, or what each engine takes, or add nodes."
-    if student.backend == "vllm" and student.vllm_device == "gpu":
+    if student.vllm_on_gpu:
         bundle, count = {"GPU": 1.0, "CPU": 1.0}, count * student.tensor_parallel_size
     else:
         bundle = {"CPU": student.cpus_per_engine, "GPU": student.gpus_per_engine}
@@ -687,8 +265,16 @@ def engines_request(student: StudentConfig, count: int | None = None):
 BOUNDED_RESTARTS = {"max_restarts": 3, "max_task_retries": 3}
 
 
-def _map_student(ds, actor_cls: type, student: StudentConfig, model_uri: str, blocks: int):
-    """``ds`` through a pool of actors that each load the student once (hf backend)."""
+def _map_student(
+    ds,
+    actor_cls: type,
+    student: StudentConfig,
+    model_uri: str,
+    blocks: int,
+    extra: dict | None = None,
+):
+    """``ds`` through a pool of actors that each load the student once (hf backend);
+    ``extra``: more constructor arguments."""
     import ray
 
     from lion_ray.engines.cluster import preflight
@@ -703,7 +289,8 @@ def _map_student(ds, actor_cls: type, student: StudentConfig, model_uri: str, bl
             actor_cls,
             batch_format="pyarrow",
             batch_size=None,
-            fn_constructor_kwargs={"model_uri": model_uri, "student": student.model_dump()},
+            fn_constructor_kwargs={"model_uri": model_uri, "student": student.model_dump()}
+            | (extra or {}),
             compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=student.cpus_per_engine,
             num_gpus=student.gpus_per_engine or None,
@@ -716,6 +303,7 @@ def student_losses(
     student: StudentConfig,
     *,
     model_uri: str,
+    max_length: int,
     label: str = "student loss",
     show_progress: bool = True,
     engine=None,
@@ -723,8 +311,8 @@ def student_losses(
     """The student's mean per-token loss on each row's ``answer`` (the teacher's; rows have
     id, instruction, input, answer), by id; None where scoring failed. A forward pass where
     the student runs: the run's student ``engine`` when given, else the hf backend's actors
-    or vLLM's prompt logprobs on its engines (the same ids, masking and truncation as
-    training)."""
+    or vLLM's prompt logprobs on its engines. Every path scores the tokens training learns:
+    the same ids, masking and truncation at ``max_length`` (train.max_length)."""
     import ray
 
     from lion_ray.engines.cluster import data_context_quiet
@@ -734,7 +322,7 @@ def student_losses(
     per_block = student.batch_size
     chunks = [pa.Table.from_pylist(rows[i : i + per_block]) for i in range(0, len(rows), per_block)]
     if student.backend == "vllm" and rows and engine is None:
-        chunks, longest = _examples_columns(chunks, student, model_uri)
+        chunks, longest = _examples_columns(chunks, student, model_uri, max_length)
     data_context_quiet()
     losses: dict[str, float | None] = {}
     errors: dict[str, str] = {}
@@ -743,12 +331,19 @@ def student_losses(
     with StageProgress(label, total=len(rows), enabled=show_progress, unit="rows") as bar:
         if rows:
             if engine is not None:
-                ds = engine.map(ray.data.from_arrow(chunks), "loss_rows", len(chunks))
+                ds = engine.map(
+                    ray.data.from_arrow(chunks), Method.LOSS_ROWS, len(chunks), max_length
+                )
             elif student.backend == "vllm":  # one generated token: room past the example
                 ds = _vllm_losses(ray.data.from_arrow(chunks), student, model_uri, longest + 1)
             else:
                 ds = _map_student(
-                    ray.data.from_arrow(chunks), LossScorer, student, model_uri, len(chunks)
+                    ray.data.from_arrow(chunks),
+                    LossScorer,
+                    student,
+                    model_uri,
+                    len(chunks),
+                    {"max_length": max_length},
                 )
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in batch.to_pylist():
@@ -774,11 +369,14 @@ def student_losses(
     }
 
 
-def _examples_columns(chunks: list[pa.Table], student: StudentConfig, model_uri: str):
+def _examples_columns(
+    chunks: list[pa.Table], student: StudentConfig, model_uri: str, max_length: int
+):
     """Each row's whole training example (``prompt_ids``) and its ``labels``, truncated as
-    training truncates at the model's context; and the longest example."""
-    fmt = _student_format(student, model_uri)
-    limit = model_context(model_uri) or 2048
+    training truncates at ``max_length`` (within the model's context, less the one token
+    vLLM generates); and the longest example."""
+    fmt = student_format(student, model_uri)
+    limit = min(max_length, (model_context(model_uri) or max_length + 1) - 1)
     out, longest = [], 0
     for chunk in chunks:
         examples = [
@@ -829,9 +427,9 @@ def student_answers(
     with StageProgress(label, total=len(rows), enabled=show_progress, unit="rows") as bar:
         if rows:
             if engine is not None:
-                ds = engine.map(ray.data.from_arrow(chunks), "answer_rows", len(chunks))
+                ds = engine.map(ray.data.from_arrow(chunks), Method.ANSWER_ROWS, len(chunks))
             elif student.backend == "vllm":  # prompt ids here: the context follows the data
-                column = _prompt_ids(student, model_uri)
+                column = _prompt_ids(student, model_uri, model_context(model_uri) or 2048)
                 chunks = [c.append_column("prompt_ids", column(c)) for c in chunks]
                 lengths = [len(p) for c in chunks for p in c.column("prompt_ids").to_pylist()]
                 ds = _vllm_dataset(

@@ -206,7 +206,12 @@ def train_loop_per_worker(config: dict) -> None:
     # One device for everything: Ray Train's for this worker. NCCL only moves CUDA tensors,
     # so every tensor that enters a collective is made on it, and object collectives
     # (all_gather_object) need it as the current CUDA device.
-    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    device = torch.device("cpu")
+    if use_gpu:
+        index = training_device(
+            ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES", ""), ctx.get_local_rank()
+        )
+        device = torch.device("cuda", index)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray's group
@@ -553,12 +558,40 @@ def _publish(local_dir: str, out_uri: str) -> None:
     shutil.rmtree(local_dir, ignore_errors=True)
 
 
+def training_device(gpu_ids: list, visible: str, local_rank: int) -> int:
+    """The CUDA device of a Ray Train worker: its GPU's place among the devices Ray Train
+    made visible on its node (``ray.train.torch.get_device``'s rule), which must also be the
+    one DeepSpeed takes (cuda:LOCAL_RANK, in its engine and in ZeRO-3's partitioning). They
+    agree when every worker has a GPU of its own; two workers packed onto one GPU (or a
+    worker with two) would train on the wrong device or fail NCCL's duplicate-GPU check, so
+    this refuses them with the reason."""
+    shown = [v.strip() for v in visible.split(",") if v.strip()]
+    own = sorted(str(int(float(g))) for g in gpu_ids)
+    if len(own) != 1 or own[0] not in shown:
+        raise LionError(
+            f"a training worker got GPU(s) {own} with CUDA_VISIBLE_DEVICES={visible!r}: each "
+            "worker drives exactly one GPU of its own (train.gpus_per_worker: 1)"
+        )
+    index = shown.index(own[0])
+    if index != local_rank:
+        raise LionError(
+            f"training worker {local_rank} on this node got GPU {own[0]}, device {index} of "
+            f"{shown}: two workers share a GPU (DeepSpeed would take device {local_rank}). "
+            "Each worker needs a GPU of its own: with student.colocate, one beside each "
+            "engine (train.workers equal to student.num_engines)"
+        )
+    return index
+
+
 def workers_request(
     train: TrainConfig, placement_strategy: str | None = None, colocated: bool = False
 ):
     """The Ray Train worker group imitation asks for (checked before Ray is asked).
-    ``colocated``: each worker shares its GPU with a sleeping student engine."""
-    from lion_ray.engines.student_engine import COLOCATED_WORKER_GPU
+    ``colocated``: each worker shares its GPU with a sleeping student engine, which holds
+    just over half of it, so a worker asks for the rest and fits nowhere but beside an
+    engine. Without an engine up (round 1 of a colocated run) each worker asks a whole GPU:
+    two workers asking 0.49 each would be packed onto one GPU."""
+    from lion_ray.engines.student.engine import COLOCATED_WORKER_GPU
     from lion_ray.logic.resources import Request
 
     per_worker = COLOCATED_WORKER_GPU if colocated else float(train.gpus_per_worker)
@@ -569,6 +602,18 @@ def workers_request(
         train.workers,
         placement_strategy or train.placement,
         fix="Lower train.workers, train.cpus_per_worker or train.gpus_per_worker, or add nodes.",
+    )
+
+
+def scaling_config(train: TrainConfig, request):
+    """Ray Train's worker group for a ``workers_request``: its bundles and placement."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=train.workers,
+        use_gpu=train.gpus_per_worker > 0,
+        resources_per_worker=request.bundle,
+        placement_strategy=request.strategy,
     )
 
 
@@ -584,14 +629,18 @@ def train_student(
     placement_strategy: str | None = None,
     show_progress: bool = True,
     crash_at_step: int | None = None,
+    beside_engine: bool = False,
+    held: dict | None = None,
 ) -> dict:
     """Fine-tune ``base_model`` on the answers; the model is exported to ``out_uri``.
+    ``beside_engine``: a colocated student engine sleeps on the GPUs (each worker asks for
+    the rest of one); ``held``: what the run's engines hold, for the preflight.
 
     A rerun with the same ``storage_path``/``name`` resumes from the latest checkpoint.
     Returns the final metrics plus the count of skipped (failed) rows.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from lion_ray.engines.cluster import data_context_quiet, preflight
@@ -615,8 +664,8 @@ def train_student(
     if not usable:
         raise LionError(f"no usable training rows: all {len(rows)} answers failed or are empty")
     use_gpu = train.gpus_per_worker > 0
-    request = workers_request(train, placement_strategy, student.colocate)
-    preflight(request)  # Ray Train would retry a worker group that can never start, forever
+    request = workers_request(train, placement_strategy, student.colocate and beside_engine)
+    preflight(request, held)  # Ray Train would retry a worker group that can never start
     data_context_quiet()
     progress_uri = _progress_uri(storage_path, name)
     # read by TorchTrainer.fit(), which hands it to the controller actor it starts
@@ -635,12 +684,7 @@ def train_student(
             "rows": ray.put(pa.Table.from_pylist(usable)),
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=train.workers,
-            use_gpu=use_gpu,
-            resources_per_worker=request.bundle,
-            placement_strategy=request.strategy,
-        ),
+        scaling_config=scaling_config(train, request),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,

@@ -53,8 +53,10 @@ def test_stages_get_the_per_stage_answers_and_losses_from_one_engine(
         {"id": str(i), "instruction": q, "input": "", "answer": a}
         for i, (q, a) in enumerate([*MEMORIZED, (MEMORIZED[0][0], "wrong")])
     ]
-    losses, _ = student_losses(rows, STUDENT, model_uri=str(taught_student), engine=engine)
-    expected, _ = student_losses(rows, STUDENT, model_uri=str(taught_student))
+    losses, _ = student_losses(
+        rows, STUDENT, model_uri=str(taught_student), max_length=16, engine=engine
+    )
+    expected, _ = student_losses(rows, STUDENT, model_uri=str(taught_student), max_length=16)
     assert losses == pytest.approx(expected, rel=1e-5)
 
     # the next round's weights move into the running replicas, all of them, which stay

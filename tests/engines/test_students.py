@@ -81,7 +81,7 @@ def test_one_prompt_on_every_path(bases, kind):
     # hf inference
     assert HFGenerator.for_student(base, CHAT).format.prompt_ids(question, "") == prompt
     # the vLLM backend's input (token ids, so vLLM adds nothing of its own)
-    column = _prompt_ids(CHAT, base)(pa.table({"instruction": [question], "input": [""]}))
+    column = _prompt_ids(CHAT, base, 4096)(pa.table({"instruction": [question], "input": [""]}))
     assert column.to_pylist() == [prompt]
     # serving
     assert fmt.conversation_ids([{"role": "user", "content": question}]) == prompt

@@ -102,9 +102,11 @@ def test_student_losses_on_vllm_are_the_training_loss(ray_local, taught_student)
         {"id": str(i), "instruction": q, "input": "", "answer": a}
         for i, (q, a) in enumerate([*MEMORIZED, (MEMORIZED[0][0], "a wrong answer, long")])
     ]
-    hf, _ = student_losses(rows, _student(taught_student, "hf"), model_uri=str(taught_student))
+    hf, _ = student_losses(
+        rows, _student(taught_student, "hf"), model_uri=str(taught_student), max_length=24
+    )
     vllm, summary = student_losses(
-        rows, _student(taught_student, "vllm"), model_uri=str(taught_student)
+        rows, _student(taught_student, "vllm"), model_uri=str(taught_student), max_length=24
     )
     assert summary["failed"] == 0
     for key in hf:

@@ -45,11 +45,48 @@ def test_strict_spread_needs_a_node_per_bundle():
 def test_what_the_run_holds_is_not_available_to_its_stages():
     """The paper's cluster: a serving replica holds one of the 8 GPUs, so 8 training workers
     can never start while it lives."""
-    held = Capacity(nodes=GPU_NODES.nodes, held={"GPU": 1.0}, held_by="the student endpoint")
-    workers = Request("imitation.train", {"CPU": 8.0, "GPU": 1.0}, 8)
+    endpoint = Request("serving replicas", {"CPU": 1.0, "GPU": 1.0}, 1)
+    held = Capacity(nodes=GPU_NODES.nodes, held={"the student endpoint": endpoint})
+    workers = Request("imitation.train", {"CPU": 7.0, "GPU": 1.0}, 8)
     problem = shortfall(workers, held)
-    assert "at most 7 of them" in problem and "the student endpoint holds (1 GPU)" in problem
-    assert shortfall(Request("imitation.train", {"CPU": 8.0, "GPU": 1.0}, 7), held) is None
+    assert "at most 7 of them" in problem
+    assert "the student endpoint holds 1 x {1 CPU, 1 GPU}" in problem
+    assert shortfall(Request("imitation.train", {"CPU": 7.0, "GPU": 1.0}, 7), held) is None
+
+
+EIGHT_ONE_GPU_PODS = [{"CPU": 8.0, "GPU": 1.0}] * 8
+COLOCATED_ENGINES = Request("student engines", {"CPU": 1.0, "GPU": 0.51}, 8)
+
+
+def test_held_bundles_are_placed_one_by_one_leaving_room_beside_each():
+    """Eight engines of 0.51 GPU on eight one-GPU pods leave 0.49 GPU on every pod, so eight
+    colocated workers of 0.49 GPU fit (subtracting 4.08 GPUs from the largest nodes found
+    room for 4); but a worker of 8 CPUs does not fit beside an engine's CPU on an 8-CPU pod."""
+    capacity = Capacity(nodes=EIGHT_ONE_GPU_PODS, held={"the student engine": COLOCATED_ENGINES})
+    assert shortfall(Request("workers", {"CPU": 7.0, "GPU": 0.49}, 8), capacity) is None
+    problem = shortfall(Request("workers", {"CPU": 8.0, "GPU": 0.49}, 8), capacity)
+    assert "at most 0 of them" in problem and "the student engine holds 8 x" in problem
+    # a whole GPU per worker cannot fit beside the engines
+    assert "at most 0" in shortfall(Request("w", {"CPU": 1.0, "GPU": 1.0}, 1), capacity)
+
+
+def test_an_engine_that_fits_nowhere_is_named():
+    capacity = Capacity(nodes=[{"CPU": 8.0, "GPU": 1.0}], held={"the engine": COLOCATED_ENGINES})
+    assert "the engine holds 8 x {1 CPU, 0.51 GPU}, which this cluster cannot hold" in shortfall(
+        Request("workers", {"CPU": 1.0}, 1), capacity
+    )
+
+
+def test_nodes_an_autoscaler_may_add_count_and_say_they_need_scaling():
+    from lion_ray.logic.resources import needs_scaling
+
+    head_only = Capacity(nodes=[{"CPU": 8.0}], pending=EIGHT_ONE_GPU_PODS)
+    workers = Request("workers", {"CPU": 7.0, "GPU": 1.0}, 8)
+    assert shortfall(workers, head_only) is None
+    assert needs_scaling(workers, head_only)
+    assert not needs_scaling(Request("api", {"CPU": 1.0}, 4), head_only)
+    too_many = shortfall(Request("workers", {"CPU": 7.0, "GPU": 1.0}, 9), head_only)
+    assert "counting 8 node(s) the autoscaler may still add" in too_many
 
 
 def test_fractional_and_absent_resources():
