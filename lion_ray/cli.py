@@ -104,6 +104,62 @@ def config_show(
     sys.stdout.write(dump_config(cfg))
 
 
+@config_app.command("fit")
+def config_fit(
+    config: ConfigPath,
+    cluster: Annotated[
+        Path,
+        typer.Option(
+            "--cluster",
+            help="A KubeRay RayCluster, RayJob or RayService manifest (YAML).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    set_: SetOption = None,
+) -> None:
+    """Would this run fit that cluster? Every step the run asks Ray for, checked as the run
+    checks it, against the manifest's node groups at their largest (maxReplicas), with
+    what the run holds at that step. No Ray starts. Exit 0 when every step fits, 1 naming
+    what is short."""
+    import yaml
+
+    from lion_ray.engines.plan import fit
+    from lion_ray.logic.manifests import KINDS, cluster_nodes, node_groups
+
+    with user_errors():
+        cfg = _load(config, set_)
+        try:
+            docs = [d for d in yaml.safe_load_all(cluster.read_text()) if isinstance(d, dict)]
+        except yaml.YAMLError as exc:
+            raise LionError(f"{cluster}: not YAML ({exc})") from None
+        doc = next((d for d in docs if d.get("kind") in KINDS), docs[0] if docs else {})
+        groups = node_groups(doc, str(cluster))
+        results = fit(cfg, *cluster_nodes(groups))
+    console.print(
+        f"{cluster}: "
+        + "; ".join(
+            f"{g.name}: {g.up}..{g.most} x "
+            + ", ".join(f"{v:g} {k}" for k, v in sorted(g.resources.items()))
+            for g in groups
+        )
+    )
+    for r in results:
+        asks = f"{r.step.request.count} x {{" + ", ".join(
+            f"{v:g} {k}" for k, v in sorted(r.step.request.asks().items())
+        )
+        verdict = "[red]no[/red]" if r.problem else ("yes, once scaled up" if r.scales else "yes")
+        console.print(f"{verdict}: {r.step.name} asks {asks}}}", highlight=False)
+        if r.step.held:
+            held = "; ".join(f"{h} ({q.count})" for h, q in r.step.held.items())
+            console.print(f"  [dim]beside {held}[/dim]", highlight=False)
+    short = [r for r in results if r.problem]
+    for r in short:
+        err_console.print(f"[bold red]short:[/bold red] {r.problem}", highlight=False)
+    if short:
+        raise typer.Exit(1)
+
+
 # --- pools -----------------------------------------------------------------------------------
 
 

@@ -623,6 +623,13 @@ class ClusterConfig(_Strict):
         description="Logical CPUs for a locally started Ray. null: max(8, 2 x physical cores), "
         "so small machines do not deadlock Ray Data (actors + read tasks).",
     )
+    num_gpus: int | None = Field(
+        None,
+        ge=0,
+        description="GPUs for a locally started Ray. null: what Ray detects. On a machine "
+        "without GPUs a number gives logical ones, which Ray assigns to tasks and actors "
+        "as on GPU nodes: placement and the preflight can be tried (nothing runs CUDA).",
+    )
     node_types: list[NodeTypeConfig] = Field(
         default_factory=list,
         description="The node types an autoscaler may add (a KubeRay cluster's worker groups "

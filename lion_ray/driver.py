@@ -368,11 +368,13 @@ class Driver:
         not when the stage comes (each engine checks again before it asks Ray, and waits
         there for nodes the autoscaler is adding). The autoscaler is asked for the run's
         largest step, the last of the plan."""
-        from lion_ray.engines.cluster import preflight
+        from lion_ray.engines.cluster import ask_autoscaler, preflight
         from lion_ray.engines.plan import run_plan
 
-        for step in run_plan(self.cfg):
-            preflight(step.request, step.held, wait=False)
+        steps = run_plan(self.cfg)
+        scales = [preflight(step.request, step.held, wait=False) for step in steps]
+        if any(scales):  # nodes to come: ask for them now, while the first stages run
+            ask_autoscaler([steps[-1].request, *steps[-1].held.values()])
 
     @property
     def heldout_enabled(self) -> bool:

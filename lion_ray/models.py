@@ -151,6 +151,23 @@ _VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "dtype", "torch_dty
 # what turns text into ids and back: two students of one shape may still differ here (tiny
 # students trained on other texts, a fine-tune with added tokens)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+# every file a tokenizer may be saved in; an export carries its base's unchanged
+TOKENIZER_FILES = (
+    *_TOKENIZER_FILES,
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# texts whose ids two tokenizers must agree on to be one: words, digits, spacing, bytes
+_PROBES = (
+    "Reverse 'kato'. What is 17 + 25?  Tabs\tand\nnew lines.",
+    "Unicode: naïve café, 東京, emoji 🙂, and punctuation!?;:",
+    "   leading spaces, trailing   ",
+)
 
 
 def fits_in_place(a: str, b: str) -> bool:
@@ -162,12 +179,57 @@ def fits_in_place(a: str, b: str) -> bool:
         config = storage.read_json(storage.join(storage.current(d), "config.json"))
         return {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG}
 
-    def tokenizer(d: str) -> dict:
-        root = storage.current(d)
-        files = (storage.join(root, name) for name in _TOKENIZER_FILES)
-        return {f.rsplit("/", 1)[-1]: storage.read_bytes(f) for f in files if storage.exists(f)}
+    return shape(a) == shape(b) and same_tokenizer(a, b)
 
-    return shape(a) == shape(b) and tokenizer(a) == tokenizer(b)
+
+def same_tokenizer(a: str, b: str) -> bool:
+    """Whether two models' tokenizers turn text into the same ids and back: the same files,
+    or the same vocabulary, merges, special and added tokens, chat template and ids for a
+    set of probe texts. Saving a tokenizer with another transformers version rewrites its
+    files (class name, added keys, an empty normalizer spelled out) without changing what
+    it does, so files alone would call every re-saved round a new tokenizer."""
+
+    def files(d: str) -> dict:
+        root = storage.current(d)
+        found = (storage.join(root, name) for name in _TOKENIZER_FILES)
+        return {f.rsplit("/", 1)[-1]: storage.read_bytes(f) for f in found if storage.exists(f)}
+
+    if files(a) == files(b):
+        return True
+    return _tokenizer_behaviour(a) == _tokenizer_behaviour(b)
+
+
+def _tokenizer_behaviour(model_uri: str) -> dict:
+    tok = load_tokenizer(local_tokenizer_dir(model_uri))
+    backend = getattr(tok, "backend_tokenizer", None)
+    merges = None
+    if backend is not None:
+        model = json.loads(backend.to_str()).get("model", {})
+        merges = [
+            tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])
+        ]
+    return {
+        "vocab": tok.get_vocab(),
+        "merges": merges,
+        "special": {name: str(value) for name, value in tok.special_tokens_map.items()},
+        "added": {str(t): i for i, t in tok.added_tokens_decoder.items()},
+        "chat_template": tok.chat_template,
+        "probes": [tok(text)["input_ids"] for text in _PROBES],
+        "decoded": [tok.decode(tok(text)["input_ids"]) for text in _PROBES],
+    }
+
+
+def copy_tokenizer(src_dir: str, dst_dir: str) -> bool:
+    """Copy a model directory's tokenizer files unchanged (False when it has none): an
+    export carries its base's tokenizer byte for byte, so the next round's weights move into
+    a running engine without a new one."""
+    copied = False
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src_dir, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dst_dir, name))
+            copied = True
+    return copied
 
 
 def checksums_differ(a: str, b: str) -> bool:

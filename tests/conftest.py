@@ -74,15 +74,19 @@ def openai_client(sandbox):
     return OpenAI(base_url=sandbox.base_url, api_key="unused", max_retries=0, timeout=30)
 
 
+LOGICAL_GPUS = 4
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session (8 logical CPUs on any machine: DESIGN section 4)."""
+    """One local Ray for the session (8 logical CPUs on any machine: DESIGN section 4; 4
+    logical GPUs, which Ray assigns as on GPU nodes: placement is tested here)."""
     import ray
 
     from lion_ray.config import ClusterConfig
     from lion_ray.engines.cluster import init_ray
 
-    init_ray(ClusterConfig(num_cpus=8), quiet=True)
+    init_ray(ClusterConfig(num_cpus=8, num_gpus=LOGICAL_GPUS), quiet=True)
     yield ray
     ray.shutdown()
 

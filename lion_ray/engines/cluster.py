@@ -39,6 +39,8 @@ def init_ray(
         if address:
             ctx = ray.init(address=address, **kwargs)
         else:
+            if cluster.num_gpus is not None:
+                kwargs["num_gpus"] = cluster.num_gpus
             ctx = start_local_ray(cluster.num_cpus or default_num_cpus(), **kwargs)
         url = ctx.dashboard_url
     set_scaling(cluster)
@@ -201,41 +203,41 @@ def _of_type(node: dict, name: str, shape: dict[str, float]) -> bool:
     return all(abs(have.get(k, 0.0) - shape.get(k, 0.0)) < 1e-6 for k in ("CPU", "GPU"))
 
 
-def preflight(request, held: dict | None = None, *, wait: bool = True) -> None:
+def preflight(request, held: dict | None = None, *, wait: bool = True) -> bool:
     """Refuse, before Ray is asked, a ``logic.resources.Request`` that this cluster can never
     grant (Ray would queue it forever) beside what the run's engines hold (``held``: holder
     -> Request, e.g. a session's ``holdings``). A request that fits only on nodes an
-    autoscaler may still add is asked of the autoscaler (with what is held), and with
-    ``wait`` this waits for those nodes, up to cluster.autoscale_timeout_s."""
+    autoscaler may still add is asked of the autoscaler (with what is held) and, with
+    ``wait``, waited for, up to cluster.autoscale_timeout_s; without, nothing is asked and
+    the answer says whether it would need to be (True)."""
     from lion_ray.logic.resources import Capacity, check, needs_scaling
 
     alive, pending = node_capacity()
     capacity = Capacity(alive, dict(held or {}), pending)
     check(request, capacity)
-    if needs_scaling(request, capacity):
+    scales = needs_scaling(request, capacity)
+    if scales and wait:
         ask_autoscaler([request, *capacity.held.values()])
-        if wait:
-            wait_for_nodes(request, capacity.held)
+        wait_for_nodes(request, capacity.held)
+    return scales
 
 
 def ask_autoscaler(requests: list) -> None:
     """Tell the autoscaler what the run needs at once (its bundles), so that it starts the
-    nodes now; it keeps them while the request stands."""
+    nodes now; it keeps them while the request stands (each ask replaces the last)."""
     from ray.autoscaler.sdk import request_resources
 
-    bundles = [r.asks() for r in requests for _ in range(r.count)]
-    request_resources(bundles=bundles)
-    log.warning(
-        "asked the autoscaler for %s",
-        "; ".join(f"{r.what}: {r.count} x {r.asks()}" for r in requests),
-    )
+    from lion_ray.logic.resources import describe
+
+    request_resources(bundles=[r.asks() for r in requests for _ in range(r.count)])
+    log.warning("asked the autoscaler for %s", "; ".join(describe(r) for r in requests))
 
 
 def wait_for_nodes(request, held: dict, poll_s: float = 5.0) -> None:
     """Until the nodes up now can hold ``request`` beside ``held``, or the deadline."""
     import time
 
-    from lion_ray.logic.resources import Capacity, ResourcesUnavailable, possible
+    from lion_ray.logic.resources import Capacity, ResourcesUnavailable, describe, possible
 
     deadline = time.monotonic() + _SCALING["timeout_s"]
     said = 0.0
@@ -250,8 +252,8 @@ def wait_for_nodes(request, held: dict, poll_s: float = 5.0) -> None:
         now = time.monotonic()
         if now > deadline:
             raise ResourcesUnavailable(
-                f"{request.what}: waited {_SCALING['timeout_s']:.0f} s for the autoscaler to "
-                f"add nodes for {request.count} x {request.asks()}; the {len(alive)} node(s) "
+                f"{request.what}: waited {_SCALING['timeout_s']:g} s for the autoscaler to "
+                f"add nodes for {describe(request)}; the {len(alive)} node(s) "
                 f"up hold {have}. Check the autoscaler's log (KubeRay: the operator and the "
                 "head's autoscaler container), or raise cluster.autoscale_timeout_s"
             )

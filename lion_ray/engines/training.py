@@ -196,6 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from lion_ray.config import StudentConfig
     from lion_ray.formats import PromptFormat
+    from lion_ray.models import copy_tokenizer, local_model_dir
 
     phase("imports")
     train = TrainConfig.model_validate(config["train"])
@@ -410,7 +411,10 @@ def train_loop_per_worker(config: dict) -> None:
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     final["worker_nodes"] = nodes
     if rank == 0:
-        tokenizer.save_pretrained(export_tmp)
+        # the tokenizer as the base has it, byte for byte: saved again, its files would
+        # differ (transformers rewrites them) and the next round could not move in place
+        if not copy_tokenizer(local_model_dir(config["base_model"]), export_tmp):
+            tokenizer.save_pretrained(export_tmp)
         storage.write_checksums(export_tmp)  # last: its presence says the export is complete
         _publish(export_tmp, out_uri)
         # Ray Train keeps the metrics of checkpointed reports; the final ones go beside them

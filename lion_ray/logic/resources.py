@@ -188,6 +188,11 @@ def check(request: Request, capacity: Capacity) -> None:
         raise ResourcesUnavailable(problem)
 
 
+def describe(request: Request) -> str:
+    """'imitation.train: Ray Train workers: 8 x {7 CPU, 1 GPU}'."""
+    return f"{request.what}: {request.count} x {{{_shape(request.asks())}}}"
+
+
 def _shape(bundle: dict[str, float]) -> str:
     return ", ".join(f"{_num(v)} {k}" for k, v in sorted(bundle.items()) if v)
 

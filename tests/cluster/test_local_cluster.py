@@ -207,3 +207,58 @@ def test_ray_job_submit_on_a_head_and_a_worker(tmp_path):
     workers = manifest["stages"]["round_1/imitation.train"]["metrics"]["worker_nodes"]
     assert set(workers) == nodes  # work ran on both nodes, one training worker each
     assert (run_dir / "round_2" / "pools" / "cache.parquet").exists()
+
+
+@pytest.mark.slow
+def test_the_paper_run_on_a_cluster_whose_gpu_group_starts_at_zero_asks_the_autoscaler(
+    tmp_path, tiny_student
+):
+    """The shipped cluster's shape with its GPU group at 0 pods (a CPU head of 8): the
+    paper's run is not refused, since cluster.node_types says 8 GPU pods may come; it asks
+    the autoscaler for its largest step at the start, and its training stage waits for the
+    GPUs, then stops at the deadline saying what it waited for. (Here no autoscaler adds
+    them: a plain `ray start` head records the request where Ray's autoscaler reads it.)"""
+    key = {"OPENAI_API_KEY": "sk-unused-by-the-sandbox"}  # the head pod's secret
+    with LocalCluster(workers=0, cpus=8, head_env=key) as cluster:
+        address = f"127.0.0.1:{cluster.port}"
+        sets = [
+            f"cluster.address={address}",
+            "cluster.autoscale_timeout_s=5",
+            f"storage.run_dir={tmp_path / 'run'}",
+            "loop.seed_pool=sandbox",
+            "sandbox.seed_tasks=16",
+            "sandbox.heldout_tasks=0",
+            "teacher.base_url=sandbox",
+            "referee.base_url=sandbox",
+            "generator.base_url=sandbox",
+            f"student.model_path={tiny_student}",
+            "student.backend=hf",  # vLLM is not in this environment; the same GPU shares
+            "student.gpus_per_engine=1",
+        ]
+        run = subprocess.run(
+            [str(BIN / "lion-ray"), "run", "--config", "paper"]
+            + [arg for s in sets for arg in ("--set", s)],
+            cwd=ROOT,
+            env={**cluster.env, **key},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        out = run.stdout + run.stderr
+        assert run.returncode == 1, out[-4000:]
+        assert (
+            "asked the autoscaler for imitation.train: Ray Train workers: 8 x {7 CPU, 0.49" in out
+        )
+        assert "waited 5 s for the autoscaler to add nodes for imitation.train" in out, out[-4000:]
+        assert "Traceback" not in run.stderr  # one line of cause, not Ray's traceback
+        code = (
+            f"import ray, json; ray.init(address='{address}');"
+            "from ray.experimental.internal_kv import _internal_kv_get;"
+            "print(_internal_kv_get(b'autoscaler_resource_request').decode())"
+        )
+        asked = json.loads(cluster.sh(sys.executable, "-c", code).stdout.strip().splitlines()[-1])
+    gpus = sum(b.get("GPU", 0) for b in asked)
+    assert gpus == pytest.approx(8.0)  # 8 workers of a whole GPU (round 1) asked last
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["round_1/imitation.teacher"]["rows"] == 16  # stages before went on
+    assert "round_1/imitation.train" not in manifest["stages"]

@@ -125,22 +125,88 @@ def _gpus(container: dict) -> int:
     return int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
 
 
-def _cpus(container: dict) -> float:
-    return float(container["resources"]["requests"]["cpu"])
+def _fit(config, doc: dict):
+    from lion_ray.engines.plan import fit
+    from lion_ray.logic.manifests import cluster_nodes, node_groups
+
+    return fit(config, *cluster_nodes(node_groups(doc)))
 
 
-def test_gpu_workers_fit_the_paper_configs_training_and_inference():
-    paper = load_config(ROOT / "configs" / "paper.yaml")
-    group = manifest("RayCluster")["spec"]["workerGroupSpecs"][0]
-    worker = group["template"]["spec"]["containers"][0]
-    assert _gpus(worker) >= max(paper.train.gpus_per_worker, paper.student.tensor_parallel_size)
-    assert _cpus(worker) >= paper.train.cpus_per_worker
-    assert group["maxReplicas"] * _gpus(worker) >= paper.train.workers * paper.train.gpus_per_worker
-    assert (
-        group["maxReplicas"] * _gpus(worker)
-        >= paper.student.num_engines * paper.student.tensor_parallel_size
+def _lion(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "lion_ray", *args], capture_output=True, text=True, cwd=ROOT
     )
-    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_the_paper_config_fits_the_shipped_cluster_once_it_scales_up():
+    """Every step of the paper's run fits raycluster.yaml at its largest (the GPU group
+    starts at 0: they fit once scaled), with what the run holds at that step: 8 colocated
+    workers of 7 CPUs beside 8 engines of 1 CPU on 8-CPU pods."""
+    paper = load_config(ROOT / "configs" / "paper.yaml")
+    results = _fit(paper, manifest("RayCluster"))
+    assert [r.problem for r in results] == [None] * len(results)
+    assert [r.step.name for r in results if r.scales] == [
+        "imitation.train (round 1, before the engine)",
+        "the student engine (all rounds)",
+        "imitation.train (rounds 2+, beside the sleeping engine)",
+    ]
+    # the old worker size: 1 engine CPU + 8 worker CPUs do not fit an 8-CPU pod
+    eight = load_config(ROOT / "configs" / "paper.yaml", ["train.cpus_per_worker=8"])
+    short = [r.problem for r in _fit(eight, manifest("RayCluster")) if r.problem]
+    assert len(short) == 1 and "at most 0 of them" in short[0] and "CPU" in short[0]
+
+
+def test_config_fit_exits_0_when_it_fits_and_1_naming_gpus_when_it_does_not(tmp_path):
+    ok = _lion("config", "fit", "paper", "--cluster", str(KUBERAY / "raycluster.yaml"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "yes, once scaled up" in ok.stdout
+    small = manifest("RayCluster")
+    small["spec"]["workerGroupSpecs"][0]["maxReplicas"] = 4  # 4 GPUs at most
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(small))
+    short = _lion("config", "fit", "paper", "--cluster", str(path))
+    assert short.returncode == 1, short.stdout + short.stderr
+    assert "GPU" in short.stderr and "at most 4 of them" in short.stderr
+
+
+def _one_node(cpus: int, gpus: int) -> dict:
+    container = {"name": "ray-head", "image": "x", "resources": {"limits": {"cpu": str(cpus)}}}
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "spec": {
+            "headGroupSpec": {
+                "rayStartParams": {"num-gpus": str(gpus)},
+                "template": {"spec": {"containers": [container]}},
+            }
+        },
+    }
+
+
+def test_the_paper_config_on_one_eight_gpu_node():
+    paper = load_config(ROOT / "configs" / "paper.yaml")
+    assert [r.problem for r in _fit(paper, _one_node(96, 8))] == [None] * 6
+    # 64 CPUs: 8 x 7 worker CPUs + 8 engine CPUs + the API workers' 5 are 69
+    problems = [r.problem for r in _fit(paper, _one_node(64, 8)) if r.problem]
+    assert len(problems) == 1 and "CPU" in problems[0]
+
+
+def test_the_paper_configs_node_types_are_the_shipped_clusters_groups():
+    """What the run counts on the autoscaler adding is what the manifest lets it add."""
+    from lion_ray.logic.manifests import node_groups
+
+    paper = load_config(ROOT / "configs" / "paper.yaml")
+    groups = {g.name: g for g in node_groups(manifest("RayCluster"))}
+    for node_type in paper.cluster.node_types:
+        group = groups[node_type.name]
+        assert node_type.resources == group.resources and node_type.max_count == group.most
+    assert groups["gpu-workers"].up == 0  # the run asks the autoscaler for its GPUs
+
+
+def test_the_rayservice_has_the_gpus_its_replicas_ask():
     serve_args = yaml.safe_load(manifest("RayService")["spec"]["serveConfigV2"])["applications"][0][
         "args"
     ]
@@ -149,6 +215,16 @@ def test_gpu_workers_fit_the_paper_configs_training_and_inference():
     assert serve_args["num_replicas"] * serve_args["gpus_per_replica"] <= serve_group[
         "maxReplicas"
     ] * _gpus(serve_worker)
+
+
+def test_a_manifest_without_node_groups_is_refused_by_name(tmp_path):
+    from lion_ray.errors import LionError
+    from lion_ray.logic.manifests import node_groups
+
+    with pytest.raises(LionError, match="clusterSelector: give that RayCluster's manifest"):
+        node_groups(manifest("RayJob"), "rayjob.yaml")
+    with pytest.raises(LionError, match="kind 'Deployment' is not a RayCluster"):
+        node_groups({"kind": "Deployment"})
 
 
 def _dockerfile() -> str:

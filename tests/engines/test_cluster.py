@@ -120,3 +120,21 @@ def test_a_proxy_timeout_that_is_not_a_positive_number_is_refused_before_serve_s
     monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", value)
     with pytest.raises(LionError, match=r"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S is .* above 0"):
         start_serve(http_options={"host": "127.0.0.1", "port": 1})
+
+
+def test_the_autoscaler_headroom_counts_each_group_up_to_its_maximum():
+    """KubeRay nodes carry their group's name as a label; nodes without it are matched by
+    their CPU and GPU count."""
+    from lion_ray.config import NodeTypeConfig
+    from lion_ray.engines.cluster import autoscaler_headroom
+
+    gpu = NodeTypeConfig(name="gpu-workers", resources={"CPU": 8, "GPU": 1}, max_count=8)
+    cpu = NodeTypeConfig(name="cpu-workers", resources={"CPU": 16}, max_count=2)
+    alive = [
+        {"Resources": {"CPU": 8.0}, "Labels": {"ray.io/node-group": "headgroup"}},
+        {"Resources": {"CPU": 8.0, "GPU": 1.0}, "Labels": {"ray.io/node-group": "gpu-workers"}},
+        {"Resources": {"CPU": 16.0}, "Labels": {}},  # no group label: known by its shape
+    ]
+    pending = autoscaler_headroom(alive, [gpu, cpu])
+    assert pending.count({"CPU": 8.0, "GPU": 1.0}) == 7 and pending.count({"CPU": 16.0}) == 1
+    assert autoscaler_headroom(alive, []) == []

@@ -143,14 +143,17 @@ class StudentServer:
             user_config, self._restart_state = {**user_config, **self._restart_state}, None
         await self.replica.reconfigure(user_config)
 
-    async def move_to(self, model_dir: str) -> dict:
-        return await self.replica.move_to(model_dir)
-
     async def sleep(self) -> None:
         await self.replica.sleep()
 
     async def swap_report(self) -> dict:
-        return self.replica.swap_report()
+        import ray
+
+        return self.replica.swap_report() | {"gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    async def move_to(self, model_dir: str) -> dict:
+        await self.replica.move_to(model_dir)
+        return await self.swap_report()
 
     async def answer_rows(self, rows: list[dict], model_dir: str | None = None) -> dict:
         return await self.replica.answer_rows(rows, model_dir)
@@ -202,9 +205,10 @@ class StudentServer:
     async def status(self) -> dict:
         import ray
 
-        return {"node_id": ray.get_runtime_context().get_node_id()} | (
-            self.replica.status() | {"rss_mb": _process_tree_rss_mb()}
-        )
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],  # which of the node's GPUs
+        } | (self.replica.status() | {"rss_mb": _process_tree_rss_mb()})
 
     @api.post("/v1/admin/reload", dependencies=[Depends(check_admin)])
     async def reload(self, request: Request) -> dict:
