@@ -23,8 +23,8 @@ Arms, each adding the same number of teacher-answered training instructions per 
 
 Round 1 (setup, teacher answers, training, held-out score) is the same for every arm of a
 seed, so it runs once and each arm continues from a copy of it (the stage graph skips what
-is recorded with the same inputs). The last round trains and scores only: its
-discrimination and generation would feed a round that never runs. No setting was tuned on
+is recorded with the same inputs). The last round trains and scores only, as every run's
+does: its discrimination and generation would feed a round that never runs. No setting was tuned on
 the held-out set: every value below was fixed, and written in docs/method.md, before the
 first reported run; seeds from 100 up are validation seeds, never reported.
 
@@ -116,19 +116,7 @@ COMMON = [
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-class ArmDriver(Driver):
-    """The loop as ``lion-ray run`` runs it, less the last round's discrimination and
-    generation: their instructions would feed a round that this experiment never runs, so
-    they would cost time and referee calls and change no result."""
-
-    def round_stages(self, r: int, base_model: str) -> list[Stage]:
-        stages = super().round_stages(r, base_model)
-        if r < self.cfg.loop.rounds:
-            return stages
-        return [s for s in stages if s.name.startswith("imitation.") or s.name == "eval.heldout"]
-
-
-class OneShot(ArmDriver):
+class OneShot(Driver):
     """The Alpaca-style arm: each round adds fresh instructions drawn like the seed pool,
     with no discrimination and no generator."""
 
@@ -465,7 +453,7 @@ def run_pairs(args, name: str, size: dict, pairs, out: Path, records: Path, roun
                     cfg,
                     show_progress=False,
                     console=console,
-                    driver_cls=OneShot if arm == "one_shot" else ArmDriver,
+                    driver_cls=OneShot if arm == "one_shot" else Driver,
                     student_engine=engine,
                 )
                 result = arm_results(run_dir, rounds) | api_totals(run_dir)

@@ -238,7 +238,16 @@ class StudentConfig(_Strict):
     max_new_tokens: int = Field(512, gt=0, description="Longest student answer in tokens.")
     temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    batch_size: int = Field(32, gt=0, description="Prompts per generate() call / Ray Data batch.")
+    batch_size: int = Field(
+        32,
+        gt=0,
+        description="Rows per Ray Data block of a student stage, and so per call to an "
+        "engine. hf: one generate()/forward pass over them (a per-stage actor, or a replica "
+        "of the run's engine, which takes up to 4 such calls per replica at once). vLLM: "
+        "how many requests go to an engine together; it batches continuously across calls, "
+        "so this bounds only how far ahead rows are sent. Serving's HTTP batches are "
+        "serve.max_batch_size.",
+    )
     num_engines: int = Field(1, gt=0, description="Inference actors (hf) or vLLM engines.")
     cpus_per_engine: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
     gpus_per_engine: float = Field(0.0, ge=0, description="GPUs per inference actor (hf backend).")
@@ -427,6 +436,13 @@ class LoopConfig(_Strict):
     """The Lion loop: rounds, the hard/easy split and generation targets."""
 
     rounds: int = Field(3, gt=0, description="Imitation-discrimination-generation rounds.")
+    last_round_generates: bool = Field(
+        False,
+        description="Run the last round's discrimination and generation too, writing new "
+        "instructions no round of this run trains on (to start another run from them). "
+        "Off, they are skipped and their referee and generator calls never paid for; a run "
+        "extended with more rounds (--set loop.rounds=N) runs them then.",
+    )
     seed_pool: str = Field(
         "sandbox",
         description="Initial instructions: a pool file (Alpaca JSON, JSONL, Parquet or self-instruct "

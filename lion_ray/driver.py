@@ -105,6 +105,8 @@ class Driver:
                 self.session.prestart_student_engine(model)
             self.run_stages(r, stages)
             model = self.run.model_dir(r)
+            if r == self.cfg.loop.rounds:
+                self.run.manifest.set_skipped(self.skipped_stages())
             report_uri = write_report(self.run, r, self.cfg.name)
             summary = round_summary(collect(self.run, r)["rounds"][-1])
             summaries.append(summary)
@@ -144,7 +146,37 @@ class Driver:
         return stages
 
     def round_stages(self, r: int, base_model: str) -> list[Stage]:
-        """One round, top to bottom."""
+        """One round, top to bottom. The last round of the run trains and scores only: its
+        discrimination and generation would feed a round that does not come (a third of
+        the referee's and generator's spend in a 3-round run); extended with more rounds,
+        the run runs them then."""
+        stages = self.full_round(r, base_model)
+        if r < self.cfg.loop.rounds or self.cfg.loop.last_round_generates:
+            return stages
+        return [s for s in stages if s.name not in self.feeds_next_round(stages)]
+
+    @staticmethod
+    def feeds_next_round(stages: list[Stage]) -> list[str]:
+        return [
+            s.name
+            for s in stages
+            if s.name.startswith("discrimination.") or s.name in ("generation", "pools")
+        ]
+
+    def skipped_stages(self) -> dict[str, str]:
+        """The last round's stages this run leaves out, and why."""
+        r = self.cfg.loop.rounds
+        if self.cfg.loop.last_round_generates:
+            return {}
+        names = self.feeds_next_round(self.full_round(r, self.run.model_dir(r)))
+        why = (
+            f"round {r} is the run's last: its discrimination and generation would only feed "
+            f"round {r + 1}; extend the run (--set loop.rounds={r + 1}) to run them"
+        )
+        return {f"round_{r}/{name}": why for name in names}
+
+    def full_round(self, r: int, base_model: str) -> list[Stage]:
+        """Every stage of round ``r``, as a round that another follows runs them."""
         run = self.run
         train_pool, cache_pool = run.pool(r, "train"), run.pool(r, "cache")
         model = run.model_dir(r)
@@ -717,11 +749,13 @@ def _results_config(cfg: LionConfig) -> dict:
         "serve": True,
         "storage": {"run_dir"},  # a run may be moved
         "train": {"start_timeout_s", "poll_interval_s"},
+        # which stages the last round runs, not what any stage computes
+        "loop": {"last_round_generates"},
     }
     if cfg.sandbox.heldout_distribution != "target":  # a target held-out set spans the rounds
         # round r's stages do not depend on how many rounds follow: a finished run goes on
         # with more rounds (its recorded ones are kept), or a run stops after fewer
-        exclude["loop"] = {"rounds"}
+        exclude["loop"] = {"rounds", "last_round_generates"}
     for name in ("teacher", "referee", "generator"):
         exclude[name] = OPERATIONAL_ENDPOINT_FIELDS
     return cfg.model_dump(mode="json", exclude=exclude)

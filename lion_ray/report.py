@@ -337,6 +337,14 @@ def write_report(run: RunDir, round_no: int, name: str = "lion") -> str:
         if img in images:
             body.append(f"<h2>{title}</h2><img src='{img}' alt='{title}'>")
     last = data["rounds"][-1]
+    skipped = {
+        k: v for k, v in run.manifest.data.skipped.items() if k.startswith(f"round_{round_no}/")
+    }
+    if skipped:
+        names = ", ".join(k.split("/", 1)[1] for k in sorted(skipped))
+        body.append(
+            f"<p>Not run: {html.escape(names)}. {html.escape(next(iter(skipped.values())))}.</p>"
+        )
     body.append(generation_section(data["rounds"]))
     body.append(
         f"<h3>Round {last['round']}'s generation figures</h3>"

@@ -119,6 +119,9 @@ class ManifestData(BaseModel):
     failures: dict[str, StageFailure] = Field(default_factory=dict)
     current_stage: str | None = None
     finished_rounds: int | None = None
+    # stages a finished run did not run, and why (the last round's discrimination and
+    # generation feed a round the run does not have); a run extended later runs them
+    skipped: dict[str, str] = Field(default_factory=dict)
 
 
 # Top-level fields 0.1.0 wrote beside rows/failed/api/metrics/seconds; now they are metrics.
@@ -184,7 +187,14 @@ class Manifest:
     def record(self, rec: StageRecord) -> None:
         self.stages[rec.key] = rec
         self.data.failures.pop(rec.key, None)
+        self.data.skipped.pop(rec.key, None)
         self._write()
+
+    def set_skipped(self, skipped: dict[str, str]) -> None:
+        """The stages this run leaves out, by key, and why (replacing the last list)."""
+        if skipped != self.data.skipped:
+            self.data.skipped = dict(skipped)
+            self._write()
 
     def record_failure(self, key: str, error: str) -> StageFailure:
         """Keep why ``key`` failed (status and report show it); the stage stays not done."""

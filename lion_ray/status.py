@@ -141,6 +141,9 @@ def status_table(run_uri: str) -> tuple[Table, dict]:
             if "candidates" in g
         )
     )
+    if data.skipped:
+        why = next(iter(data.skipped.values()))
+        table.caption += f"\nskipped {', '.join(sorted(data.skipped))}: {why}"
     for key, failure in sorted(data.failures.items()):
         first_line = failure.error.strip().splitlines()[0] if failure.error.strip() else ""
         table.caption += (

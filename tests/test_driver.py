@@ -204,6 +204,50 @@ def test_status_and_a_rerun_that_skips_everything(reference_run):
 
 
 @pytest.mark.slow
+def test_the_last_round_pays_for_no_referee_or_generator_until_the_run_is_extended(tmp_path):
+    """By default the last round trains and scores only: its discrimination and generation
+    would feed a round that does not come. Status and the report say what was skipped and
+    why; extended by a round, the run runs them then, and skips the new last round's."""
+    run_dir = tmp_path / "run"
+    proc = lion_run(run_dir, "--set", "loop.last_round_generates=false")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert redone(out) == [
+        "setup.student",
+        "round_1/pools.seed",
+        "setup.heldout",
+        "round_1/imitation.teacher",
+        "round_1/imitation.train",
+        "round_1/eval.heldout",
+    ]
+    status = lion_status(run_dir)
+    assert sorted(status["skipped"]) == [
+        "round_1/discrimination.referee",
+        "round_1/discrimination.student",
+        "round_1/discrimination.teacher",
+        "round_1/generation",
+        "round_1/pools",
+    ]
+    assert "--set loop.rounds=2" in status["skipped"]["round_1/generation"]
+    assert set(status["spend"]) == {"teacher"}  # the ledger: no referee or generator call
+    page = (run_dir / "report" / "index.html").read_text()
+    assert "Not run: discrimination.referee" in page
+    proc = lion_run(run_dir, "--set", "loop.rounds=2", "--set", "loop.last_round_generates=false")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert redone(out)[:5] == [
+        "round_1/discrimination.teacher",
+        "round_1/discrimination.student",
+        "round_1/discrimination.referee",
+        "round_1/generation",
+        "round_1/pools",
+    ]
+    status = lion_status(run_dir)
+    assert {"referee", "generator"} <= set(status["spend"])
+    assert all(k.startswith("round_2/") for k in status["skipped"]) and status["skipped"]
+
+
+@pytest.mark.slow
 def test_a_deleted_output_redoes_its_stage_and_what_read_it(reference_run, tmp_path):
     reference, _ = reference_run
     run_dir = tmp_path / "moved"

@@ -37,6 +37,8 @@ from lion_ray.logic.examples import Sequence, pack, pad_batch, unpacked
 def deepspeed_config(train: TrainConfig, use_gpu: bool) -> dict:
     """lion-ray's DeepSpeed config for ``train``, with ``train.deepspeed`` merged over it."""
     zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.zero_stage == 3:  # DeepSpeed's default changed within 0.19 (1e12, then 1e9)
+        zero["sub_group_size"] = int(1e9)
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if train.offload_params:
@@ -305,6 +307,10 @@ def train_loop_per_worker(config: dict) -> None:
     engine.train()
     for micro in range(start_micro, total_micro):
         batch, real = batch_at(micro)
+        if micro + 1 == total_micro and total_micro % train.grad_accum_steps:
+            # the last, partial window: DeepSpeed steps the optimizer only every
+            # grad_accum_steps micro-steps, so its gradients would never be applied
+            engine.set_gradient_accumulation_boundary(True)
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()

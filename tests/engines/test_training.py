@@ -155,14 +155,22 @@ def _load(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_workers_train_and_export(ray_local, tiny_student, tmp_path, stage):
+@pytest.mark.parametrize(("stage", "effective", "steps"), [(2, 8, 18), (3, 32, 5)])
+def test_two_workers_train_and_export(ray_local, tiny_student, tmp_path, stage, effective, steps):
+    """3 epochs x 6 micro-batches per worker: 18 steps without accumulation; with 4
+    micro-batches per step, the last step is a partial window of 2, which DeepSpeed would
+    not apply on its own (its boundary is every 4th micro-step): 5 steps, not 4."""
     # every parameter partitioned, however small (DeepSpeed keeps those under 1e5 elements
     # whole by default, which would hide a load that is not partitioned)
     partition_all = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
     metrics = train_student(
         _answers(48, failed=3),
-        _cfg(zero_stage=stage, epochs=3, deepspeed=partition_all if stage == 3 else {}),
+        _cfg(
+            zero_stage=stage,
+            epochs=3,
+            effective_batch_size=effective,
+            deepspeed=partition_all if stage == 3 else {},
+        ),
         base_model=str(tiny_student),
         out_uri=str(tmp_path / "model"),
         storage_path=str(tmp_path / "ckpt"),
@@ -173,9 +181,7 @@ def test_two_workers_train_and_export(ray_local, tiny_student, tmp_path, stage):
         metrics["skipped_failed_rows"] == 3 and metrics["rows"] == 48 and metrics["examples"] == 48
     )
     assert metrics["loss_last"] < metrics["loss_first"]
-    assert (
-        metrics["step"] == metrics["total_steps"] == 18
-    )  # 3 epochs x 6 micro-batches per worker / 1 accum
+    assert metrics["step"] == metrics["total_steps"] == steps
     assert len(set(metrics["worker_nodes"])) == 1 and len(metrics["worker_nodes"]) == 2
     model, tok = _load(tmp_path / "model")
     base, _ = _load(tiny_student)

@@ -8,6 +8,7 @@ losses, in-place weight moves); the per-stage Ray Data actors use it as it is, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -70,9 +71,9 @@ class HFGenerator:
         self.top_p = top_p
         self.batch_size = batch_size
         self.seed = seed
+        self._sampling_lock = threading.Lock()
         config = getattr(self.model, "config", None)
         self.position_limit = getattr(config, "max_position_embeddings", 2048)
-        self.inflight = 0  # requests using this generator (serving's hot swap waits for 0)
         self.asleep = False
 
     @classmethod
@@ -253,15 +254,18 @@ class HFGenerator:
             attention[row, width - len(ids) :] = 1
         sampling = self._sampling(max_new_tokens, temperature, top_p)
         sampling["max_new_tokens"] = min(sampling["max_new_tokens"], self.position_limit - width)
-        if sampling["do_sample"]:  # reproducible per batch content, whatever the batch order
-            what = repr(seeds) if seeds and None not in seeds else repr(batch_ids)
-            torch.manual_seed(self.seed + int(hashlib.sha256(what.encode()).hexdigest()[:8], 16))
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention.to(self.device),
-                **sampling,
-            )
+        # sampling draws from torch's one global generator: calls in other threads (a
+        # serving replica's concurrent batches) must not reseed it mid-generate
+        with self._sampling_lock if sampling["do_sample"] else contextlib.nullcontext():
+            if sampling["do_sample"]:  # reproducible per batch content, whatever its order
+                what = repr(seeds) if seeds and None not in seeds else repr(batch_ids)
+                torch.manual_seed(self.seed + _digest(what))
+            with torch.no_grad():
+                out = self.model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention.to(self.device),
+                    **sampling,
+                )
         return [
             self._finish(ids, gen)
             for ids, gen in zip(batch_ids, out[:, width:].tolist(), strict=True)
@@ -273,8 +277,10 @@ class HFGenerator:
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
+        seed: int | None = None,
     ) -> Iterator[dict]:
-        """Text deltas as they are generated ({"delta": str}), then one final {"finish": ...}."""
+        """Text deltas as they are generated ({"delta": str}), then one final {"finish": ...};
+        ``seed``: the request's own (OpenAI's ``seed``), when it samples."""
         from transformers import TextIteratorStreamer
 
         self.wake()
@@ -285,7 +291,12 @@ class HFGenerator:
         sampling["max_new_tokens"] = min(sampling["max_new_tokens"], self.position_limit - len(ids))
 
         def run() -> None:
-            with self.torch.no_grad():
+            sample = sampling["do_sample"]
+            with self._sampling_lock if sample else contextlib.nullcontext(), self.torch.no_grad():
+                if sample:
+                    self.torch.manual_seed(
+                        self.seed + _digest(repr(seed if seed is not None else ids))
+                    )
                 output["ids"] = self.model.generate(
                     input_ids=self.torch.tensor([ids], device=self.device),
                     attention_mask=self.torch.ones(
@@ -302,6 +313,10 @@ class HFGenerator:
                 yield {"delta": text}
         thread.join()
         yield {"finish": self._finish(ids, output.get("ids", []))}
+
+
+def _digest(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
 class HFBackend:
@@ -330,7 +345,7 @@ class HFBackend:
     async def stream(
         self, ids, max_new_tokens, temperature, top_p, seed=None
     ) -> AsyncIterator[dict]:
-        it = self.generator.stream_ids(ids, max_new_tokens, temperature, top_p)
+        it = self.generator.stream_ids(ids, max_new_tokens, temperature, top_p, seed)
         while True:
             item = await asyncio.to_thread(next, it, None)
             if item is None:
