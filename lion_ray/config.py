@@ -469,6 +469,15 @@ class LoopConfig(_Strict):
     referee_max_reasks: int = Field(
         2, ge=0, description="Extra referee calls for an unparseable review before 'unparsed'."
     )
+    referee_max_unparsed_fraction: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Most of a round's pairs the referee may leave without a readable score "
+        "(after re-asks) before discrimination fails, showing its replies: a referee that "
+        "cannot judge would leave no hard or easy instruction to generate from, a paid round "
+        "that changes nothing.",
+    )
     pool_policy: Literal["paper", "accumulate"] = Field(
         "paper",
         description="'paper': next Train Pool = new instructions only; 'accumulate': old Train "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from lion_ray.errors import LionError
 from lion_ray.logic.chat import ChatClient, ChatRequest, merge_usage, usage
 from lion_ray.logic.prompts import REFEREE_RESPONSE_FORMAT, referee_messages
 from lion_ray.logic.referee import UnparseableReview, parse_scores, split_metrics, verdict
@@ -155,6 +156,37 @@ def judge(
         "metrics": metrics,
         "api": merge_usage(*usages),
     }
+
+
+class RefereeCannotJudge(LionError):
+    """Too many of the referee's reviews had no readable score."""
+
+
+def check_reviews(judged: pa.Table, model: str, max_unparsed_fraction: float) -> None:
+    """Fail discrimination when more than ``max_unparsed_fraction`` of the pairs the referee
+    was asked about got no readable score: say which model, how many, two of its replies,
+    and what to change."""
+    asked = [r for r in judged.to_pylist() if r["status"] != "failed"]
+    unparsed = [r for r in asked if r["status"] == "unparsed"]
+    if not asked or len(unparsed) <= max_unparsed_fraction * len(asked):
+        return
+    samples = [r["review_a"] or r["review_b"] for r in unparsed[:2]]
+    shown = " | ".join(repr(_clip(text)) for text in samples)
+    raise RefereeCannotJudge(
+        f"the referee ({model}) gave no readable score for {len(unparsed)} of {len(asked)} "
+        f"pairs ({len(unparsed) / len(asked):.0%}), more than "
+        f"loop.referee_max_unparsed_fraction ({max_unparsed_fraction:.0%}) allows, so the "
+        f"round cannot tell hard from easy. Two of its replies: {shown}. Use a referee "
+        "model that follows the review format (it must end with 'Score of the Assistant "
+        "1: <score>' and 'Score of the Assistant 2: <score>'), raise referee.max_tokens if "
+        "its replies are cut off, or set referee.structured_output: true (JSON scores); "
+        "the answers are cached, so a rerun pays only for the new reviews"
+    )
+
+
+def _clip(text: str, width: int = 160) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def pair_answers(pool: pa.Table, teacher: pa.Table, student: pa.Table | None) -> pa.Table:

@@ -15,8 +15,10 @@ the same pools, and spends nothing twice.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,11 +28,13 @@ from rich.table import Table
 
 from lion_ray import storage
 from lion_ray.config import LionConfig, dump_config, parse_config
-from lion_ray.errors import LionError
+from lion_ray.errors import LionError, user_error
 from lion_ray.logic.pools import import_records, load_pool_bytes, next_pools
 from lion_ray.progress import make_console
 from lion_ray.rundir import ApiUsage, RunDir, StageInput, StageRecord
 from lion_ray.session import Session
+
+TRACE = logging.getLogger("lion_ray.trace")  # a failed stage's traceback: the run's log file
 
 HELDOUT_SEED_OFFSET = 10_000  # held-out tasks come from a seed the seed pool never uses
 # the round's stages that ask the student engine
@@ -334,8 +338,14 @@ class Driver:
         try:
             result = stage.work(StageIO(key, r, dict(stage.inputs), dict(stage.outputs)))
         except Exception as exc:  # recorded (status shows it), then raised: a rerun retries
-            manifest.record_failure(key, f"{type(exc).__name__}: {exc}")
-            raise
+            cause = user_error(exc)
+            shown = cause or exc
+            manifest.record_failure(key, f"{type(shown).__name__}: {shown}")
+            if cause is None:
+                raise  # a bug: its traceback is the report
+            # the console gets the cause and its fix in one line; the run's log the rest
+            TRACE.error("%s failed:\n%s", key, "".join(traceback.format_exception(exc)))
+            raise cause from None
         rec = StageRecord(
             key=key,
             inputs=inputs,
@@ -536,7 +546,7 @@ class Driver:
         )
 
     def referee(self, io: StageIO) -> StageResult:
-        from lion_ray.discrimination import judge, pair_answers
+        from lion_ray.discrimination import check_reviews, judge, pair_answers
 
         pairs = pair_answers(
             storage.read_parquet(io.inputs["pool"]),
@@ -551,6 +561,7 @@ class Driver:
             structured=self.cfg.referee.structured_output,
             label=io.key,
         )
+        check_reviews(judged, self.cfg.referee.model, self.cfg.loop.referee_max_unparsed_fraction)
         storage.write_parquet(io.outputs["judged"], judged)
         m = info["metrics"]
         return StageResult(
@@ -636,7 +647,7 @@ class Driver:
         )
 
     def generation(self, io: StageIO) -> StageResult:
-        from lion_ray.generation import generate
+        from lion_ray.generation import check_candidates, generate
 
         new, candidates, info = generate(
             storage.read_parquet(io.inputs["judged"]),
@@ -647,7 +658,8 @@ class Driver:
             dedup_workers=2,
             family_of=sandbox_family if self.cfg.loop.seed_pool == "sandbox" else None,
         )
-        storage.write_parquet(io.outputs["candidates"], candidates)
+        storage.write_parquet(io.outputs["candidates"], candidates)  # kept: they show why
+        check_candidates(candidates, self.cfg.generator.model)
         storage.write_parquet(io.outputs["new"], new)
         return StageResult(
             rows=new.num_rows,

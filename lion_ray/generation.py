@@ -20,6 +20,7 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from lion_ray.config import LoopConfig
+from lion_ray.errors import LionError
 from lion_ray.logic.chat import ChatClient, ChatRequest, merge_usage, usage
 from lion_ray.logic.dedup import Deduper
 from lion_ray.logic.filters import rejection_reason, rejection_summary
@@ -213,4 +214,26 @@ def generate(
         new_pool,
         pa.Table.from_pylist(candidates, schema=CANDIDATE_SCHEMA),
         {"metrics": stats, "api": merge_usage(*usages)},
+    )
+
+
+class GeneratorWroteNothing(LionError):
+    """Every candidate the generator wrote this round was rejected."""
+
+
+def check_candidates(candidates: pa.Table, model: str) -> None:
+    """Fail generation when the generator wrote candidates and the filters accepted none of
+    them: the next round would train on nothing new. Say which model, why they were
+    rejected, two of them, and what to change."""
+    rows = candidates.to_pylist()
+    if not rows or any(r["accepted"] for r in rows):
+        return
+    reasons = Counter(r["reason"] for r in rows)
+    shown = " | ".join(repr(" ".join((r["instruction"] or "").split())[:160]) for r in rows[:2])
+    raise GeneratorWroteNothing(
+        f"the generator ({model}) wrote {len(rows)} candidates and none was accepted ("
+        + ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
+        + f"). Two of them: {shown}. Use a generator model that answers with one new "
+        "instruction, raise generator.max_tokens if its replies are cut off, or loosen "
+        "loop.rouge_threshold / loop.min_words if the rejections are similar_* or too_short"
     )

@@ -127,3 +127,23 @@ def test_a_cut_off_json_review_is_asked_again():
     referee = WorldClient(options=WorldOptions(malformed_rate=0.3))
     judged, info = judge(pair_answers(pool, teacher, student), referee, structured=True)
     assert info["metrics"]["referee_reasks"] > 0 and info["metrics"]["unparsed"] <= 1
+
+
+def test_a_referee_that_cannot_judge_fails_the_stage_with_its_replies():
+    """Above loop.referee_max_unparsed_fraction, discrimination fails instead of a round
+    with no hard and no easy instruction; the message names the model, the share, two of
+    its replies and what to change."""
+    import pytest
+
+    from lion_ray.discrimination import RefereeCannotJudge, check_reviews
+
+    pool, teacher, student, _ = _setup(20, seed=2)
+    pairs = pair_answers(pool, teacher, student)
+    judged, _ = judge(pairs, WorldClient(options=WorldOptions(malformed_rate=1.0)), max_reasks=1)
+    with pytest.raises(RefereeCannotJudge) as caught:
+        check_reviews(judged, "tiny-judge", 0.2)
+    message = str(caught.value)
+    assert "the referee (tiny-judge) gave no readable score for 20 of 20 pairs (100%)" in message
+    assert "Two of its replies: '" in message and "referee.structured_output" in message
+    some = WorldClient(options=WorldOptions(malformed_rate=0.1))
+    check_reviews(judge(pairs, some, max_reasks=2)[0], "m", 0.2)  # a few: the round goes on

@@ -248,6 +248,24 @@ def test_the_last_round_pays_for_no_referee_or_generator_until_the_run_is_extend
 
 
 @pytest.mark.slow
+def test_a_referee_that_never_gives_a_readable_score_fails_the_round_in_one_line(tmp_path):
+    """A server whose referee answers nonsense: discrimination fails with the referee's
+    model, the share and two of its replies, on one line (the traceback goes to the run's
+    log); the run stops there, so no generator call is paid for."""
+    run_dir = tmp_path / "run"
+    proc = lion_run(run_dir, "--set", "sandbox.malformed_rate=1.0")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out[-3000:]
+    assert "error: the referee (sandbox-referee) gave no readable score for 60 of 60 pairs" in out
+    assert "Traceback" not in out and "Two of its replies" in out
+    status = lion_status(run_dir)
+    assert "round_1/discrimination.referee" in status["failures"]
+    assert "generator" not in status["spend"]
+    log = (run_dir / "logs" / "ray.log").read_text()
+    assert "round_1/discrimination.referee failed:" in log and "Traceback" in log
+
+
+@pytest.mark.slow
 def test_a_deleted_output_redoes_its_stage_and_what_read_it(reference_run, tmp_path):
     reference, _ = reference_run
     run_dir = tmp_path / "moved"

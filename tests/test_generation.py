@@ -234,3 +234,19 @@ def test_one_limiter_serves_every_wave_of_a_generation_stage(ray_local, tmp_path
     assert len({w["instance"] for w in waves}) == 1
     # one schedule: its reservations add up over the waves (retries included)
     assert waves[-1]["reserved"] >= sum(w["requests"] for w in waves) + waves[0]["429"]
+
+
+def test_a_generator_whose_candidates_are_all_rejected_fails_the_stage():
+    from lion_ray.generation import GeneratorWroteNothing, check_candidates
+
+    pool = _pool(20, seed=7)
+    loop = LoopConfig(hard_per_round=5, easy_per_round=0, min_words=1, generation_attempts_factor=1)
+    # every instruction is cut off at one token: none can be accepted
+    _, cands, _ = generate(_judged(pool, 1.0), pool, loop, WorldClient(max_tokens=1), round_no=1)
+    assert cands.num_rows and not any(cands.column("accepted").to_pylist())
+    with pytest.raises(
+        GeneratorWroteNothing, match=r"the generator \(gen-x\) wrote \d+ candidates"
+    ):
+        check_candidates(cands, "gen-x")
+    _, ok, _ = generate(_judged(pool, 1.0), pool, loop, WorldClient(), round_no=1)
+    check_candidates(ok, "gen-x")  # some accepted: the round goes on

@@ -27,6 +27,7 @@ import json
 import os
 import random
 import time
+import uuid
 from dataclasses import asdict, replace
 
 import pyarrow as pa
@@ -170,9 +171,9 @@ class ChatCaller:
     the model refuses: stop), any other 400/422 (that row fails), 429/5xx/timeouts and
     connection errors (retried with backoff).
 
-    ``limiter`` needs async ``reserve(tokens, cost) -> (delay, ticket)`` and
-    ``report(ticket, reserved, actual, headers, retry_after)``; ``client`` is an
-    ``openai.AsyncOpenAI``.
+    ``limiter`` needs async ``reserve(tokens, cost, request) -> (delay, ticket)``,
+    ``report(ticket, reserved, actual, headers, retry_after)`` and ``give_up(request,
+    reserved)``; ``client`` is an ``openai.AsyncOpenAI``.
     """
 
     def __init__(
@@ -219,13 +220,18 @@ class ChatCaller:
         started = time.monotonic()
         for attempt in range(ep.max_retries + 1):
             result.attempts = attempt + 1
-            delay, ticket = await self.limiter.reserve(tokens, worst_cost)
-            if delay < 0:
-                result.status = "budget"
-                result.error = "not sent: the endpoint's budget_usd was reached"
-                break
-            if delay:
-                await asyncio.sleep(delay)
+            name = uuid.uuid4().hex  # this attempt, should its stage stop before it is sent
+            try:
+                delay, ticket = await self.limiter.reserve(tokens, worst_cost, name)
+                if delay < 0:
+                    result.status = "budget"
+                    result.error = "not sent: the endpoint's budget_usd was reached"
+                    break
+                if delay:
+                    await asyncio.sleep(delay)
+            except asyncio.CancelledError:  # the stage stopped: this attempt is not sent
+                self.limiter.give_up(name, worst_cost)
+                raise
             headers: dict[str, str] = {}
             retry_after = None
             billed = 0.0
@@ -313,14 +319,21 @@ class _ActorLimiter:
     def __init__(self, handle, stage: str, ledger_dir: str | None):
         self.handle, self.stage, self.ledger_dir = handle, stage, ledger_dir
 
-    async def reserve(self, tokens: int, cost: float) -> tuple[float, str | None]:
+    async def reserve(
+        self, tokens: int, cost: float, request: str | None = None
+    ) -> tuple[float, str | None]:
         try:
-            return await self.handle.reserve.remote(tokens, cost, self.stage)
+            return await self.handle.reserve.remote(tokens, cost, self.stage, request)
         except Exception as exc:  # money fails closed: no durable reservation, no request
             raise FatalApiError(
                 f"cannot record spend in the ledger {self.ledger_dir} ({type(exc).__name__}: "
                 f"{str(exc)[-300:]}); a budget that cannot be checked stops the stage"
             ) from None
+
+    def give_up(self, request: str, reserved: float) -> None:
+        """Release the reservation of a request its caller stopped before sending (fire and
+        forget: it runs in the limiter, after the caller's task is gone)."""
+        self.handle.give_up.remote(request, reserved, self.stage)
 
     async def report(self, ticket, reserved, actual, headers, retry_after) -> None:
         # fire and forget: the reservation already covers the worst case
@@ -763,7 +776,8 @@ def _find_fatal(exc: BaseException) -> FatalApiError | None:
             continue
         seen.add(id(e))
         if isinstance(e, FatalApiError):
-            return e
+            original = getattr(e, "cause", None)  # Ray's wrapper: its text is a traceback
+            return original if isinstance(original, FatalApiError) else e
         cause = getattr(e, "cause", None)
         stack.extend([e.__cause__, e.__context__, cause])
         if isinstance(cause, BaseException):

@@ -117,6 +117,7 @@ LIBRARY_LOGGERS = (
     "transformers",
     "vllm",
     "py.warnings",
+    "lion_ray.trace",  # a failed stage's whole traceback (the console shows its cause)
 )
 
 

@@ -153,9 +153,9 @@ class RateLimit:
         }
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=MAX_IN_FLIGHT)
-class LimiterActor:
-    """The cluster-wide home of one endpoint's ``RateLimit`` and spend ledger.
+class Limiter:
+    """The cluster-wide home of one endpoint's ``RateLimit`` and spend ledger, as a plain
+    class: ``LimiterActor`` is the Ray actor around it.
 
     One per endpoint for a whole run, named after its ledger, so every stage, every wave of
     a stage and every command that spends against the run (``lion-ray answer`` beside a
@@ -187,6 +187,13 @@ class LimiterActor:
         self.tickets = 0
         self.lock = asyncio.Lock()
         self.appended = self.committed = 0
+        # a caller that gives up before sending (its stage stopped) names its request:
+        # one still waiting here is dropped when it wakes, one already given a ticket is
+        # settled at nothing (it was never sent), so no reservation outlives its stage
+        self.waiting: set[str] = set()
+        self.given_up: set[str] = set()
+        self.issued: dict[str, str] = {}  # request -> its ticket, until settled
+        self.issued_to: dict[str, str] = {}  # ticket -> request
 
     async def configure(self, rpm: float, tpm: float, budget_usd: float | None) -> None:
         """New limits or a new cap (a resumed run may change them); pauses and spend stay."""
@@ -217,24 +224,46 @@ class LimiterActor:
         self.appended += 1
 
     async def reserve(
-        self, tokens: int, cost_usd: float = 0.0, stage: str = ""
+        self, tokens: int, cost_usd: float = 0.0, stage: str = "", request: str | None = None
     ) -> tuple[float, str | None]:
         """Returns when the caller may send: (0, ticket), or (-1, None) when the budget would
         be exceeded. The wait happens here, not at the caller, so the ledger's reservation is
         written just before the request leaves: after a crash, the open reservations are the
-        requests that were really in flight, not every one that was queued."""
+        requests that were really in flight, not every one that was queued. ``request``: the
+        caller's name for it, which ``give_up`` takes."""
         import asyncio
 
         delay = self.limit.reserve(tokens, cost_usd)
         if delay < 0:
             return delay, None
-        if delay > 0:
-            await asyncio.sleep(delay)
-        while (held := self.limit.paused_until - self.limit.clock()) > 0:
-            await asyncio.sleep(held)  # a Retry-After that came while we waited holds us too
+        if request is not None:
+            self.waiting.add(request)
+        try:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            while (held := self.limit.paused_until - self.limit.clock()) > 0:
+                await asyncio.sleep(held)  # a Retry-After that came while we waited holds us
+        finally:
+            self.waiting.discard(request)
+        if request is not None and request in self.given_up:
+            self.given_up.discard(request)
+            self.limit.settle(cost_usd, 0.0)  # its caller stopped: nothing will be sent
+            return -2.0, None
         ticket = self._new_ticket(cost_usd, stage)
+        if request is not None:
+            self.issued[request], self.issued_to[ticket] = ticket, request
         await self._durable()
         return 0.0, ticket
+
+    async def give_up(self, request: str, reserved_cost: float, stage: str = "") -> None:
+        """The caller of ``request`` stopped before sending it (its stage stopped): release
+        the reservation, whether it still waits here or already has a ticket."""
+        ticket = self.issued.get(request)
+        if ticket is not None:
+            self._settle(ticket, reserved_cost, 0.0, stage)
+            await self._durable()
+        elif request in self.waiting:
+            self.given_up.add(request)
 
     def _new_ticket(self, cost_usd: float, stage: str) -> str:
         self.tickets += 1
@@ -262,6 +291,8 @@ class LimiterActor:
         return tickets
 
     def _settle(self, ticket: str | None, reserved_cost: float, actual_cost: float, stage: str):
+        # a ticket settled by its caller is no longer the caller's to give up
+        self.issued.pop(self.issued_to.pop(ticket, None), None)
         if ticket in self.inherited:  # counted in `spent` at its worst case since the replay
             self.limit.spent_usd += actual_cost - self.inherited.pop(ticket)
         else:
@@ -301,3 +332,8 @@ class LimiterActor:
             "budget_usd": self.limit.budget_usd,
             "instance": self.ledger.instance if self.ledger else None,
         }
+
+
+LimiterActor = ray.remote(
+    num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=MAX_IN_FLIGHT
+)(Limiter)

@@ -43,8 +43,11 @@ class RecordingLimiter:
     def __init__(self):
         self.pauses, self.reports, self.billed = [], 0, []
 
-    async def reserve(self, tokens, cost):
+    async def reserve(self, tokens, cost, request=None):
         return 0.0, f"t{self.reports}"
+
+    def give_up(self, request, reserved):
+        pass
 
     async def report(self, ticket, reserved, actual, headers, retry_after):
         self.reports += 1
@@ -77,6 +80,45 @@ def test_caller_retries_then_marks_failed():
         assert res.cost_usd == 0.0  # a 5xx is not billed
         assert res.error.startswith(("500", "503"))
         assert sb.stats()["rejected"]["server_error"] == 3
+
+
+def test_a_call_cancelled_while_it_waits_to_be_sent_gives_its_reservation_back():
+    """Its stage stopped (a fatal error, the budget): the attempt was never sent, so the
+    limiter is told to release it rather than keep its worst case in the ledger."""
+    from lion_ray.config import EndpointConfig
+
+    class SlowLimiter(RecordingLimiter):
+        given_up: list = []
+
+        async def reserve(self, tokens, cost, request=None):
+            self.named = request
+            await asyncio.sleep(30)  # its send time is far off
+
+        def give_up(self, request, reserved):
+            self.given_up.append((request, reserved))
+
+    limiter = SlowLimiter()
+    ep = EndpointConfig(
+        base_url="http://127.0.0.1:9/v1",
+        model="m",
+        api_key_env=None,
+        price_per_1k_input=1.0,
+        price_per_1k_output=1.0,
+    )
+
+    async def go():
+        caller = ChatCaller(ep, AsyncOpenAI(base_url=ep.base_url, api_key="x"), limiter, None)
+        task = asyncio.create_task(
+            caller.call(ChatRequest("q", [{"role": "user", "content": "hi"}]))
+        )
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    assert len(limiter.given_up) == 1 and limiter.given_up[0][0] == limiter.named
+    assert limiter.given_up[0][1] > 0  # the worst case it reserved
 
 
 def test_a_request_that_timed_out_may_be_billed_one_never_sent_is_not():

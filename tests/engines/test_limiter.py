@@ -65,3 +65,34 @@ def test_parse_duration(text, seconds):
 
 def test_parse_duration_rejects_garbage():
     assert parse_duration("soon") is None and parse_duration("") is None
+
+
+def test_a_request_whose_caller_gave_up_before_sending_holds_no_reservation(tmp_path):
+    """A stage that stops (the budget, a fatal error) cancels the requests it has not sent.
+    One still waiting in the limiter for its send time, and one the limiter already gave a
+    ticket, are released: the ledger keeps only what was sent, so `lion-ray status` does not
+    count the cancelled ones at their worst case until a resume."""
+    import asyncio
+
+    from lion_ray.engines import ledger
+    from lion_ray.engines.limiter import Limiter
+
+    async def main():
+        limiter = Limiter(rpm=60, tpm=10**9, budget_usd=10.0, ledger_dir=str(tmp_path))
+        limiter.limit.burst_s = 0.0  # one request a second: the later ones wait here
+        first = await limiter.reserve(10, 0.5, "s", request="r1")  # ticketed, never sent
+        waiting = [
+            asyncio.create_task(limiter.reserve(10, 0.5, "s", request=f"r{i}")) for i in (2, 3)
+        ]
+        await asyncio.sleep(0.1)
+        await limiter.give_up("r3", 0.5, "s")  # still waiting for its send time
+        await limiter.give_up("r1", 0.5, "s")  # its caller stopped after the ticket came
+        second, third = await asyncio.gather(*waiting)
+        await limiter.report(second[1], 0.5, 0.2, stage="s")  # sent, and billed
+        return first, second, third, limiter
+
+    first, second, third, limiter = asyncio.run(main())
+    assert first[1] and second[1] and third == (-2.0, None)
+    totals = ledger.load(str(tmp_path))
+    assert totals.open == {} and totals.spent_usd == pytest.approx(0.2)
+    assert limiter.limit.reserved_usd == pytest.approx(0.0)
