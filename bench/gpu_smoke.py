@@ -5,12 +5,19 @@
 Runs the `gpu` tests (tests/gpu/test_gpu.py), each a check:
 - bf16 ZeRO-3 training, full and LoRA (gradient checkpointing through partitioned frozen
   weights), of a tiny locally built Qwen2-class student, with a worker that dies and a resume;
+  the worker's device is lion-ray's one rule (its own GPU, which DeepSpeed also takes);
 - ray.data.llm vLLM inference with a LoRA adapter, and from an s3:// model on a moto server
   (each engine downloads it on its own node; the driver fetches the tokenizer only);
 - a vLLM hot swap on one GPU under concurrent clients: a new round's weights into the running
-  engine, then a model of another architecture, which must retire the old engine first;
-- the colocated engine asleep while Ray Train has the GPU, woken with the next round's weights;
-- one `lion-ray run` round with the student on the GPU (vLLM, colocated).
+  engine; a model the replica's chat format cannot serve, which must fail before an engine is
+  built and leave the replica serving, healthy; then a model of another architecture, which
+  must retire the old engine first;
+- the colocated engine asleep while Ray Train has the GPU (the worker asking the rest of the
+  engine's GPU), then the trained round moved in place (the export carries the base's
+  tokenizer) through sleep -> wake weights -> reload -> wake KV cache, and its losses at
+  train.max_length equal to the hf backend's;
+- one `lion-ray run` round with the student on the GPU (vLLM, colocated): round 1 trains
+  before the engine exists, a whole GPU per worker.
 
 The last line is JSON: {"cuda": GPU name, "passed": bool, "checks": {name: {"passed",
 "seconds", "error"}}, "wall_s"}. Without a CUDA device it says so and exits 2.

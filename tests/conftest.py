@@ -82,11 +82,14 @@ def ray_local():
     """One local Ray for the session (8 logical CPUs on any machine: DESIGN section 4; 4
     logical GPUs, which Ray assigns as on GPU nodes: placement is tested here)."""
     import ray
+    import torch
 
     from lion_ray.config import ClusterConfig
     from lion_ray.engines.cluster import init_ray
 
-    init_ray(ClusterConfig(num_cpus=8, num_gpus=LOGICAL_GPUS), quiet=True)
+    # logical GPUs only where there are none: on a GPU machine Ray counts the real ones
+    gpus = None if torch.cuda.is_available() else LOGICAL_GPUS
+    init_ray(ClusterConfig(num_cpus=8, num_gpus=gpus), quiet=True)
     yield ray
     ray.shutdown()
 

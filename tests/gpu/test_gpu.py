@@ -191,12 +191,17 @@ def test_vllm_hot_swap_on_one_gpu_under_concurrent_clients(ray_local, students, 
     from openai import OpenAI
     from ray import serve
 
-    from lion_ray.engines.serving import deploy
+    from lion_ray.engines.student.app import deploy
     from lion_ray.student import init_student
 
     other = tmp_path / "other"  # another architecture: two layers more
-    init_student(str(other), TinyStudentConfig(**(SHAPE | {"num_layers": 4})))
+    init_student(
+        str(other), TinyStudentConfig(**(SHAPE | {"num_layers": 4}), chat_template="chatml")
+    )
     _to_bf16(other)
+    plain = tmp_path / "plain"  # no chat template: the replica's chat format cannot serve it
+    init_student(str(plain), TinyStudentConfig(**(SHAPE | {"num_layers": 4})))
+    _to_bf16(plain)
     url = deploy(
         ServeConfig(
             port=free_port(),
@@ -239,6 +244,17 @@ def test_vllm_hot_swap_on_one_gpu_under_concurrent_clients(ray_local, students, 
         while time.time() < deadline and (not seen or seen[-1] != MEMORIZED_B[0][1]):
             time.sleep(0.5)
         assert seen[-1] == MEMORIZED_B[0][1] and not failures and not refused
+        # a model the replica cannot serve fails before any engine is built for it: the
+        # replica still serves b, healthy, with the GPU memory it had
+        status, body = http_json(
+            f"{url}/v1/admin/reload", body={"model_dir": str(plain)}, timeout=600
+        )
+        assert status == 500 and "template" in body["error"]["message"], body
+        status, state = http_json(f"{url}/v1/admin/status")
+        assert state["model_dir"] == str(students["b"]) and state["healthy"], state
+        answered = len(seen)
+        time.sleep(2)
+        assert len(seen) > answered and seen[-1] == MEMORIZED_B[0][1]
         status, body = http_json(
             f"{url}/v1/admin/reload", body={"model_dir": str(other)}, timeout=600
         )
@@ -254,7 +270,7 @@ def test_vllm_hot_swap_on_one_gpu_under_concurrent_clients(ray_local, students, 
 def test_colocated_engine_sleeps_while_training(ray_local, students, tmp_path):
     """student.colocate: the run's engine drops its weights and KV cache while Ray Train
     uses the GPU, then the new round's weights move in: one GPU holds both in turn."""
-    from lion_ray.engines.student_engine import StudentEngine
+    from lion_ray.engines.student.engine import StudentEngine
 
     cfg = _vllm(students["a"], colocate=True, engine_kwargs={"gpu_memory_utilization": 0.5})
     engine = StudentEngine.start(cfg, str(students["a"]), http=False)
@@ -283,11 +299,30 @@ def test_colocated_engine_sleeps_while_training(ray_local, students, tmp_path):
             base_model=str(students["a"]),
             out_uri=str(tmp_path / "next"),
             storage_path=str(tmp_path / "next-ckpt"),
-            student=cfg,  # colocated: the workers share the engine's GPU
+            student=cfg,  # colocated: the worker takes the rest of the engine's GPU
             show_progress=False,
+            beside_engine=True,
+            held={"the student engine": engine.request},
         )
-        swap = engine.load(str(tmp_path / "next"))  # wakes the weights, reloads, wakes KV
-        assert swap["how"] == "in_place"
+        # training exported the base's tokenizer files unchanged: the move is in place,
+        # through sleep -> wake weights -> reload -> wake KV cache
+        swap = engine.load(str(tmp_path / "next"))
+        assert swap["how"] == "in_place", swap
+        from lion_ray.engines.inference import student_losses
+
+        rows = [dict(r, input="") for r in rows]
+        on_engine, _ = student_losses(
+            rows, cfg, model_uri=str(tmp_path / "next"), max_length=24, engine=engine
+        )
+        on_hf, _ = student_losses(
+            rows,
+            CHAT.model_copy(update={"gpus_per_engine": 0.2}),
+            model_uri=str(tmp_path / "next"),
+            max_length=24,
+        )
+        assert on_engine == pytest.approx(
+            on_hf, rel=2e-2
+        )  # bf16 on both: the tokens training learns
         after, _ = student_answers(
             pool, cfg, model_uri=str(tmp_path / "next"), engine=engine, show_progress=False
         )
@@ -322,7 +357,9 @@ def test_one_round_with_the_student_on_the_gpu(tmp_path):
     )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert "round_1/pools" in manifest["stages"]
+    assert "round_1/pools" in manifest["stages"]  # the test config runs the last round whole
+    moves = manifest["stages"]["round_1/discrimination.student"]["metrics"]
+    assert moves["served_model"] == "round_1/imitation/model"
     train = manifest["stages"]["round_1/imitation.train"]["metrics"]
     assert train["export_dtype"] == "bfloat16"
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
