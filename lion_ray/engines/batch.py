@@ -70,7 +70,7 @@ class BatchRunner:
     ):
         import openai
 
-        from lion_ray.engines.api import api_key
+        from lion_ray.engines.api_wire import api_key
 
         self.endpoint = endpoint
         self.role = role
@@ -146,7 +146,7 @@ class BatchRunner:
     ) -> list[BatchRecord]:
         import ray
 
-        from lion_ray.engines.api import request_body, worst_case
+        from lion_ray.engines.api_wire import request_body, worst_case
 
         ep = self.endpoint
         worst = [worst_case(ep, todo[k].messages)[1] * ep.batch_discount for k in keys]

@@ -4,9 +4,8 @@
 - ``guard``: API keys that fail closed, the body limit;
 - ``rows``: the answer and loss rows every student stage gets back;
 - ``runs``: what a replica reads from a run directory;
-- ``backend``: the ``StudentBackend`` protocol, the one place a backend is chosen, the one
-  prompt-cutting rule;
-- ``hf``, ``vllm``: the two backends;
+- ``backend``: the ``StudentBackend`` protocol and the one prompt-cutting rule;
+- ``hf``, ``vllm``: the two backends; ``loading``: the one place a backend is chosen;
 - ``replica``: ``Replica``, one loaded student's lifecycle (swap, lease, drain, sleep, the
   stage row API), a plain class;
 - ``routes``: the HTTP routes and the Serve deployment, a shell around ``Replica``;

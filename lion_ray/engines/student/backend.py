@@ -1,10 +1,11 @@
-"""What a student backend does, and the one place a backend is chosen.
+"""What a student backend does.
 
 A backend holds one loaded student: it generates (a batch, or one request streamed), scores
 losses, takes a new round's weights in place when it can, sleeps while training has the
 accelerator, and closes. ``Replica`` only talks to this protocol, so a new backend is one
-new file here and one line in :func:`load_backend`. Every method that computes is async: the
-hf backend runs its work in a thread, vLLM's engine is async already.
+new file beside ``hf`` and ``vllm`` and one line in ``loading.load_backend``, the one place
+a backend is chosen. Every method that computes is async: the hf backend runs its work in a
+thread, vLLM's engine is async already.
 """
 
 from __future__ import annotations
@@ -63,20 +64,6 @@ class StudentBackend(Protocol):
     def healthy(self) -> bool: ...
 
     def close(self) -> None: ...
-
-
-def load_backend(
-    model_dir: str, student: StudentConfig, backend: str, max_model_len: int | None = None
-) -> StudentBackend:
-    """The student at ``model_dir`` on ``backend`` ('hf' or 'vllm'), with room for
-    ``max_model_len`` tokens of prompt and answer."""
-    if backend == "vllm":
-        from lion_ray.engines.student.vllm import VLLMBackend
-
-        return VLLMBackend(model_dir, student, max_model_len)
-    from lion_ray.engines.student.hf import HFBackend
-
-    return HFBackend.for_student(model_dir, student)
 
 
 def fit_prompt(ids: list[int], context: int, max_new_tokens: int) -> list[int]:

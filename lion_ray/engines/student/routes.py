@@ -24,7 +24,6 @@ from ray import serve
 
 from lion_ray import storage
 from lion_ray.config import ServeConfig, StudentConfig
-from lion_ray.engines.student.backend import load_backend
 from lion_ray.engines.student.guard import (
     REPLICA,
     BodyLimit,
@@ -33,6 +32,7 @@ from lion_ray.engines.student.guard import (
     configure_replica,
     page,
 )
+from lion_ray.engines.student.loading import load_backend
 from lion_ray.engines.student.replica import Replica
 from lion_ray.engines.student.runs import engine_record, newest_model
 from lion_ray.engines.student.wire import (
