@@ -189,3 +189,123 @@ class MotoS3:
                 os.environ[k] = v
         self.server.kill()
         self.server.wait()
+
+
+def lion_cli(*args: str, timeout: float = 600, env: dict | None = None, **kw):
+    """`lion-ray ARGS` as a user runs it, in the checkout, its output captured."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    return subprocess.run(
+        [sys.executable, "-m", "lion_ray", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
+
+
+def until(condition, what: str, timeout_s: float = 120, poll_s: float = 0.1) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(poll_s)
+
+
+def tiny_train(**overrides):
+    """A TrainConfig small enough for the tiny students on 2 CPU cores."""
+    from lion_ray.config import TrainConfig
+
+    fields = dict(
+        lr=3e-3,
+        epochs=2,
+        max_length=96,
+        micro_batch_size=4,
+        effective_batch_size=8,
+        workers=2,
+    )
+    return TrainConfig(**(fields | overrides))
+
+
+class Hammer:
+    """Threads asking a chat endpoint one question over and over (a swap under load):
+    every outcome kept as (HTTP status, answer, error code, Retry-After).
+
+        with Hammer(url, question, key=KEY) as load:
+            ...                                   # swap something
+            load.wait_for(new_answer)
+        assert load.failures() == []
+    """
+
+    def __init__(self, url: str, question: str, key: str | None = None, threads: int = 4):
+        import threading
+
+        self.url, self.key = url, key
+        self.ask = {"messages": [{"role": "user", "content": question}], "max_tokens": 12}
+        self.outcomes: list[tuple[int, str, str | None, str | None]] = []
+        self.stop = threading.Event()
+        # daemon, and stopped on exit: a failed assertion must not leave them looping
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        import json
+        import time
+        import urllib.error
+        import urllib.request
+
+        while not self.stop.is_set():
+            req = urllib.request.Request(
+                f"{self.url}/v1/chat/completions",
+                data=json.dumps(self.ask).encode(),
+                headers={"Content-Type": "application/json"}
+                | ({"Authorization": f"Bearer {self.key}"} if self.key else {}),
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=300) as resp:
+                    code, raw, headers = resp.status, resp.read(), resp.headers
+            except urllib.error.HTTPError as exc:
+                code, raw, headers = exc.code, exc.read(), exc.headers
+            except OSError as exc:  # the connection itself failed
+                self.outcomes.append((0, "", repr(exc), None))
+                continue
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = {"error": {"code": raw.decode(errors="replace")[:200]}}
+            answer = body["choices"][0]["message"]["content"] if code == 200 else ""
+            error = None if code == 200 else (body.get("error") or {}).get("code")
+            self.outcomes.append((code, answer, error, headers.get("Retry-After")))
+            if code == 503:
+                time.sleep(0.05)  # as a client told Retry-After would back off
+
+    def __enter__(self) -> Hammer:
+        for t in self.threads:
+            t.start()
+        until(lambda: len(self.outcomes) >= 2, "the first answers")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=150)
+
+    def answers(self) -> list[str]:
+        return [a for code, a, _, _ in self.outcomes if code == 200]
+
+    def refused(self) -> list[tuple]:
+        return [o for o in self.outcomes if o[0] == 503]
+
+    def failures(self) -> list[tuple]:
+        return [o for o in self.outcomes if o[0] not in (200, 503)]
+
+    def wait_for(self, answer: str, timeout_s: float = 60) -> None:
+        """Until the newest answer is ``answer`` (a swap has reached the clients)."""
+        until(lambda: self.answers()[-1:] == [answer], f"the answer {answer!r}", timeout_s, 0.2)

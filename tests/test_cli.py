@@ -7,12 +7,9 @@ import sys
 import pytest
 
 from .conftest import ROOT
+from .helpers import lion_cli
 
-
-def lion(*args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "lion_ray", *args], capture_output=True, text=True, cwd=ROOT, **kw
-    )
+lion = lion_cli
 
 
 def test_help_lists_commands():

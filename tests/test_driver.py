@@ -20,7 +20,7 @@ from lion_ray.logic.accounting import cost_usd
 from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 
 from .conftest import DATA, ROOT
-from .helpers import SLOW_CHECKPOINTS, registered_checkpoints
+from .helpers import SLOW_CHECKPOINTS, lion_cli, registered_checkpoints
 
 MINI = DATA / "mini.yaml"
 # the run's console as under `ray job submit` or CI: no terminal and no COLUMNS (a test
@@ -55,13 +55,7 @@ def lion_run(run_dir: Path, *extra: str, **kw) -> subprocess.Popen:
 
 def lion_status(run_dir: Path) -> dict:
     """`lion-ray status --json`, as a user runs it."""
-    status = subprocess.run(
-        [sys.executable, "-m", "lion_ray", "status", "--run", str(run_dir), "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
+    status = lion_cli("status", "--run", str(run_dir), "--json", env=ENV)
     assert status.returncode == 0, status.stderr
     return json.loads(status.stdout)
 

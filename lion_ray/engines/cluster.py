@@ -11,6 +11,7 @@ import warnings
 import ray
 
 from lion_ray.config import ClusterConfig
+from lion_ray.errors import LionError
 
 log = logging.getLogger("lion_ray")
 
@@ -55,12 +56,17 @@ def init_ray(
 DASHBOARD_STARTUP_TIMEOUT_S = 300
 
 
-def start_local_ray(num_cpus: int, attempts: int = 2, **kwargs):
+def start_local_ray(num_cpus: int, attempts: int = 3, pause_s: float = 10.0, **kwargs):
     """``ray.init(address="local")``: a new cluster even if a `ray start` one runs here, tried
-    ``attempts`` times. On a loaded machine a start can fail: Ray 2.60's raylet gives its
-    dashboard agent a fixed 15 s to write its port files and aborts when the agent's imports
-    take longer ("Timed out waiting for file .../metrics_agent_port_..."); the next start
-    finds those imports in the page cache. A failed start's processes are stopped first."""
+    ``attempts`` times, ``pause_s`` more between each. On a loaded machine a start can fail:
+    Ray 2.60's raylet gives its dashboard agent a fixed 15 s to write its port files and
+    aborts when the agent's imports take longer ("Timed out waiting for file
+    .../metrics_agent_port_..."), and the node itself a fixed 30 s to register with the GCS
+    ("The current node timed out during startup"); neither can be set, but the next start
+    finds the imports in the page cache and the machine perhaps less busy. A failed start's
+    processes are stopped first. The last failure is one line: what failed, and what to do."""
+    import time
+
     import psutil
     from ray._private import ray_constants
 
@@ -80,12 +86,15 @@ def start_local_ray(num_cpus: int, attempts: int = 2, **kwargs):
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
             psutil.wait_procs(left, timeout=10)
+            cause = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
             if attempt == attempts:
-                raise
-            log.warning(
-                "a local Ray did not start (%s); starting it again",
-                (str(exc).splitlines() or [type(exc).__name__])[0][:300],
-            )
+                raise LionError(
+                    f"a local Ray did not start in {attempts} tries (last: {cause}); this "
+                    "machine may be too busy for Ray's fixed start-up waits: rerun when it is "
+                    "quieter, or start one (`ray start --head`) and set cluster.address"
+                ) from exc
+            log.warning("a local Ray did not start (%s); starting it again", cause)
+            time.sleep(pause_s * attempt)
     raise AssertionError("unreachable")
 
 

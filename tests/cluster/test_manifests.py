@@ -18,6 +18,7 @@ from packaging.requirements import Requirement
 from lion_ray.config import ServeConfig, load_config
 
 from ..conftest import DATA, ROOT
+from ..helpers import lion_cli
 
 KUBERAY = ROOT / "cluster" / "kuberay"
 SHARED_CRDS = ROOT.parent / "shared" / "kuberay-crds"
@@ -132,15 +133,6 @@ def _fit(config, doc: dict):
     return fit(config, *cluster_nodes(node_groups(doc)))
 
 
-def _lion(*args):
-    import subprocess
-    import sys
-
-    return subprocess.run(
-        [sys.executable, "-m", "lion_ray", *args], capture_output=True, text=True, cwd=ROOT
-    )
-
-
 def test_the_paper_config_fits_the_shipped_cluster_once_it_scales_up():
     """Every step of the paper's run fits raycluster.yaml at its largest (the GPU group
     starts at 0: they fit once scaled), with what the run holds at that step: 8 colocated
@@ -160,14 +152,14 @@ def test_the_paper_config_fits_the_shipped_cluster_once_it_scales_up():
 
 
 def test_config_fit_exits_0_when_it_fits_and_1_naming_gpus_when_it_does_not(tmp_path):
-    ok = _lion("config", "fit", "paper", "--cluster", str(KUBERAY / "raycluster.yaml"))
+    ok = lion_cli("config", "fit", "paper", "--cluster", str(KUBERAY / "raycluster.yaml"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "yes, once scaled up" in ok.stdout
     small = manifest("RayCluster")
     small["spec"]["workerGroupSpecs"][0]["maxReplicas"] = 4  # 4 GPUs at most
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(small))
-    short = _lion("config", "fit", "paper", "--cluster", str(path))
+    short = lion_cli("config", "fit", "paper", "--cluster", str(path))
     assert short.returncode == 1, short.stdout + short.stderr
     assert "GPU" in short.stderr and "at most 4 of them" in short.stderr
 

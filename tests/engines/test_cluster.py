@@ -138,3 +138,39 @@ def test_the_autoscaler_headroom_counts_each_group_up_to_its_maximum():
     pending = autoscaler_headroom(alive, [gpu, cpu])
     assert pending.count({"CPU": 8.0, "GPU": 1.0}) == 7 and pending.count({"CPU": 16.0}) == 1
     assert autoscaler_headroom(alive, []) == []
+
+
+def test_a_local_start_is_tried_again_and_its_last_failure_is_one_line(monkeypatch):
+    """Ray's start waits are fixed (15 s for the agent, 30 s for the node): on a loaded
+    machine a start is tried again after a pause, and one that never comes up fails with
+    the cause and what to do, not a traceback. (A fake ray.init: the real slowed start is
+    the test above.)"""
+    import ray
+
+    from lion_ray.engines import cluster
+    from lion_ray.errors import LionError
+
+    tries = []
+
+    def slow_start(**kwargs):
+        tries.append(kwargs)
+        if len(tries) < 3:
+            raise Exception("The current node timed out during startup. This could happen...")
+        return "started"
+
+    monkeypatch.setattr(ray, "init", slow_start)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    assert cluster.start_local_ray(4, pause_s=0.01) == "started" and len(tries) == 3
+    tries.clear()
+
+    def never(**kwargs):
+        tries.append(kwargs)
+        raise Exception("The current node timed out during startup.\nmore lines")
+
+    monkeypatch.setattr(ray, "init", never)
+    with pytest.raises(LionError) as caught:
+        cluster.start_local_ray(4, attempts=2, pause_s=0.01)
+    message = str(caught.value)
+    assert len(tries) == 2 and "\n" not in message
+    assert "did not start in 2 tries (last: The current node timed out" in message
+    assert "cluster.address" in message

@@ -19,7 +19,7 @@ from lion_ray.config import ServeConfig, StudentConfig
 from lion_ray.engines.serving import deploy
 
 from ..conftest import ADMIN_KEYS_ENV, MEMORIZED, MEMORIZED_B, ROOT, SERVE_KEYS_ENV
-from ..helpers import free_port, http_json
+from ..helpers import Hammer, free_port, http_json, until
 
 COMPACT = StudentConfig(prompt_format="compact")  # the tiny students' text template
 
@@ -203,37 +203,11 @@ def test_backpressure_answers_503_not_collapse(ray_local, served, tiny_student):
 def test_hot_swap_under_concurrent_requests(served, taught_student, taught_student_b):
     url, settings = served
     question = MEMORIZED[0][0]
-    seen: list[str] = []
-    failures: list[str] = []
-    stop = threading.Event()
-
-    def hammer():
-        c = client(url)
-        while not stop.is_set():
-            try:
-                r = c.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": question}], max_tokens=12
-                )
-                seen.append(r.choices[0].message.content)
-            except Exception as exc:  # any failed request fails the test
-                failures.append(repr(exc))
-
-    # daemon threads stopped in `finally`: a failure must not leave them looping forever
-    threads = [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(2)
+    with Hammer(url, question, key=KEY) as load:
         deploy(settings, student=COMPACT, model_dir=str(taught_student_b))  # rolling update
-        deadline = time.time() + 60
-        while time.time() < deadline and (not seen or seen[-1] != MEMORIZED_B[0][1]):
-            time.sleep(0.5)
-        time.sleep(1)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=150)
-    assert not failures, failures[:3]
+        load.wait_for(MEMORIZED_B[0][1])
+    assert not load.failures() and not load.refused(), load.outcomes[:3]
+    seen = load.answers()
     assert seen[0] == MEMORIZED[0][1] and seen[-1] == MEMORIZED_B[0][1]
     assert set(seen) == {MEMORIZED[0][1], MEMORIZED_B[0][1]}
     # and back, through the admin route this time: the same architecture (a new round's
@@ -274,52 +248,28 @@ def test_a_swap_that_retires_first_answers_503_and_loses_no_answer(
     )
     question = MEMORIZED[0][0]
     ask = {"messages": [{"role": "user", "content": question}], "max_tokens": 12}
-    outcomes: list[tuple[int, str, str | None]] = []
-    stop = threading.Event()
-
-    waits: set[str | None] = set()
-
-    def hammer():
-        while not stop.is_set():
-            code, body, headers = _post_chat(one, ask)
-            answer = body["choices"][0]["message"]["content"] if code == 200 else ""
-            outcomes.append((code, answer, body.get("error", {}).get("code")))
-            if code == 503:
-                waits.add(headers.get("Retry-After"))
-                time.sleep(0.05)
-
     # A long scoring call in flight holds the swap in its drain, so the window in which new
     # requests must get 503 lasts seconds however loaded the machine is (a bare swap of a
     # tiny student can end before a loaded proxy passes on the next request).
     long_rows = [{"instruction": question, "input": "", "answer": "abc " * 40}] * 3000
     in_flight = serve.get_app_handle("one").loss_rows.remote(long_rows)
-    _until(lambda: _admin(one, "status", ADMIN_KEY)[1]["inflight"] == 1, "the scoring call")
-    threads = [threading.Thread(target=hammer, daemon=True) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        _until(lambda: len(outcomes) >= 3, "the first answers")
+    until(lambda: _admin(one, "status", ADMIN_KEY)[1]["inflight"] == 1, "the scoring call")
+    with Hammer(one, question, key=KEY, threads=3) as load:
         asked = time.time()
         code, body = _admin(one, "reload", ADMIN_KEY, {"model_dir": str(taught_student_b)})
         assert code == 200 and body["swap"]["how"] == "retire_first", body
         scored = in_flight.result(timeout_s=120)
         assert scored["t1"] > asked  # still running when the swap began, and it finished
         assert scored["error"] == "" and len(scored["losses"]) == len(long_rows)
-        deadline = time.time() + 30
-        while time.time() < deadline and (not outcomes or outcomes[-1][1] != MEMORIZED_B[0][1]):
-            time.sleep(0.2)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=150)
-    codes = {c for c, _, _ in outcomes}
-    assert codes <= {200, 503}, outcomes[:5]
-    assert 503 in codes  # held off while no engine was loaded, not queued into a dead one
-    assert all(e == "model_swapping" for c, _, e in outcomes if c == 503)
-    answers = [a for c, a, _ in outcomes if c == 200]
+        load.wait_for(MEMORIZED_B[0][1], timeout_s=30)
+    assert not load.failures(), load.failures()[:5]
+    refused = load.refused()
+    assert refused  # held off while no engine was loaded, not queued into a dead one
+    assert {error for _, _, error, _ in refused} == {"model_swapping"}
+    answers = load.answers()
     assert set(answers) == {MEMORIZED[0][1], MEMORIZED_B[0][1]}  # none cut, none wrong
     assert answers[-1] == MEMORIZED_B[0][1]
-    assert waits == {"5"}  # the header a client backs off by
+    assert {wait for _, _, _, wait in refused} == {"5"}  # the header a client backs off by
 
     # a swap that fails is answered as failed, shown in status, and the old student serves on
     code, body = _admin(one, "reload", ADMIN_KEY, {"model_dir": str(broken)})
@@ -331,33 +281,6 @@ def test_a_swap_that_retires_first_answers_503_and_loses_no_answer(
     code, body = http_json(f"{one}/v1/chat/completions", KEY, ask)
     assert code == 200 and body["choices"][0]["message"]["content"] == MEMORIZED_B[0][1]
     serve.delete("one")
-
-
-def _until(condition, what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
-        time.sleep(0.1)
-
-
-def _post_chat(url, body) -> tuple[int, dict, object]:
-    """One chat request: status, decoded body and headers (Retry-After)."""
-    req = urllib.request.Request(
-        f"{url}/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read()), resp.headers
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            decoded = json.loads(raw)
-        except ValueError:
-            decoded = {"text": raw.decode(errors="replace")}
-        return exc.code, decoded, exc.headers  # case-insensitive lookups
 
 
 def test_run_dir_follows_new_rounds(ray_local, served, taught_student, taught_student_b, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from openai import OpenAI
 from safetensors import safe_open
 
-from lion_ray.config import LoraConfig, ServeConfig, StudentConfig, TinyStudentConfig, TrainConfig
+from lion_ray.config import LoraConfig, ServeConfig, StudentConfig, TinyStudentConfig
 from lion_ray.engines.inference import HFGenerator, _prompt_ids
 from lion_ray.engines.training import build_sequences, train_student
 from lion_ray.formats import PromptFormat
@@ -24,7 +24,7 @@ from lion_ray.student import init_student
 from lion_ray.weights import diff, load_tensors, recover
 
 from ..conftest import MEMORIZED
-from ..helpers import answers_table, free_port, memorize
+from ..helpers import answers_table, free_port, memorize, tiny_train
 
 CHAT = StudentConfig(prompt_format="chat")
 SHAPE = {
@@ -107,18 +107,7 @@ def test_a_format_the_model_cannot_speak_is_refused(tiny_student):
 
 
 def _train(answers, base, out, *, zero, lora=None, crash_at_step=None, **extra):
-    train = TrainConfig(
-        lr=3e-3,
-        epochs=3,
-        max_length=96,
-        micro_batch_size=4,
-        effective_batch_size=8,
-        workers=2,
-        zero_stage=zero,
-        lora=lora,
-        checkpoint_every_steps=2,
-        **extra,
-    )
+    train = tiny_train(epochs=3, zero_stage=zero, lora=lora, checkpoint_every_steps=2, **extra)
     return train_student(
         answers,
         train,

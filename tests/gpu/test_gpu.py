@@ -13,18 +13,25 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
-from lion_ray.config import LoraConfig, ServeConfig, StudentConfig, TinyStudentConfig, TrainConfig
+from lion_ray.config import LoraConfig, ServeConfig, StudentConfig, TinyStudentConfig
 from lion_ray.engines.inference import student_answers
 from lion_ray.engines.training import train_student
 from lion_ray.logic.pools import import_records
 
 from ..conftest import MEMORIZED, MEMORIZED_B, ROOT
-from ..helpers import MotoS3, answers_table, free_port, http_json, memorize
+from ..helpers import (
+    Hammer,
+    MotoS3,
+    answers_table,
+    free_port,
+    http_json,
+    memorize,
+    tiny_train,
+    until,
+)
 
 pytestmark = pytest.mark.gpu
 CHAT = StudentConfig(prompt_format="chat")
@@ -94,11 +101,8 @@ def test_bf16_zero3_training_with_a_resume(ray_local, students, tmp_path, lora):
     rows = [{"id": f"{i:03d}", "instruction": q, "answer": a} for i, (q, a) in enumerate(MEMORIZED)]
     metrics = train_student(
         answers_table(rows * 16),
-        TrainConfig(
-            lr=3e-3,
+        tiny_train(
             epochs=4,
-            max_length=96,
-            micro_batch_size=4,
             effective_batch_size=4,
             workers=1,
             gpus_per_worker=1,
@@ -139,12 +143,10 @@ def _adapter(students, tmp_path):
     ]
     train_student(
         answers_table(rows * 32),
-        TrainConfig(
+        tiny_train(
             lr=5e-3,
             epochs=6,
-            max_length=96,
             micro_batch_size=8,
-            effective_batch_size=8,
             workers=1,
             gpus_per_worker=1,
             lora=LoraConfig(r=8, target_modules="all-linear", export="adapter"),
@@ -188,7 +190,6 @@ def test_vllm_hot_swap_on_one_gpu_under_concurrent_clients(ray_local, students, 
     """A new round's student moves into the running engine; a model of another
     architecture can only come as a new engine, which on one GPU means the old one retires
     first (503 with Retry-After meanwhile); no request fails otherwise."""
-    from openai import OpenAI
     from ray import serve
 
     from lion_ray.engines.student.app import deploy
@@ -215,56 +216,33 @@ def test_vllm_hot_swap_on_one_gpu_under_concurrent_clients(ray_local, students, 
         name="gpu-student",
     )
     question, answer = MEMORIZED[0]
-    seen, failures, refused = [], [], []
-    stop = threading.Event()
-
-    def hammer():
-        c = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
-        while not stop.is_set():
-            try:
-                r = c.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": question}], max_tokens=12
-                )
-                seen.append(r.choices[0].message.content)
-            except Exception as exc:
-                status = getattr(exc, "status_code", None)
-                (refused if status == 503 else failures).append(repr(exc))
-                time.sleep(0.1)
-
-    threads = [threading.Thread(target=hammer, daemon=True) for _ in range(8)]
-    for t in threads:
-        t.start()
     try:
-        time.sleep(2)
-        status, body = http_json(
-            f"{url}/v1/admin/reload", body={"model_dir": str(students["b"])}, timeout=600
-        )
-        assert status == 200 and body["swap"]["how"] == "in_place", body
-        deadline = time.time() + 60
-        while time.time() < deadline and (not seen or seen[-1] != MEMORIZED_B[0][1]):
-            time.sleep(0.5)
-        assert seen[-1] == MEMORIZED_B[0][1] and not failures and not refused
-        # a model the replica cannot serve fails before any engine is built for it: the
-        # replica still serves b, healthy, with the GPU memory it had
-        status, body = http_json(
-            f"{url}/v1/admin/reload", body={"model_dir": str(plain)}, timeout=600
-        )
-        assert status == 500 and "template" in body["error"]["message"], body
-        status, state = http_json(f"{url}/v1/admin/status")
-        assert state["model_dir"] == str(students["b"]) and state["healthy"], state
-        answered = len(seen)
-        time.sleep(2)
-        assert len(seen) > answered and seen[-1] == MEMORIZED_B[0][1]
-        status, body = http_json(
-            f"{url}/v1/admin/reload", body={"model_dir": str(other)}, timeout=600
-        )
-        assert status == 200 and body["swap"]["how"] == "retire_first", body
+        with Hammer(url, question, threads=8) as load:
+            status, body = http_json(
+                f"{url}/v1/admin/reload", body={"model_dir": str(students["b"])}, timeout=600
+            )
+            assert status == 200 and body["swap"]["how"] == "in_place", body
+            load.wait_for(MEMORIZED_B[0][1])
+            assert not load.failures() and not load.refused(), load.outcomes[:3]
+            # a model the replica cannot serve fails before any engine is built for it: the
+            # replica still serves b, healthy, with the GPU memory it had
+            status, body = http_json(
+                f"{url}/v1/admin/reload", body={"model_dir": str(plain)}, timeout=600
+            )
+            assert status == 500 and "template" in body["error"]["message"], body
+            status, state = http_json(f"{url}/v1/admin/status")
+            assert state["model_dir"] == str(students["b"]) and state["healthy"], state
+            answered = len(load.answers())
+            until(lambda: len(load.answers()) > answered, "answers after the failed swap")
+            assert load.answers()[-1] == MEMORIZED_B[0][1]
+            status, body = http_json(
+                f"{url}/v1/admin/reload", body={"model_dir": str(other)}, timeout=600
+            )
+            assert status == 200 and body["swap"]["how"] == "retire_first", body
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=300)
         serve.delete("gpu-student")
-    assert not failures, failures[:3]
+    assert not load.failures(), load.failures()[:3]  # 503s while it retired, nothing else
+    assert {error for _, _, error, _ in load.refused()} <= {"model_swapping"}
 
 
 def test_colocated_engine_sleeps_while_training(ray_local, students, tmp_path):
@@ -287,15 +265,7 @@ def test_colocated_engine_sleeps_while_training(ray_local, students, tmp_path):
         ]
         train_student(
             answers_table(rows * 32),
-            TrainConfig(
-                lr=5e-3,
-                epochs=6,
-                max_length=96,
-                micro_batch_size=8,
-                effective_batch_size=8,
-                workers=1,
-                gpus_per_worker=1,
-            ),
+            tiny_train(lr=5e-3, epochs=6, micro_batch_size=8, workers=1, gpus_per_worker=1),
             base_model=str(students["a"]),
             out_uri=str(tmp_path / "next"),
             storage_path=str(tmp_path / "next-ckpt"),
