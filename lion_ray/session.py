@@ -212,9 +212,11 @@ class Session:
         True when an engine sleeps beside training (its share of each GPU stays reserved:
         each worker gets the rest of one engine's GPU); False when none is up yet (round 1:
         each worker asks a whole GPU, so that no two share one)."""
-        if self._student_starting is not None:
+        if not self.cfg.student.colocate:
+            return False
+        if self._student_starting is not None:  # (not started in the background: colocated)
             self._started_student()
-        if self._student is not None and self.cfg.student.colocate:
+        if self._student is not None:
             self._student.sleep()
             return True
         return False

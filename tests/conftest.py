@@ -94,6 +94,19 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def shared_cluster():
+    """A `ray start` head of 8 logical CPUs for this pytest worker, that `lion-ray run`
+    processes connect to (``cluster.address``) where a test is not about starting Ray or
+    killing a run: each such run would start a whole local Ray of its own (GCS, raylet,
+    dashboard, agents), which on 2 loaded cores is the slowest and least certain part."""
+    from .helpers import LocalCluster
+
+    with LocalCluster(workers=0, cpus=8) as cluster:
+        cluster.address = f"127.0.0.1:{cluster.port}"
+        yield cluster
+
+
 def sandbox_endpoint(server, **overrides):
     """An EndpointConfig pointing at a sandbox server, fast retries for tests."""
     from lion_ray.config import EndpointConfig

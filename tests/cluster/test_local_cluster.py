@@ -2,130 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-import psutil
 import pytest
 
 from ..conftest import DATA, ROOT
-from ..helpers import free_port, http_json
-
-BIN = Path(sys.executable).parent
-
-
-class LocalCluster:
-    """Head + workers started with the project's scripts; stopped by killing only the
-    processes of this cluster (`ray stop` would also stop the test session's own Ray)."""
-
-    def __init__(self, workers: int = 1, cpus: int = 4, head_env: dict | None = None):
-        # short paths: Ray's unix sockets live under the temp dir (107-byte limit)
-        base = Path(tempfile.mkdtemp(prefix="lr-", dir="/tmp"))
-        self.port, self.dashboard = free_port(), free_port()
-        self.dirs = [base / "h"] + [base / f"w{i}" for i in range(workers)]
-        self.base = base
-        self.cpus = cpus
-        self.head_env = head_env or {}  # e.g. secrets that only the head node's pod has
-        self.env = {
-            **os.environ,
-            "PATH": f"{BIN}:{os.environ['PATH']}",
-            "RAY_AUTH_MODE": "token",
-            "RAY_ADDRESS": "",
-        }
-
-    def sh(
-        self, *cmd: str, timeout: float = 120, env: dict | None = None
-    ) -> subprocess.CompletedProcess:
-        res = subprocess.run(
-            cmd, cwd=ROOT, env=env or self.env, capture_output=True, text=True, timeout=timeout
-        )
-        assert res.returncode == 0, f"{cmd}: {res.stdout[-1500:]} {res.stderr[-1500:]}"
-        return res
-
-    def __enter__(self) -> LocalCluster:
-        self.sh(
-            "cluster/local/start-head.sh",
-            "--port",
-            str(self.port),
-            "--dashboard-port",
-            str(self.dashboard),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--num-cpus",
-            str(self.cpus),
-            "--temp-dir",
-            str(self.dirs[0]),
-            # each node its own dashboard agent port: Ray's default (52365) may be held by
-            # another Ray on this machine, and a head without an agent runs no job
-            "--agent-port",
-            str(free_port()),
-            env={**self.env, **self.head_env},
-        )
-        for d in self.dirs[1:]:
-            self.sh(
-                "cluster/local/start-worker.sh",
-                f"127.0.0.1:{self.port}",
-                "--num-cpus",
-                str(self.cpus),
-                "--temp-dir",
-                str(d),
-                "--agent-port",
-                str(free_port()),
-            )
-        return self
-
-    @property
-    def dashboard_url(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard}"
-
-    def submit(self, *entrypoint: str, timeout: float) -> subprocess.CompletedProcess:
-        """`ray job submit` of this working tree, as a user runs it against the dashboard.
-        Right after `ray start` the head's job agent may not be registered yet (Ray waits
-        10 s for it, then answers "No available agent ... try again later"): try again, for
-        longer on a machine busy with other tests."""
-        deadline = time.monotonic() + 300
-        while True:
-            res = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url]
-                + ["--working-dir", ".", "--", "python", *entrypoint],
-                cwd=ROOT,
-                env={**self.env, "RAY_ADDRESS": ""},
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-            if "No available agent" not in res.stderr + res.stdout or time.monotonic() > deadline:
-                return res
-            time.sleep(2)
-
-    def node_ids(self) -> set[str]:
-        code = (
-            f"import ray, json; ray.init(address='127.0.0.1:{self.port}'); "
-            "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
-        )
-        out = self.sh(sys.executable, "-c", code, timeout=60).stdout.strip().splitlines()[-1]
-        return set(json.loads(out))
-
-    def __exit__(self, *exc) -> None:
-        marks = [str(d) for d in self.dirs] + [f":{self.port}"]
-        victims = []
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if any(m in cmd for m in marks) and p.pid != os.getpid():
-                victims.append(p)
-        for p in victims:
-            with contextlib.suppress(psutil.Error):
-                p.send_signal(signal.SIGKILL)
-        psutil.wait_procs(victims, timeout=10)
-        shutil.rmtree(self.base, ignore_errors=True)
+from ..helpers import BIN, LocalCluster, free_port, http_json
 
 
 @pytest.mark.slow
