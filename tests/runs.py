@@ -22,6 +22,13 @@ MINI = DATA / "mini.yaml"
 ENV = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"RAY_ADDRESS": ""}
 
 
+def _cluster_env(cluster) -> dict:
+    """The shared cluster's environment (its PATH, Ray's auth), less what ENV leaves out."""
+    if cluster is None:
+        return {}
+    return {k: v for k, v in cluster.env.items() if k != "COLUMNS"}
+
+
 def lion_run(run_dir: Path, *extra: str, cluster=None, **kw) -> subprocess.Popen:
     """`lion-ray run` of the mini config into ``run_dir``: on a Ray of its own, or on the
     worker's ``shared_cluster`` where the test is not about starting Ray or killing a run."""
@@ -42,7 +49,7 @@ def lion_run(run_dir: Path, *extra: str, cluster=None, **kw) -> subprocess.Popen
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=ENV | (cluster.env if cluster is not None else {}) | {"RAY_ADDRESS": ""},
+        env=ENV | _cluster_env(cluster) | {"RAY_ADDRESS": ""},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -201,12 +201,17 @@ def test_a_run_written_by_lion_ray_0_1_resumes(reference_run, shared_cluster, tm
 
 
 @pytest.mark.slow
-def test_sigkill_in_any_stage_then_rerun_gives_the_same_pools(reference_run, tmp_path):
+def test_sigkill_in_an_api_stage_and_in_training_then_rerun_gives_the_same_pools(
+    reference_run, tmp_path
+):
     reference, _ = reference_run
     run_dir = tmp_path / "killed"
     r1 = run_dir / "round_1"
-    # API stages get a low rate limit for the attempt that is killed, so that a fast machine
-    # cannot finish them between two polls (a resumed run may change operational fields).
+    # The two kinds of stage that keep partial work: an API stage (its response cache) and
+    # training (its checkpoints); a killed inference or generation stage is simply redone
+    # (test_api's mid-stage kill covers the cache). An API stage gets a low rate limit for
+    # the attempt that is killed, so that a fast machine cannot finish it between two polls
+    # (a resumed run may change operational fields).
     kills = [
         (
             "round_1/imitation.teacher",
@@ -218,12 +223,6 @@ def test_sigkill_in_any_stage_then_rerun_gives_the_same_pools(reference_run, tmp
             lambda: registered_checkpoints(r1 / "imitation" / "train") > 0,
             list(SLOW_CHECKPOINTS),
         ),  # training
-        ("round_1/discrimination.student", lambda: True, []),  # inference
-        (
-            "round_1/generation",
-            lambda: any((run_dir / "cache" / "generator").glob("*.jsonl")),
-            ["--set", "generator.requests_per_minute=60"],
-        ),  # generation
     ]
     for stage, ready, slow in kills:
         kill_during(lion_run(run_dir, *slow), run_dir, stage, ready)
@@ -254,7 +253,7 @@ def test_a_driver_killed_while_weights_move_resumes_serving_the_right_round(
     rerun = lion_run(run_dir, *two)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out[-3000:]
-    assert redone(out)[0] == "round_2/discrimination.student"
+    assert redone(out)[0] == "round_2/discrimination.student", out[-3000:]
     stages = manifest(run_dir)["stages"]
     first = manifest(reference_run[0])["stages"]["round_1/imitation.train"]
     assert stages["round_1/imitation.train"] == first  # round 1 was not trained again

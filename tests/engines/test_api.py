@@ -27,7 +27,7 @@ from lion_ray.sandbox.server import SandboxProcess, ServerOptions
 from lion_ray.sandbox.tasks import generate_tasks
 
 from ..conftest import ROOT, sandbox_endpoint, sandbox_engine
-from ..helpers import answer_command
+from ..helpers import answer_command, until
 
 
 def _requests(n, seed=0, prefix=""):
@@ -317,9 +317,8 @@ def test_sigkill_mid_stage_then_rerun_pays_only_the_window(tmp_path):
             start_new_session=True,
         )
         cache_dir = tmp_path / "run" / "cache" / "teacher"
-        deadline = time.time() + 120
-        while time.time() < deadline and sb.stats()["served"] < n // 3:
-            time.sleep(0.2)
+        # a loaded machine can take minutes to start the run's Ray: wait on the API
+        until(lambda: sb.stats()["served"] >= n // 3, "a third of the rows answered", 480)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-stage
         proc.wait()
         time.sleep(2)  # let anything still in flight land
@@ -356,11 +355,9 @@ def test_a_parameter_the_model_refuses_stops_the_stage_then_token_param_fixes_it
     """A reasoning model refuses max_tokens and temperature: every request would fail."""
     with SandboxProcess(ServerOptions(faults=("bad_param",))) as sb:
         reqs, tasks = _requests(40)
-        t = time.perf_counter()
         with pytest.raises(FatalApiError, match=r"same error.*'max_tokens' is not supported"):
             sandbox_engine(sb, tmp_path / "a", concurrency=2).ask(reqs)
-        assert time.perf_counter() - t < 20
-        assert sb.stats()["faults"]["bad_param"] < 40
+        assert sb.stats()["faults"]["bad_param"] < 40  # stopped early, not after every row
         engine = sandbox_engine(
             sb, tmp_path / "b", token_param="max_completion_tokens", temperature=None
         )

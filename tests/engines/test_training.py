@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,7 +26,7 @@ from lion_ray.logic.prompts import build_prompt
 from lion_ray.sandbox.tasks import generate_tasks
 
 from ..conftest import ROOT
-from ..helpers import SLOW_CHECKPOINTS, registered_checkpoints, tiny_train
+from ..helpers import SLOW_CHECKPOINTS, registered_checkpoints, tiny_train, until
 
 COMPACT = StudentConfig(prompt_format="compact")  # the tiny students' text template
 
@@ -272,9 +271,8 @@ def test_rerun_after_driver_crash_resumes(tiny_student, tmp_path):
         start_new_session=True,
     )
     store = tmp_path / "model.checkpoints" / "train"
-    deadline = time.time() + 240
-    while time.time() < deadline and not registered_checkpoints(store):
-        time.sleep(0.5)
+    # a loaded machine can take minutes to start Ray and DeepSpeed: wait on the checkpoint
+    until(lambda: registered_checkpoints(store) > 0, "a registered checkpoint", 600, 0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert registered_checkpoints(store) and not (tmp_path / "model").exists()
