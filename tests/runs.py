@@ -17,16 +17,15 @@ from .conftest import DATA, ROOT
 from .helpers import lion_cli
 
 MINI = DATA / "mini.yaml"
-# the run's console as under `ray job submit` or CI: no terminal and no COLUMNS (a test
-# runner's worker may have one set)
-ENV = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"RAY_ADDRESS": ""}
 
 
-def _cluster_env(cluster) -> dict:
-    """The shared cluster's environment (its PATH, Ray's auth), less what ENV leaves out."""
-    if cluster is None:
-        return {}
-    return {k: v for k, v in cluster.env.items() if k != "COLUMNS"}
+def _off_terminal(env) -> dict:
+    """``env`` without COLUMNS: the run's console as under `ray job submit` or CI (a test
+    runner's worker may have one set)."""
+    return {k: v for k, v in env.items() if k != "COLUMNS"}
+
+
+ENV = _off_terminal(os.environ) | {"RAY_ADDRESS": ""}
 
 
 def lion_run(run_dir: Path, *extra: str, cluster=None, **kw) -> subprocess.Popen:
@@ -49,7 +48,8 @@ def lion_run(run_dir: Path, *extra: str, cluster=None, **kw) -> subprocess.Popen
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=ENV | _cluster_env(cluster) | {"RAY_ADDRESS": ""},
+        # the shared cluster's environment (its PATH, Ray's auth) goes off the terminal too
+        env=ENV | _off_terminal(cluster.env if cluster is not None else {}) | {"RAY_ADDRESS": ""},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
