@@ -675,6 +675,13 @@ class StorageConfig(_Strict):
     run_dir: str = Field(
         "runs/demo", description="Run directory: a local path or pyarrow URI (s3://, gs://)."
     )
+    window_rows: int = Field(
+        10_000,
+        ge=100,
+        description="Rows a stage reads, answers and writes at a time: what it holds in "
+        "memory, and the most a killed stage has to do again (each finished window is kept "
+        "beside its output). The pools themselves are never held whole.",
+    )
 
 
 class LionConfig(_Strict):

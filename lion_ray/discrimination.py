@@ -12,12 +12,21 @@ failed are ``failed``. Nothing is ever scored -1.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pyarrow as pa
 
 from lion_ray.errors import LionError
 from lion_ray.logic.chat import ChatClient, ChatRequest, merge_usage, usage
 from lion_ray.logic.prompts import REFEREE_RESPONSE_FORMAT, referee_messages
-from lion_ray.logic.referee import UnparseableReview, parse_scores, split_metrics, verdict
+from lion_ray.logic.referee import (
+    SplitTotals,
+    UnparseableReview,
+    Verdict,
+    parse_scores,
+    split_metrics,
+    verdict,
+)
 from lion_ray.logic.selection import label_by_loss, learnability_scores, loss_metrics
 
 JUDGED_SCHEMA = pa.schema(
@@ -162,19 +171,29 @@ class RefereeCannotJudge(LionError):
     """Too many of the referee's reviews had no readable score."""
 
 
-def check_reviews(judged: pa.Table, model: str, max_unparsed_fraction: float) -> None:
+def check_reviews(
+    judged: pa.Table | Iterable[pa.Table], model: str, max_unparsed_fraction: float
+) -> None:
     """Fail discrimination when more than ``max_unparsed_fraction`` of the pairs the referee
     was asked about got no readable score: say which model, how many, two of its replies,
-    and what to change."""
-    asked = [r for r in judged.to_pylist() if r["status"] != "failed"]
-    unparsed = [r for r in asked if r["status"] == "unparsed"]
-    if not asked or len(unparsed) <= max_unparsed_fraction * len(asked):
+    and what to change. ``judged``: the judged table, or its windows."""
+    asked = unparsed = 0
+    samples: list[str] = []
+    for window in [judged] if isinstance(judged, pa.Table) else judged:
+        for r in window.select(["status", "review_a", "review_b"]).to_pylist():
+            if r["status"] == "failed":
+                continue
+            asked += 1
+            if r["status"] == "unparsed":
+                unparsed += 1
+                if len(samples) < 2:
+                    samples.append(r["review_a"] or r["review_b"])
+    if not asked or unparsed <= max_unparsed_fraction * asked:
         return
-    samples = [r["review_a"] or r["review_b"] for r in unparsed[:2]]
     shown = " | ".join(repr(_clip(text)) for text in samples)
     raise RefereeCannotJudge(
-        f"the referee ({model}) gave no readable score for {len(unparsed)} of {len(asked)} "
-        f"pairs ({len(unparsed) / len(asked):.0%}), more than "
+        f"the referee ({model}) gave no readable score for {unparsed} of {asked} "
+        f"pairs ({unparsed / asked:.0%}), more than "
         f"loop.referee_max_unparsed_fraction ({max_unparsed_fraction:.0%}) allows, so the "
         f"round cannot tell hard from easy. Two of its replies: {shown}. Use a referee "
         "model that follows the review format (it must end with 'Score of the Assistant "
@@ -182,6 +201,28 @@ def check_reviews(judged: pa.Table, model: str, max_unparsed_fraction: float) ->
         "its replies are cut off, or set referee.structured_output: true (JSON scores); "
         "the answers are cached, so a rerun pays only for the new reviews"
     )
+
+
+def judged_metrics(windows: Iterable[pa.Table]) -> dict:
+    """The split's figures (``split_metrics``'s) over a judged table read a window at a
+    time: a stage's output, whatever windows (and attempts) wrote it."""
+    totals = SplitTotals()
+    reasks = 0
+    for window in windows:
+        for r in window.select(
+            ["status", "label", "teacher_score", "student_score", "consistent", "referee_calls"]
+        ).to_pylist():
+            totals.add(
+                Verdict(
+                    status=r["status"],
+                    label=r["label"],
+                    teacher_score=r["teacher_score"],
+                    student_score=r["student_score"],
+                    consistent=r["consistent"],
+                )
+            )
+            reasks += max(0, (r["referee_calls"] or 0) - 2)
+    return totals.metrics() | {"referee_reasks": reasks}
 
 
 def _clip(text: str, width: int = 160) -> str:
@@ -246,29 +287,60 @@ def split_by_loss(
     ``pair_answers``, with an empty student side), or with ``previous`` (each id's loss one
     round earlier) by its learnability; rows whose teacher answer or loss failed are
     ``failed``."""
-    rows = pairs.to_pylist()
-    scored = {r["id"]: (None if r["upstream_error"] else losses.get(r["id"])) for r in rows}
-    ranked = scored if previous is None else learnability_scores(scored, previous)
-    labels = label_by_loss(ranked, hard_fraction)
-    out = [
-        _row(
-            r,
-            student_loss=scored[r["id"]],
-            learnability=None if previous is None else ranked[r["id"]],
-            label=labels[r["id"]],
-            status="ok" if labels[r["id"]] else "failed",
-            error=r["upstream_error"] or ("" if labels[r["id"]] else "no student loss"),
-        )
-        for r in rows
-    ]
-    metrics = loss_metrics(scored, labels)
-    if previous is not None:
-        with_history = [k for k, v in scored.items() if v is not None and previous.get(k)]
-        metrics["with_previous_loss"] = len(with_history)
-        metrics["mean_learnability_hard"] = _mean(
-            [ranked[k] for k, v in labels.items() if v == "hard"]
-        )
-    return pa.Table.from_pylist(out, schema=JUDGED_SCHEMA), {"metrics": metrics, "api": {}}
+    split = LossSplit(scored_losses([pairs], losses), hard_fraction, previous)
+    return split.rows(pairs), {"metrics": split.metrics, "api": {}}
+
+
+def scored_losses(
+    pairs: Iterable[pa.Table], losses: dict[str, float | None]
+) -> dict[str, float | None]:
+    """Every pair's loss by id, None where its teacher answer (or its scoring) failed."""
+    return {
+        r["id"]: None if r["upstream_error"] else losses.get(r["id"])
+        for window in pairs
+        for r in window.select(["id", "upstream_error"]).to_pylist()
+    }
+
+
+class LossSplit:
+    """The labels of a loss split, decided once over every row's loss (ids and numbers
+    only), then written out a window of pairs at a time (``rows``)."""
+
+    def __init__(
+        self,
+        scored: dict[str, float | None],
+        hard_fraction: float,
+        previous: dict[str, float | None] | None = None,
+    ):
+        """``scored``: every row's loss by id (``scored_losses``)."""
+        self.previous = previous
+        self.scored = scored
+        self.ranked = scored if previous is None else learnability_scores(scored, previous)
+        self.labels = label_by_loss(self.ranked, hard_fraction)
+        metrics = loss_metrics(scored, self.labels)
+        if previous is not None:
+            with_history = [k for k, v in scored.items() if v is not None and previous.get(k)]
+            metrics["with_previous_loss"] = len(with_history)
+            metrics["mean_learnability_hard"] = _mean(
+                [self.ranked[k] for k, v in self.labels.items() if v == "hard"]
+            )
+        self.metrics = metrics
+
+    def rows(self, pairs: pa.Table) -> pa.Table:
+        out = []
+        for r in pairs.to_pylist():
+            label = self.labels.get(r["id"])
+            out.append(
+                _row(
+                    r,
+                    student_loss=self.scored.get(r["id"]),
+                    learnability=None if self.previous is None else self.ranked.get(r["id"]),
+                    label=label,
+                    status="ok" if label else "failed",
+                    error=r["upstream_error"] or ("" if label else "no student loss"),
+                )
+            )
+        return pa.Table.from_pylist(out, schema=JUDGED_SCHEMA)
 
 
 def _mean(xs: list[float]) -> float:

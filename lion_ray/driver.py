@@ -29,7 +29,14 @@ from rich.table import Table
 from lion_ray import storage
 from lion_ray.config import LionConfig, dump_config, parse_config
 from lion_ray.errors import LionError, user_error
-from lion_ray.logic.pools import import_records, load_pool_bytes, next_pools
+from lion_ray.logic.chat import merge_usage
+from lion_ray.logic.pools import (
+    ANSWER_SCHEMA,
+    POOL_SCHEMA,
+    ImportStats,
+    import_records,
+    load_pool_bytes,
+)
 from lion_ray.progress import make_console
 from lion_ray.rundir import ApiUsage, RunDir, StageInput, StageRecord
 from lion_ray.session import Session
@@ -54,6 +61,7 @@ class StageIO:
     round: int | None
     inputs: dict[str, str]
     outputs: dict[str, str]
+    fingerprints: dict[str, str] = field(default_factory=dict)  # of the inputs, as recorded
 
 
 @dataclass
@@ -307,7 +315,7 @@ class Driver:
         """Run ``stage`` unless it is recorded with the inputs it has now and its outputs exist."""
         run, manifest = self.run, self.run.manifest
         inputs = {
-            name: StageInput(uri=run.relative(uri), fingerprint=storage.fingerprint(uri))
+            name: StageInput(uri=run.relative(uri), fingerprint=run.fingerprint(uri))
             for name, uri in stage.inputs.items()
         }
         outputs = {name: run.relative(uri) for name, uri in stage.outputs.items()}
@@ -336,7 +344,8 @@ class Driver:
         self.session.take_api_wait_s()  # from here on, waits count for this stage
         started = time.monotonic()
         try:
-            result = stage.work(StageIO(key, r, dict(stage.inputs), dict(stage.outputs)))
+            prints = {name: i.fingerprint for name, i in inputs.items()}
+            result = stage.work(StageIO(key, r, dict(stage.inputs), dict(stage.outputs), prints))
         except Exception as exc:  # recorded (status shows it), then raised: a rerun retries
             cause = user_error(exc)
             shown = cause or exc
@@ -456,6 +465,17 @@ class Driver:
         else:
             if not storage.exists(loop.seed_pool):
                 raise LionError(f"loop.seed_pool: {loop.seed_pool} does not exist")
+            if is_pool_file(loop.seed_pool):  # a lion-ray pool: copied a window at a time
+                rows = 0
+                for out in ("train", "cache"):
+                    rows = append_pool(
+                        io.outputs[out],
+                        loop.seed_pool,
+                        POOL_SCHEMA.empty_table(),
+                        self.cfg.storage.window_rows,
+                    )
+                stats = ImportStats(records=rows, imported=rows)
+                return StageResult(rows=rows, metrics={"import": stats.as_dict()})
             pool, stats = load_pool_bytes(storage.read_bytes(loop.seed_pool), loop.seed_pool)
         storage.write_parquet(io.outputs["train"], pool)
         storage.write_parquet(io.outputs["cache"], pool)
@@ -466,7 +486,12 @@ class Driver:
         from lion_ray.sandbox.tasks import FAMILIES, generate_tasks, stratified_tasks
 
         sb = self.cfg.sandbox
-        seen = set(storage.read_parquet(io.inputs["cache_pool"]).column("instruction").to_pylist())
+        from lion_ray.logic.pools import TextHashes
+
+        windows = storage.iter_windows(
+            io.inputs["cache_pool"], self.cfg.storage.window_rows, ["instruction"]
+        )
+        seen = TextHashes(w.column("instruction").to_pylist() for w in windows)
         if sb.heldout_distribution == "target":
             # what generation can reach: one level up per round from the seed pool's hardest
             top = min(5, sb.max_difficulty + self.cfg.loop.rounds - 1)
@@ -489,17 +514,41 @@ class Driver:
 
     # --- round stages -----------------------------------------------------------------------
 
+    def windowed(self, io: StageIO, output: str, inputs: list[str], work, schema=None):
+        """Run ``work(i, windows, *tables) -> (table, info)`` over the stage's ``inputs`` a
+        window of storage.window_rows rows at a time (the inputs row-aligned: the same rows
+        in the same order), each result a part of ``output``, so memory is one window and a
+        killed stage keeps the windows it finished. Returns (rows, every window's info)."""
+        rows_per = self.cfg.storage.window_rows
+        # every input of the stage, not only the streamed ones: a student's parts answered
+        # by an earlier model (a redone imitation.train) must not be reused
+        plan = {
+            "window_rows": rows_per,
+            "inputs": {name: io.fingerprints.get(name, uri) for name, uri in io.inputs.items()},
+        }
+        out = storage.WindowedOutput(io.outputs[output], plan, schema)
+        windows = -(-storage.count_rows(io.inputs[inputs[0]]) // rows_per)
+        streams = [storage.iter_windows(io.inputs[name], rows_per) for name in inputs]
+        for i, tables in enumerate(zip(*streams, strict=True)):
+            if not out.done(i):
+                _check_aligned(io.key, i, dict(zip(inputs, tables, strict=True)))
+                table, info = work(i, windows, *tables)
+                out.write(i, table, info)
+        return out.finish(windows)
+
     def teacher_answers(self, io: StageIO) -> StageResult:
-        """The teacher answers a pool (Train or Cache Pool), from the cache where it can."""
+        """The teacher answers a pool (Train or Cache Pool), from the cache where it can, a
+        window at a time."""
         from lion_ray.imitation import teacher_answers
 
-        table, used = teacher_answers(
-            storage.read_parquet(io.inputs["pool"]),
-            self.session.client("teacher"),
-            label=io.key,
-        )
-        storage.write_parquet(io.outputs["answers"], table)
-        return StageResult(rows=table.num_rows, failed=used["failed"], api={"teacher": used})
+        client = self.session.client("teacher")
+
+        def answer(i: int, windows: int, pool):
+            return teacher_answers(pool, client, label=_window_label(io.key, i, windows))
+
+        rows, infos = self.windowed(io, "answers", ["pool"], answer, ANSWER_SCHEMA)
+        used = merge_usage(*infos)
+        return StageResult(rows=rows, failed=used.get("failed", 0), api={"teacher": used})
 
     def fine_tune(self, io: StageIO) -> StageResult:
         from lion_ray.engines.training import train_student
@@ -508,7 +557,7 @@ class Driver:
         beside_engine = self.session.student_sleeps()
         model_uri = io.outputs["model"]
         metrics = train_student(
-            storage.read_parquet(io.inputs["answers"]),
+            io.inputs["answers"],  # read a window at a time, each rank's rows put apart
             self.cfg.train,
             base_model=io.inputs["base_model"],
             out_uri=model_uri,
@@ -518,6 +567,7 @@ class Driver:
             show_progress=self.show_progress,
             beside_engine=beside_engine,
             held=self.session.holdings,
+            window_rows=self.cfg.storage.window_rows,
         )
         return StageResult(
             rows=metrics["rows"],
@@ -527,95 +577,152 @@ class Driver:
         )
 
     def student_answers(self, io: StageIO) -> StageResult:
-        from lion_ray.engines.inference import student_answers
+        """The student answers a pool through the run's engine, a window at a time; too many
+        failed rows (student.max_failed_fraction of the stage's) fail it."""
+        from lion_ray.engines.inference import check_failures, merge_summaries, student_answers
 
-        table, summary = student_answers(
-            storage.read_parquet(io.inputs["pool"]),
-            self.cfg.student,
-            model_uri=io.inputs["model"],
-            label=io.key,
-            show_progress=self.show_progress,
-            engine=self.student_engine(io.inputs["model"]),
-        )
-        storage.write_parquet(io.outputs["answers"], table)
+        engine = self.student_engine(io.inputs["model"])
+        total = storage.count_rows(io.inputs["pool"])
+        failed = [0]
+
+        def answer(i: int, windows: int, pool):
+            table, summary = student_answers(
+                pool,
+                self.cfg.student,
+                model_uri=io.inputs["model"],
+                label=_window_label(io.key, i, windows),
+                show_progress=self.show_progress,
+                engine=engine,
+                check=False,  # the stage's share is checked, not each window's
+            )
+            failed[0] += summary["failed"]
+            if failed[0] > self.cfg.student.max_failed_fraction * total:  # cannot pass now
+                check_failures(io.key, total, failed[0], summary["first_error"], self.cfg.student)
+            return table, summary
+
+        rows, summaries = self.windowed(io, "answers", ["pool"], answer, ANSWER_SCHEMA)
+        summary = merge_summaries(summaries)
+        # the whole stage's share, windows of a killed earlier attempt included
+        check_failures(io.key, rows, summary["failed"], summary["first_error"], self.cfg.student)
         return StageResult(
-            rows=table.num_rows,
+            rows=rows,
             failed=summary["failed"],
             metrics=summary | {"served_model": self.run.relative(io.inputs["model"])},
             compute_s=summary["compute_s"],
         )
 
     def referee(self, io: StageIO) -> StageResult:
-        from lion_ray.discrimination import check_reviews, judge, pair_answers
+        """The referee judges each pair in both orders, a window at a time; a referee that
+        leaves too many pairs without a readable score fails the stage."""
+        from lion_ray.discrimination import (
+            JUDGED_SCHEMA,
+            check_reviews,
+            judge,
+            judged_metrics,
+            pair_answers,
+        )
 
-        pairs = pair_answers(
-            storage.read_parquet(io.inputs["pool"]),
-            storage.read_parquet(io.inputs["teacher"]),
-            storage.read_parquet(io.inputs["student"]),
+        client, loop = self.session.client("referee"), self.cfg.loop
+
+        def judge_window(i: int, windows: int, pool, teacher, student):
+            judged, info = judge(
+                pair_answers(pool, teacher, student),
+                client,
+                tau=loop.tau,
+                max_reasks=loop.referee_max_reasks,
+                structured=self.cfg.referee.structured_output,
+                label=_window_label(io.key, i, windows),
+            )
+            return judged, info["api"]
+
+        uri = io.outputs["judged"]
+        rows, used = self.windowed(
+            io, "judged", ["pool", "teacher", "student"], judge_window, JUDGED_SCHEMA
         )
-        judged, info = judge(
-            pairs,
-            self.session.client("referee"),
-            tau=self.cfg.loop.tau,
-            max_reasks=self.cfg.loop.referee_max_reasks,
-            structured=self.cfg.referee.structured_output,
-            label=io.key,
+        rows_per = self.cfg.storage.window_rows
+        check_reviews(
+            storage.iter_windows(uri, rows_per),
+            self.cfg.referee.model,
+            loop.referee_max_unparsed_fraction,
         )
-        check_reviews(judged, self.cfg.referee.model, self.cfg.loop.referee_max_unparsed_fraction)
-        storage.write_parquet(io.outputs["judged"], judged)
-        m = info["metrics"]
+        m = judged_metrics(storage.iter_windows(uri, rows_per))
         return StageResult(
-            rows=judged.num_rows,
+            rows=rows,
             failed=m["failed"] + m["unparsed"],
-            api={"referee": info["api"]},
+            api={"referee": merge_usage(*used)},
             metrics=m,
         )
 
     def loss_split(self, io: StageIO) -> StageResult:
-        from lion_ray.discrimination import pair_answers, split_by_loss
+        """The student's loss on each teacher answer (a window at a time), then the split
+        over all of them (ids and losses only), then the judged table a window at a time."""
+        from lion_ray.discrimination import JUDGED_SCHEMA, LossSplit, pair_answers, scored_losses
         from lion_ray.engines.inference import student_losses
 
-        pairs = pair_answers(
-            storage.read_parquet(io.inputs["pool"]),
-            storage.read_parquet(io.inputs["teacher"]),
-            None,
-        )
-        scorable = [
-            {k: r[k] for k in ("id", "instruction", "input")} | {"answer": r["teacher_answer"]}
-            for r in pairs.to_pylist()
-            if not r["upstream_error"]
-        ]
-        losses, summary = student_losses(
-            scorable,
-            self.cfg.student,
-            model_uri=io.inputs["model"],
-            max_length=self.cfg.train.max_length,
-            label=io.key,
-            show_progress=self.show_progress,
-            engine=self.student_engine(io.inputs["model"]),
-        )
+        rows_per = self.cfg.storage.window_rows
+        engine = self.student_engine(io.inputs["model"])
+
+        def pairs():
+            pools = storage.iter_windows(io.inputs["pool"], rows_per)
+            teachers = storage.iter_windows(io.inputs["teacher"], rows_per)
+            for pool, teacher in zip(pools, teachers, strict=True):
+                yield pair_answers(pool, teacher, None)
+
+        losses: dict[str, float | None] = {}
+        summaries = []
+        for window in pairs():
+            scorable = [
+                {k: r[k] for k in ("id", "instruction", "input")} | {"answer": r["teacher_answer"]}
+                for r in window.to_pylist()
+                if not r["upstream_error"]
+            ]
+            got, summary = student_losses(
+                scorable,
+                self.cfg.student,
+                model_uri=io.inputs["model"],
+                max_length=self.cfg.train.max_length,
+                label=io.key,
+                show_progress=self.show_progress,
+                engine=engine,
+            )
+            losses.update(got)
+            summaries.append(summary)
         previous = None
         if self.cfg.loop.selection == "learnability":
             previous = {}
-            if "judged_before" in io.inputs:
-                before = storage.read_parquet(io.inputs["judged_before"])
-                if "student_loss" in before.column_names:
-                    ids, old = before.column("id").to_pylist(), before.column("student_loss")
-                    previous = dict(zip(ids, old.to_pylist(), strict=True))
-        judged, info = split_by_loss(pairs, losses, self.cfg.loop.hard_fraction, previous)
-        storage.write_parquet(io.outputs["judged"], judged)
-        m = info["metrics"] | {"scoring_s": summary["wall_s"], "scoring_errors": summary["errors"]}
+            before = io.inputs.get("judged_before")
+            if before and "student_loss" in storage.read_schema(before).names:
+                for window in storage.iter_windows(before, rows_per, ["id", "student_loss"]):
+                    ids, old = window.column("id").to_pylist(), window.column("student_loss")
+                    previous.update(zip(ids, old.to_pylist(), strict=True))
+        split = LossSplit(scored_losses(pairs(), losses), self.cfg.loop.hard_fraction, previous)
+        with storage.parquet_writer(io.outputs["judged"], JUDGED_SCHEMA) as write:
+            for window in pairs():
+                write(split.rows(window))
+        m = split.metrics | {
+            "scoring_s": round(sum(x["wall_s"] for x in summaries), 2),
+            "scoring_errors": sorted({e for x in summaries for e in x["errors"]})[:3],
+        }
         m["served_model"] = self.run.relative(io.inputs["model"])
+        computed = [x["compute_s"] for x in summaries if x.get("compute_s") is not None]
         return StageResult(
-            rows=judged.num_rows, failed=m["failed"], metrics=m, compute_s=summary["compute_s"]
+            rows=len(split.scored),
+            failed=m["failed"],
+            metrics=m,
+            compute_s=round(sum(computed), 2) if computed else None,
         )
 
     def unlabelled(self, io: StageIO) -> StageResult:
-        from lion_ray.discrimination import unjudged
+        from lion_ray.discrimination import JUDGED_SCHEMA, unjudged
 
-        judged, info = unjudged(storage.read_parquet(io.inputs["pool"]))
-        storage.write_parquet(io.outputs["judged"], judged)
-        return StageResult(rows=judged.num_rows, metrics=info["metrics"])
+        rows = 0
+        with storage.parquet_writer(io.outputs["judged"], JUDGED_SCHEMA) as write:
+            for pool in storage.iter_windows(io.inputs["pool"], self.cfg.storage.window_rows):
+                judged, _ = unjudged(pool)
+                write(judged)
+                rows += judged.num_rows
+        zero = dict.fromkeys(("judged", "hard", "easy", "unparsed", "failed"), 0)
+        return StageResult(rows=rows, metrics={"rows": rows} | zero)
 
     def heldout_eval(self, io: StageIO) -> StageResult:
         from lion_ray.engines.inference import student_answers
@@ -647,15 +754,20 @@ class Driver:
         )
 
     def generation(self, io: StageIO) -> StageResult:
+        """New instructions from the judged Cache Pool's parents, checked against the
+        run's index of the Cache Pool (kept between rounds, grown by each round's new
+        instructions); only ids, labels and the drawn parents' texts are read here."""
         from lion_ray.generation import check_candidates, generate
 
+        rows_per = self.cfg.storage.window_rows
+        pool = self.pool_index(io)
+        columns = ["id", "status", "label", "instruction", "input"]
         new, candidates, info = generate(
-            storage.read_parquet(io.inputs["judged"]),
-            storage.read_parquet(io.inputs["cache_pool"]),
+            lambda: storage.iter_windows(io.inputs["judged"], rows_per, columns),
+            pool,
             self.cfg.loop,
             self.session.client("generator"),
             round_no=io.round,
-            dedup_workers=2,
             family_of=sandbox_family if self.cfg.loop.seed_pool == "sandbox" else None,
         )
         storage.write_parquet(io.outputs["candidates"], candidates)  # kept: they show why
@@ -668,24 +780,102 @@ class Driver:
             compute_s=info["metrics"]["dedup_s"],
         )
 
+    def pool_index(self, io: StageIO):
+        """The session's index of the Cache Pool, brought to this round's pool: extended
+        by the last round's new instructions when it holds the last round's pool, else
+        built from the pool file (a new session, a resumed run)."""
+        pool = self.session.pool_index(self.cfg.loop)
+        want = io.fingerprints.get("cache_pool") or storage.fingerprint(io.inputs["cache_pool"])
+        have = pool.covered()
+        if have == want:
+            return pool
+        rows_per = self.cfg.storage.window_rows
+        grew = self.run.manifest.get(f"round_{io.round - 1}/pools") if io.round else None
+        if (
+            grew is not None
+            and grew.inputs
+            and have is not None
+            and grew.inputs["cache_pool"].fingerprint == have
+            and self.cfg.loop.similarity != "same_payload"  # its template words are global
+        ):
+            new_uri = grew.inputs["new"].uri
+            new_uri = (
+                new_uri if "://" in new_uri or new_uri.startswith("/") else self.run.path(new_uri)
+            )
+            pool.add_file(new_uri, rows_per, want)
+        else:
+            pool.load(io.inputs["cache_pool"], rows_per, want)
+        return pool
+
     def next_pools(self, io: StageIO) -> StageResult:
-        train_pool = storage.read_parquet(io.inputs["train_pool"])
-        cache_pool = storage.read_parquet(io.inputs["cache_pool"])
-        nt, nc = next_pools(
-            train_pool,
-            cache_pool,
-            storage.read_parquet(io.inputs["new"]),
-            self.cfg.loop.pool_policy,
+        """The next round's pools: the Cache Pool grows by the new instructions; the Train
+        Pool is them ('paper') or grows by them ('accumulate'). Written a window at a time."""
+        rows_per = self.cfg.storage.window_rows
+        new = storage.read_parquet(io.inputs["new"]).select(POOL_SCHEMA.names)
+        sizes = {
+            "train": storage.count_rows(io.inputs["train_pool"]),
+            "cache": storage.count_rows(io.inputs["cache_pool"]),
+        }
+        nc = append_pool(io.outputs["cache"], io.inputs["cache_pool"], new, rows_per)
+        if self.cfg.loop.pool_policy == "accumulate":
+            nt = append_pool(io.outputs["train"], io.inputs["train_pool"], new, rows_per)
+        else:
+            nt = append_pool(io.outputs["train"], None, new, rows_per)
+        return StageResult(rows=nc, metrics={"sizes": sizes, "next": {"train": nt, "cache": nc}})
+
+
+def append_pool(out: str, base: str | None, new, rows_per: int) -> int:
+    """``base`` (a pool file, read a window at a time) followed by the ``new`` rows whose
+    ids it does not have, written to ``out``; returns its rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = 0
+    seen: set[str] = set()
+    with storage.parquet_writer(out, POOL_SCHEMA) as write:
+        if base is not None:
+            for window in storage.iter_windows(base, rows_per):
+                window = window.select(POOL_SCHEMA.names)
+                write(window)
+                rows += window.num_rows
+                hits = window.filter(pc.is_in(window["id"], value_set=new["id"]))
+                seen.update(hits.column("id").to_pylist())
+        fresh = new.filter(
+            pc.invert(pc.is_in(new["id"], value_set=pa.array(sorted(seen), pa.string())))
         )
-        storage.write_parquet(io.outputs["train"], nt)
-        storage.write_parquet(io.outputs["cache"], nc)
-        return StageResult(
-            rows=nc.num_rows,
-            metrics={
-                "sizes": {"train": train_pool.num_rows, "cache": cache_pool.num_rows},
-                "next": {"train": nt.num_rows, "cache": nc.num_rows},
-            },
-        )
+        write(fresh)
+        rows += fresh.num_rows
+    return rows
+
+
+def is_pool_file(uri: str) -> bool:
+    """A lion-ray pool (Parquet with its id and kind columns), from its footer alone."""
+    if not uri.endswith(".parquet"):
+        return False
+    try:
+        names = storage.read_schema(uri).names
+    except Exception:
+        return False
+    return all(name in names for name in POOL_SCHEMA.names)
+
+
+def _check_aligned(stage: str, window: int, tables: dict) -> None:
+    """A window's inputs must hold the same ids in the same order (each was written a window
+    at a time from the same pool); a file that is not stops the stage instead of pairing
+    one row's answer with another's."""
+    ids = {name: t.column("id") for name, t in tables.items() if "id" in t.column_names}
+    first, *rest = ids.items() if ids else [(None, None)]
+    for name, column in rest:
+        if not column.equals(first[1]):
+            raise ValueError(
+                f"{stage}: window {window + 1}: {name}'s rows are not {first[0]}'s rows in the "
+                f"same order; delete the stage that wrote {name} and rerun (it is redone)"
+            )
+
+
+def _window_label(key: str, i: int, windows: int) -> str:
+    """A stage's progress label, with its window when it has several."""
+    return key if windows <= 1 else f"{key} [{i + 1}/{windows}]"
 
 
 def sandbox_family(instruction: str) -> str | None:
@@ -759,7 +949,7 @@ def _results_config(cfg: LionConfig) -> dict:
     exclude = {
         "cluster": True,
         "serve": True,
-        "storage": {"run_dir"},  # a run may be moved
+        "storage": {"run_dir", "window_rows"},  # a run may be moved; windows are how, not what
         "train": {"start_timeout_s", "poll_interval_s"},
         # which stages the last round runs, not what any stage computes
         "loop": {"last_round_generates"},

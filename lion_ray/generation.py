@@ -15,14 +15,14 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 
 from lion_ray.config import LoopConfig
 from lion_ray.errors import LionError
 from lion_ray.logic.chat import ChatClient, ChatRequest, merge_usage, usage
-from lion_ray.logic.dedup import Deduper
+from lion_ray.logic.dedup import RougeIndex
 from lion_ray.logic.filters import rejection_reason, rejection_summary
 from lion_ray.logic.pools import POOL_SCHEMA, build_pool, instruction_id, make_row
 from lion_ray.logic.prompts import clean_generated_instruction, generator_messages
@@ -89,40 +89,43 @@ def ask_generator(
 
 
 def generate(
-    judged: pa.Table,
-    cache_pool: pa.Table,
+    judged,
+    pool,
     loop: LoopConfig,
     generator: ChatClient,
     *,
     round_no: int,
-    dedup_workers: int = 0,
     family_of: Callable[[str], str | None] | None = None,
 ) -> tuple[pa.Table, pa.Table, dict]:
-    """(new instructions as a pool, every candidate with its fate, stats). ``family_of``
-    (sandbox runs) adds the candidates' fates per task family to the stats."""
-    from lion_ray.engines.dedup import pool_flags
+    """(new instructions as a pool, every candidate with its fate, stats).
 
-    judged_rows = [r for r in judged.to_pylist() if r["status"] == "ok"]
-    deduper = Deduper(
-        cache_pool.column("instruction").to_pylist(), loop.rouge_threshold, loop.similarity
-    )
-    pool_ids = set(cache_pool.column("id").to_pylist())
-    known_ids = set(pool_ids)
+    ``judged``: the judged Cache Pool, a table or a function that yields it a window at a
+    time (only ids and labels are kept, and the texts of the parents drawn). ``pool``: the
+    Cache Pool's dedup half, a ``PoolIndex`` (or its actor), or the Cache Pool itself as a
+    table (indexed here). ``family_of`` (sandbox runs) adds the candidates' fates per task
+    family to the stats."""
+    windows = judged if callable(judged) else lambda: [judged]
+    if isinstance(pool, pa.Table):
+        from lion_ray.engines.dedup import PoolIndex
+
+        table, pool = pool, PoolIndex(loop.rouge_threshold, loop.similarity)
+        columns = table.select(["id", "instruction"]).to_pydict()
+        pool.rebuild([list(zip(columns["id"], columns["instruction"], strict=True))], "table")
+    accepted = AcceptedCandidates(loop.rouge_threshold, pool_common(pool, loop))
+    accepted_ids: set[str] = set()
     new_rows, candidates, usages = [], [], []
     stats: dict = {}
     dedup_s = 0.0  # the ROUGE-L checks: the stage's own compute, beside the API waits
     for kind, target in (("hard", loop.hard_per_round), ("easy", loop.easy_per_round)):
         mined = loop.selection != "random"
-        parents = sorted(
-            (r for r in judged_rows if not mined or r["label"] == kind), key=lambda r: r["id"]
-        )
-        random.Random(f"{loop.seed}:{round_no}:{kind}").shuffle(parents)
-        budget = math.ceil(target * loop.generation_attempts_factor) if parents else 0
+        order = ParentOrder(windows, kind if mined else None, f"{loop.seed}:{round_no}:{kind}")
+        budget = math.ceil(target * loop.generation_attempts_factor) if len(order) else 0
+        parents = order.rows(budget)
         reasons: Counter = Counter()
-        accepted = attempt = 0
-        while accepted < target and attempt < budget:
-            wave = min(budget - attempt, max(8, math.ceil((target - accepted) * 1.25)))
-            plan = [(attempt + i, parents[(attempt + i) % len(parents)]) for i in range(wave)]
+        accepted_n = attempt = 0
+        while accepted_n < target and attempt < budget:
+            wave = min(budget - attempt, max(8, math.ceil((target - accepted_n) * 1.25)))
+            plan = [(attempt + i, parents[attempt + i]) for i in range(wave)]
             seeds = [generation_seed(round_no, a) for a, _ in plan]
             parent_table = pa.Table.from_pylist(
                 [
@@ -135,7 +138,7 @@ def generate(
                 kind,
                 generator,
                 seeds=seeds,
-                label=f"generator ({kind}) {accepted}/{target}",
+                label=f"generator ({kind}) {accepted_n}/{target}",
             )
             usages.append(used)
             results = answers.to_pylist()
@@ -149,23 +152,26 @@ def generate(
                 res["instruction"] for res, why in zip(results, passing, strict=True) if why is None
             ]
             checking = time.monotonic()
-            flags = iter(pool_flags(deduper.pool_index, texts, dedup_workers))
+            checks = iter(pool.check(texts, [instruction_id(t) for t in texts]) if texts else [])
             for (a, parent), seed, res, why in zip(plan, seeds, results, passing, strict=True):
                 reason, nearest, similarity = why, None, None
                 if reason is None:
-                    similar = next(flags)
+                    similar, in_pool = next(checks)
                     same_id = instruction_id(res["instruction"])
-                    if accepted >= target:
+                    if accepted_n >= target:
                         reason = "surplus"
-                    elif same_id in known_ids:  # the very text again
-                        reason = "similar_to_pool" if same_id in pool_ids else "similar_to_accepted"
+                    elif in_pool or same_id in accepted_ids:  # the very text again
+                        reason = "similar_to_pool" if in_pool else "similar_to_accepted"
                         nearest, similarity = res["instruction"], 1.0
+                    elif similar:
+                        reason = "similar_to_pool"
+                        similarity, nearest = pool.nearest([res["instruction"]])[0]
                     else:
-                        reason = deduper.reason(res["instruction"], similar)
+                        reason = accepted.reason(res["instruction"])
                         if reason is not None:
-                            similarity, nearest = deduper.nearest(res["instruction"], reason)
+                            similarity, nearest = accepted.nearest(res["instruction"])
                 if reason is None:
-                    accepted += 1
+                    accepted_n += 1
                     row = make_row(
                         res["instruction"],
                         source=f"generation:round_{round_no}",
@@ -173,7 +179,7 @@ def generate(
                         parent_id=parent["id"],
                         kind=kind,
                     )
-                    known_ids.add(row["id"])
+                    accepted_ids.add(row["id"])
                     new_rows.append(row)
                 elif reason != "surplus":
                     reasons[reason] += 1
@@ -196,10 +202,10 @@ def generate(
             attempt += wave
         stats[kind] = {
             "target": target,
-            "parents": len(parents),
+            "parents": len(order),
             "attempts": attempt,
-            "accepted": accepted,
-            "shortfall": target - accepted,
+            "accepted": accepted_n,
+            "shortfall": target - accepted_n,
             "rejected": dict(reasons),
         }
     new_pool = build_pool(new_rows) if new_rows else POOL_SCHEMA.empty_table()
@@ -215,6 +221,81 @@ def generate(
         pa.Table.from_pylist(candidates, schema=CANDIDATE_SCHEMA),
         {"metrics": stats, "api": merge_usage(*usages)},
     )
+
+
+def pool_common(pool, loop: LoopConfig) -> frozenset[str] | None:
+    """The template words the pool's index uses (same_payload), for the accepted half."""
+    if loop.similarity != "same_payload":
+        return None
+    return pool.template_words()
+
+
+class AcceptedCandidates:
+    """The order-dependent half of dedup: the candidates accepted so far this round."""
+
+    def __init__(self, threshold: float, common: frozenset[str] | None):
+        self.index = RougeIndex(threshold=threshold, common=common)
+        self.texts: list[str] = []
+
+    def reason(self, text: str) -> str | None:
+        """None (and ``text`` remembered) when no accepted candidate is too like it."""
+        if self.index.exceeds(text):
+            return "similar_to_accepted"
+        self.index.add(text)
+        self.texts.append(text)
+        return None
+
+    def nearest(self, text: str) -> tuple[float, str | None]:
+        score, doc = self.index.max_match(text)
+        return score, self.texts[doc] if doc >= 0 else None
+
+
+class ParentOrder:
+    """The order parents are drawn in: the judged rows of a kind (all ok rows for random
+    selection), sorted by id, shuffled by a seeded generator, cycled. Built from ids alone
+    (an Arrow column, a permutation of ints); the texts are read only for the parents a
+    round's attempt budget can reach."""
+
+    def __init__(self, windows: Callable[[], Iterable[pa.Table]], label: str | None, seed: str):
+        import array
+
+        import pyarrow.compute as pc
+
+        self.windows = windows
+        chunks = []
+        for window in windows():
+            keep = pc.equal(window["status"], "ok")
+            if label is not None:
+                keep = pc.and_(keep, pc.equal(window["label"], label))
+            chunks.append(window.filter(keep).column("id"))
+        ids = (
+            pa.chunked_array(chunks, type=pa.string())
+            if chunks
+            else pa.chunked_array([], pa.string())
+        )
+        self.ids = ids.take(pc.sort_indices(ids)).combine_chunks() if len(ids) else ids
+        # the same permutation shuffling the sorted rows themselves gives (it depends only
+        # on their number and the seed), in 8 bytes a row
+        self.perm = array.array("q", range(len(self.ids)))
+        random.Random(seed).shuffle(self.perm)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, attempts: int) -> list[dict]:
+        """The parent of each attempt 0..attempts-1 (cycling through the order)."""
+        import pyarrow.compute as pc
+
+        if not len(self.ids) or attempts <= 0:
+            return []
+        picks = [self.perm[k % len(self.ids)] for k in range(attempts)]
+        wanted = self.ids.take(pa.array(sorted(set(picks)), type=pa.int64()))
+        by_id: dict[str, dict] = {}
+        for window in self.windows():
+            hits = window.filter(pc.is_in(window["id"], value_set=wanted))
+            for r in hits.select(["id", "instruction", "input"]).to_pylist():
+                by_id[r["id"]] = r
+        return [by_id[self.ids[p].as_py()] for p in picks]
 
 
 class GeneratorWroteNothing(LionError):

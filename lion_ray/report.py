@@ -50,12 +50,15 @@ def collect(run: RunDir, upto: int) -> dict:
             rec = records[stage]
             return rec.metrics if rec else {}
 
+        signature = [[k, rec.completed_at] for k, rec in sorted(records.items()) if rec]
+        kept = run.round_path(r, "report", "round.json")
+        if r < upto and storage.exists(kept):  # a finished round: computed once, then read
+            saved = storage.read_json(kept)
+            if saved.get("signature") == signature:
+                rounds.append(saved["round"])
+                continue
         judged_uri = run.round_path(r, "discrimination", "judged.parquet")
-        teacher_scores, student_scores = [], []
-        if storage.exists(judged_uri):
-            table = storage.read_parquet(judged_uri)
-            teacher_scores = [x for x in table.column("teacher_score").to_pylist() if x is not None]
-            student_scores = [x for x in table.column("student_score").to_pylist() if x is not None]
+        teacher_scores, student_scores = score_histogram(judged_uri)
         api: dict[str, dict] = {}
         for rec in records.values():
             for role, used in (rec.api if rec else {}).items():
@@ -105,11 +108,31 @@ def collect(run: RunDir, upto: int) -> dict:
                     for s, rec in records.items()
                     if rec
                 },
-                "teacher_scores": teacher_scores,
+                "teacher_scores": teacher_scores,  # {score: instructions}
                 "student_scores": student_scores,
             }
         )
+        storage.write_json(kept, {"signature": signature, "round": rounds[-1]})
     return {"run_dir": run.uri, "rounds": rounds}
+
+
+def score_histogram(judged_uri: str) -> tuple[dict[str, int], dict[str, int]]:
+    """How many instructions got each (teacher, student) referee score: read a window of
+    two columns at a time, kept as counts (a round's report does not grow with its pool)."""
+    from collections import Counter
+
+    teacher: Counter = Counter()
+    student: Counter = Counter()
+    if storage.exists(judged_uri):
+        columns = ["teacher_score", "student_score"]
+        for window in storage.iter_windows(judged_uri, 100_000, columns):
+            teacher.update(
+                str(x) for x in window.column("teacher_score").to_pylist() if x is not None
+            )
+            student.update(
+                str(x) for x in window.column("student_score").to_pylist() if x is not None
+            )
+    return dict(sorted(teacher.items())), dict(sorted(student.items()))
 
 
 def _png(fig) -> bytes:
@@ -149,8 +172,15 @@ def plots(data: dict) -> dict[str, bytes]:
     last = rounds[-1]
     fig, ax = plt.subplots(figsize=(5, 3))
     bins = [i / 2 for i in range(2, 21)]
-    ax.hist(last["teacher_scores"], bins=bins, alpha=0.6, label="teacher")
-    ax.hist(last["student_scores"], bins=bins, alpha=0.6, label="student")
+    for who in ("teacher", "student"):
+        counts = last[f"{who}_scores"]
+        ax.hist(
+            [float(x) for x in counts],
+            weights=list(counts.values()),
+            bins=bins,
+            alpha=0.6,
+            label=who,
+        )
     ax.set(
         title=f"Referee scores, round {last['round']}",
         xlabel="mean of both orders",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 
+from lion_ray import storage
 from lion_ray.config import EndpointConfig, LionConfig
 from lion_ray.engines.plan import STUDENT_ENGINE
 from lion_ray.rundir import RunDir
@@ -56,6 +57,7 @@ class Session:
         # What the session's long-lived engines hold while they live (holder -> Request): a
         # stage's request is checked against the cluster less these (engines.cluster.preflight)
         self.holdings: dict = {}
+        self._pool_index = None
         if student_engine is not None:
             self.holdings[STUDENT_ENGINE] = student_engine.request
 
@@ -221,6 +223,19 @@ class Session:
             return True
         return False
 
+    def pool_index(self, loop):
+        """The run's index of the Cache Pool for dedup, in a Ray actor (its memory grows
+        with the pool; the driver's must not): made on first use, kept for the session."""
+        if self._pool_index is None:
+            from lion_ray.engines.dedup import PoolIndexActor
+
+            self._pool_index = PoolIndexActor(
+                loop.rouge_threshold,
+                loop.similarity,
+                local_files=storage.is_local(self.cfg.storage.run_dir),
+            )
+        return self._pool_index
+
     def take_api_wait_s(self) -> float:
         """Seconds the current stage waited on API answers (over all endpoints)."""
         return sum(engine.take_wait_s() for engine in self._clients.values())
@@ -241,6 +256,9 @@ class Session:
                 self.holdings.pop(STUDENT_ENGINE, None)
             for engine in self._clients.values():
                 engine.close()
+            if self._pool_index is not None:
+                with contextlib.suppress(Exception):
+                    self._pool_index.close()
         finally:
             if self.sandbox is not None:
                 self.sandbox.stop()

@@ -281,3 +281,112 @@ def fingerprint(uri: str) -> str:
         small = sha256_of(join(uri, rel)) if size <= _SMALL_FILE else ""
         digest.update(f"{rel}\x1f{size}\x1f{small}\n".encode())
     return "tree:" + digest.hexdigest()
+
+
+def iter_windows(uri: str, rows: int, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """A Parquet file (or folder of parts) as consecutive tables of ``rows`` rows (the last
+    may be shorter), read a row group at a time: the whole never in memory."""
+    fs, path = resolve(uri)
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(path, filesystem=fs, format="parquet")
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    # no read-ahead beyond the next batch: the default (16 batches, 4 files) holds up to a
+    # million rows of a large pool in memory ahead of the window being read
+    batches = dataset.to_batches(
+        columns=columns, batch_size=min(rows, 65_536), batch_readahead=1, fragment_readahead=1
+    )
+    for batch in batches:
+        while batch.num_rows:
+            take = min(rows - count, batch.num_rows)
+            pending.append(batch.slice(0, take))
+            batch = batch.slice(take)
+            count += take
+            if count == rows:
+                yield pa.Table.from_batches(pending)
+                pending, count = [], 0
+    if count:
+        yield pa.Table.from_batches(pending)
+
+
+def read_schema(uri: str) -> pa.Schema:
+    fs, path = resolve(uri)
+    import pyarrow.dataset as ds
+
+    return ds.dataset(path, filesystem=fs, format="parquet").schema
+
+
+@contextmanager
+def parquet_writer(uri: str, schema: pa.Schema) -> Iterator:
+    """``write(table)`` a piece at a time into one Parquet file, which appears at ``uri``
+    (atomically) when the block ends without error: its rows are never all in memory."""
+    with atomic_output(uri) as out:
+        writer = pq.ParquetWriter(out, schema, compression="zstd")
+        try:
+            yield lambda table: writer.write_table(table.cast(schema))
+        finally:
+            writer.close()
+
+
+def count_rows(uri: str) -> int:
+    """Rows of a Parquet file (or folder of parts), from its footers alone."""
+    fs, path = resolve(uri)
+    import pyarrow.dataset as ds
+
+    return ds.dataset(path, filesystem=fs, format="parquet").count_rows()
+
+
+class WindowedOutput:
+    """A stage's output table written a window at a time: each finished window is a part
+    beside the output (``<output>.parts/``), so a stage killed mid-way keeps what it did and
+    its rerun starts at the first missing window; ``finish`` joins the parts into the one
+    output file (atomically, a part at a time) and removes them. ``plan`` names what the
+    windows are windows of (the stage's inputs and window size): parts of another plan are
+    discarded."""
+
+    def __init__(self, uri: str, plan: dict, schema: pa.Schema | None = None):
+        self.uri, self.schema = uri, schema
+        self.parts = f"{uri}.parts"
+        marker = join(self.parts, "_plan.json")
+        if exists(self.parts) and (not exists(marker) or read_json(marker) != plan):
+            delete_dir(self.parts)
+        if not exists(marker):
+            write_json(marker, plan)
+
+    def _part(self, i: int) -> str:
+        return join(self.parts, f"part-{i:06d}.parquet")
+
+    def _info(self, i: int) -> str:
+        return join(self.parts, f"part-{i:06d}.json")
+
+    def done(self, i: int) -> bool:
+        return exists(self._part(i))
+
+    def write(self, i: int, table: pa.Table, info: dict | None = None) -> None:
+        """Window ``i``'s rows, and what the stage learned doing it (API usage, timings):
+        the info first, so that a part on disk always has its info."""
+        write_json(self._info(i), info or {})
+        write_parquet(self._part(i), table)
+
+    def finish(self, windows: int) -> tuple[int, list[dict]]:
+        """Join parts 0..windows-1 into the output; returns its rows and every window's info
+        (those of an earlier, killed attempt included)."""
+        fs = resolve(self.uri)[0]
+        rows, infos = 0, []
+        with atomic_output(self.uri) as out:
+            writer = None
+            for i in range(windows):
+                part = pq.read_table(resolve(self._part(i))[1], filesystem=fs)
+                if self.schema is not None:
+                    part = part.cast(self.schema)
+                if writer is None:
+                    writer = pq.ParquetWriter(out, part.schema, compression="zstd")
+                writer.write_table(part)
+                rows += part.num_rows
+                infos.append(read_json(self._info(i)))
+            if writer is None:  # no window at all: an empty table of the schema
+                writer = pq.ParquetWriter(out, self.schema or pa.schema([]), compression="zstd")
+            writer.close()
+        delete_dir(self.parts)
+        return rows, infos

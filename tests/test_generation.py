@@ -185,7 +185,7 @@ def test_random_parent_selection_ignores_labels():
 def test_end_to_end_through_the_engine(ray_local, sandbox, tmp_path):
     pool = _pool(80, seed=5)
     engine = sandbox_engine(sandbox, tmp_path, role="generator")
-    new, cands, info = generate(_judged(pool), pool, LOOP, engine, round_no=2, dedup_workers=2)
+    new, cands, info = generate(_judged(pool), pool, LOOP, engine, round_no=2)
     _check_targets(pool, new, cands, info, 2)
     # the same texts as the in-process world: the engine changes how, never what
     fake, _, _ = generate(_judged(pool), pool, LOOP, WorldClient(), round_no=2)

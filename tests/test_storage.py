@@ -121,3 +121,27 @@ def test_upload_and_download_dir_on_mock_filesystem(tmp_path):
     assert fs is not None
     storage.upload_dir(src, str(tmp_path / "dst"))
     assert (tmp_path / "dst" / "w.bin").read_bytes() == b"abc"
+
+
+def test_a_run_dir_remembers_fingerprints_of_files_older_than_a_timestamps_resolution(
+    tmp_path, monkeypatch
+):
+    import os
+    import time
+
+    from lion_ray.rundir import RunDir
+
+    hashed = []
+    real = storage.fingerprint
+    monkeypatch.setattr(storage, "fingerprint", lambda uri: hashed.append(uri) or real(uri))
+    run = RunDir(str(tmp_path))
+    old, new = tmp_path / "old.parquet", tmp_path / "new.parquet"
+    old.write_text("aaaa")
+    os.utime(old, (time.time() - 60, time.time() - 60))  # written a minute ago
+    new.write_text("bbbb")  # just written: its time could still be shared by a rewrite
+    first = [run.fingerprint(str(old)), run.fingerprint(str(new))]
+    again = RunDir(str(tmp_path))  # a resumed run
+    assert [again.fingerprint(str(old)), again.fingerprint(str(new))] == first
+    assert hashed == [str(old), str(new), str(new)]  # the old file was hashed once
+    old.write_text("cccc")  # same size, new time
+    assert RunDir(str(tmp_path)).fingerprint(str(old)) != first[0]

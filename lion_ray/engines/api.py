@@ -400,9 +400,9 @@ def _from_cache(request_id: str, entry: dict) -> ChatResult:
     return ChatResult(
         request_id=request_id,
         text=entry["text"],
-        finish_reason=entry.get("finish_reason", "stop"),
-        prompt_tokens=entry.get("prompt_tokens", 0),
-        completion_tokens=entry.get("completion_tokens", 0),
+        finish_reason=entry.get("finish_reason") or "stop",
+        prompt_tokens=entry.get("prompt_tokens") or 0,
+        completion_tokens=entry.get("completion_tokens") or 0,
         cost_usd=0.0,  # paid for once, by the call that made the entry (it is in the ledger)
         cached=True,
     )
@@ -459,10 +459,11 @@ class ApiEngine:
     # --- long-lived state -----------------------------------------------------------------
 
     @property
-    def index(self) -> dict[str, dict]:
-        """Every cached response by key: read once, then kept current by ``ask``."""
+    def index(self) -> response_cache.CacheIndex:
+        """The response cache's index (point lookups): opened once, reading only the shards
+        written since it was last open; kept current by ``ask``."""
         if self._index is None:
-            self._index = response_cache.load(self.cache_dir)
+            self._index = response_cache.CacheIndex(self.cache_dir)
         return self._index
 
     @property
@@ -511,10 +512,11 @@ class ApiEngine:
         ep = self.endpoint
         keys = [request_key(ep, r) for r in requests]
         index = self.index
+        cached = index.get_many(keys)
         results: dict[int, ChatResult] = {}
         misses: dict[str, list[int]] = {}  # identical requests are sent once
         for i, (r, key) in enumerate(zip(requests, keys, strict=True)):
-            entry = index.get(key)
+            entry = cached.get(key)
             if entry is not None:
                 results[i] = _from_cache(r.request_id, entry)
             else:
@@ -536,20 +538,28 @@ class ApiEngine:
                 answered = itertools.chain(
                     answered, self._send([requests[i] for i in firsts], firsts, bar)
                 )
+            fresh = []
             for i, res in answered:
                 results[i] = res
                 if res.status == "ok":  # its actor cached it; keep the index current
-                    index[keys[i]] = {
-                        "text": res.text,
-                        "finish_reason": res.finish_reason,
-                        "prompt_tokens": res.prompt_tokens,
-                        "completion_tokens": res.completion_tokens,
-                    }
+                    fresh.append(
+                        {
+                            "key": keys[i],
+                            "text": res.text,
+                            "finish_reason": res.finish_reason,
+                            "prompt_tokens": res.prompt_tokens,
+                            "completion_tokens": res.completion_tokens,
+                            "cost_usd": res.cost_usd,
+                        }
+                    )
                 for twin in misses[keys[i]][1:]:  # the same answer, paid for once
                     results[twin] = replace(
                         res, request_id=requests[twin].request_id, cached=True, cost_usd=0.0
                     )
                     bar.advance(1, cached=1)
+            index.put(fresh)
+        if firsts:  # the workers' small shards of this call, merged: files stay few
+            response_cache.compact(self.cache_dir, index=index)
         ordered = [results[i] for i in range(len(requests))]
         refused = sum(r.status == "budget" for r in ordered)
         if refused:
@@ -711,9 +721,12 @@ class ApiEngine:
         self.holdings.pop(self._holder, None)
 
     def close(self) -> None:
-        """Stop the workers, and merge the cache's many small shards (once per run)."""
+        """Stop the workers, merge the cache's many small shards, close the index."""
         self._stop_workers()
-        response_cache.compact(self.cache_dir)
+        response_cache.compact(self.cache_dir, index=self._index)
+        if self._index is not None:
+            self._index.close()
+            self._index = None
 
 
 def _find_fatal(exc: BaseException) -> FatalApiError | None:

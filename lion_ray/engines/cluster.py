@@ -113,6 +113,19 @@ def _ray_processes(procs: list) -> list:
     return list(found.values())
 
 
+def process_tree_rss_mib(pid: int | None = None) -> float:
+    """Resident memory of a process (this one by default) and all its descendants, in MiB:
+    a replica and its vLLM engine core, a benchmark's driver and its Ray."""
+    import psutil
+
+    top = psutil.Process(pid)
+    total = 0
+    for proc in [top, *top.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # a child may end while it is counted
+            total += proc.memory_info().rss
+    return round(total / 2**20, 1)
+
+
 # Loggers of the libraries whose internal notices (restarts, deprecations, progress) go to a
 # run's log file rather than its console, unless --verbose.
 LIBRARY_LOGGERS = (

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,7 +31,7 @@ import pyarrow as pa
 from lion_ray import storage
 from lion_ray.config import StudentConfig, TrainConfig
 from lion_ray.errors import LionError
-from lion_ray.logic.examples import Sequence, pack, pad_batch, unpacked
+from lion_ray.logic.examples import EpochOrder, Sequence, pack, pad_batch, unpacked
 
 
 def deepspeed_config(train: TrainConfig, use_gpu: bool) -> dict:
@@ -221,11 +221,9 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(train.seed)
     phase("distributed")
 
-    # Data: the rows from the object store (put there once by the driver), split by id: the
-    # data order, and so a resumed run, does not depend on how anything was scheduled.
-    table = ray.get(config["rows"])
-    rows = sorted(table.to_pylist(), key=lambda r: r["id"])[rank::world]
-    del table
+    # Data: this rank's shard only, from the object store (the driver split the rows by id,
+    # so the data order, and a resumed run, do not depend on how anything was scheduled)
+    rows = pa.concat_tables(ray.get(config["rows"][rank])).sort_by("id").to_pylist()
     phase("rows")
 
     ds_config = deepspeed_config(train, use_gpu)
@@ -275,11 +273,12 @@ def train_loop_per_worker(config: dict) -> None:
         resumed_from = engine.global_steps  # restored by DeepSpeed with the optimizer state
         phase("resume")
 
+    epoch_order = EpochOrder(len(seqs), train.seed)
+
     def batch_at(micro: int) -> tuple[dict, int]:
         """The micro-batch at ``micro`` and its count of real (non-padding) tokens."""
         epoch, k = divmod(micro, batches_per_epoch)
-        order = list(range(len(seqs)))
-        random.Random(train.seed * 7919 + epoch).shuffle(order)
+        order = epoch_order(epoch)
         picked: list[Sequence] = (
             [
                 seqs[order[(k * train.micro_batch_size + j) % len(order)]]
@@ -615,6 +614,43 @@ def workers_request(
     )
 
 
+def _usable(answers: pa.Table) -> pa.Table:
+    """The rows training can use (answered, not empty) as (id, instruction, input, answer)."""
+    import pyarrow.compute as pc
+
+    table = answers
+    if "status" in table.column_names:
+        table = table.filter(pc.equal(table["status"], "ok"))
+    table = table.filter(pc.greater(pc.utf8_length(pc.fill_null(table["answer"], "")), 0))
+    table = table.select(["id", "instruction", "input", "answer"])
+    return table.set_column(2, "input", pc.fill_null(table["input"], ""))
+
+
+def rank_shards(
+    windows: Callable[[], Iterable[pa.Table]], world: int
+) -> Iterator[tuple[int, pa.Table]]:
+    """The usable rows, sorted by id and dealt to ``world`` ranks in turn (rank r trains on
+    rows r, r + world, ...), as (rank, piece) pieces: a rank's shard is its pieces, sorted
+    by id. ``windows()`` gives the answers a window at a time and is read twice (the ids,
+    then the rows), so only the ids of the whole Train Pool are ever held at once."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    ids = pa.chunked_array([_usable(w).column("id") for w in windows()], type=pa.string())
+    rank_of = np.empty(len(ids), dtype=np.int32)
+    # the n-th id in sorted order (a stable sort: equal ids keep their order) goes to n % world
+    rank_of[pc.sort_indices(ids).to_numpy()] = np.arange(len(ids)) % world
+    offset = 0
+    for window in windows():
+        usable = _usable(window)
+        ranks = rank_of[offset : offset + usable.num_rows]
+        offset += usable.num_rows
+        for rank in range(world):
+            piece = usable.filter(pa.array(ranks == rank))
+            if piece.num_rows:
+                yield rank, piece
+
+
 def scaling_config(train: TrainConfig, request):
     """Ray Train's worker group for a ``workers_request``: its bundles and placement."""
     from ray.train import ScalingConfig
@@ -627,8 +663,12 @@ def scaling_config(train: TrainConfig, request):
     )
 
 
+def _as_table(window: pa.Table | pa.RecordBatch) -> pa.Table:
+    return window if isinstance(window, pa.Table) else pa.Table.from_batches([window])
+
+
 def train_student(
-    answers: pa.Table,
+    answers: pa.Table | str,
     train: TrainConfig,
     *,
     base_model: str,
@@ -641,8 +681,10 @@ def train_student(
     crash_at_step: int | None = None,
     beside_engine: bool = False,
     held: dict | None = None,
+    window_rows: int = 10_000,
 ) -> dict:
-    """Fine-tune ``base_model`` on the answers; the model is exported to ``out_uri``.
+    """Fine-tune ``base_model`` on the answers (a table, or a Parquet file's URI, which is
+    read ``window_rows`` rows at a time); the model is exported to ``out_uri``.
     ``beside_engine``: a colocated student engine sleeps on the GPUs (each worker asks for
     the rest of one); ``held``: what the run's engines hold, for the preflight.
 
@@ -659,20 +701,22 @@ def train_student(
 
     if storage.is_local(storage_path):  # Ray Train needs an absolute path or a URI
         storage_path = storage.resolve(storage_path)[1]
-    rows = answers.to_pylist()
-    usable = [
-        {
-            "id": r["id"],
-            "instruction": r["instruction"],
-            "input": r["input"] or "",
-            "answer": r["answer"],
-        }
-        for r in rows
-        if r.get("status", "ok") == "ok" and r["answer"]
-    ]
-    skipped = len(rows) - len(usable)
+
+    def windows() -> Iterable[pa.Table]:
+        if isinstance(answers, pa.Table):
+            return answers.to_batches(max_chunksize=window_rows)
+        return storage.iter_windows(answers, window_rows)
+
+    # each rank's rows go to the object store a piece at a time; a worker fetches its own
+    shards: list[list] = [[] for _ in range(train.workers)]
+    usable = 0
+    for rank, piece in rank_shards(lambda: map(_as_table, windows()), train.workers):
+        shards[rank].append(ray.put(piece))
+        usable += piece.num_rows
+    total = answers.num_rows if isinstance(answers, pa.Table) else storage.count_rows(answers)
+    skipped = total - usable
     if not usable:
-        raise LionError(f"no usable training rows: all {len(rows)} answers failed or are empty")
+        raise LionError(f"no usable training rows: all {total} answers failed or are empty")
     use_gpu = train.gpus_per_worker > 0
     request = workers_request(train, placement_strategy, student.colocate and beside_engine)
     preflight(request, held)  # Ray Train would retry a worker group that can never start
@@ -689,9 +733,9 @@ def train_student(
             "student": student.model_dump(),
             "progress_uri": progress_uri,
             "crash_at_step": crash_at_step,
-            # a Ray Data shard per worker would cost a pipeline per round and be re-split
-            # by id anyway: the table goes once into the object store
-            "rows": ray.put(pa.Table.from_pylist(usable)),
+            # a Ray Data shard per worker would cost a pipeline per round; each rank gets
+            # its own rows from the object store, and no worker holds the whole pool
+            "rows": shards,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=scaling_config(train, request),
@@ -736,4 +780,4 @@ def train_student(
     if result.error:
         raise result.error
     final = storage.read_json(storage.join(storage_path, name, "final.json"))
-    return {**final, "skipped_failed_rows": skipped, "rows": len(usable)}
+    return {**final, "skipped_failed_rows": skipped, "rows": usable}

@@ -106,20 +106,50 @@ class Vocabulary:
 
 
 @dataclass
+class _Segment:
+    """A CSR inverted index over a run of documents (global ids ``start``..``end``)."""
+
+    ptr: np.ndarray  # token t's postings are [ptr[t], ptr[t + 1])
+    docs: np.ndarray  # global document ids
+    counts: np.ndarray  # the token's count in each
+    start: int
+    end: int
+
+    @classmethod
+    def build(cls, docs: Sequence[list[int]], start: int, n_vocab: int) -> _Segment:
+        per_token: list[list[tuple[int, int]]] = [[] for _ in range(n_vocab)]
+        for d, doc in enumerate(docs, start):
+            for t, c in Counter(doc).items():
+                per_token[t].append((d, c))
+        sizes = np.array([len(p) for p in per_token], dtype=np.int64)
+        flat = [x for p in per_token for x in p]
+        return cls(
+            ptr=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+            docs=np.array([d for d, _ in flat], dtype=np.int64),
+            counts=np.array([c for _, c in flat], dtype=np.int64),
+            start=start,
+            end=start + len(docs),
+        )
+
+
+@dataclass
 class RougeIndex:
     """An inverted index over reference texts for bounded ROUGE-L queries.
 
-    Static part (numpy CSR postings) for the pool; texts added later (accepted candidates)
-    go into a small dynamic part that is merged in when it grows.
+    Documents are indexed in segments: texts added together (a pool, a round's additions)
+    become a segment, and segments of similar size merge (as an LSM tree does), so adding a
+    round's instructions costs about that round's size, never a rebuild of everything; a
+    few texts added one at a time (accepted candidates) wait in a small dynamic part first.
+    A query touches only its tokens' postings: its cost grows with them, not with the
+    number of indexed texts.
     """
 
     threshold: float
     vocab: Vocabulary = field(default_factory=Vocabulary)
     docs: list[list[int]] = field(default_factory=list)
-    _lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    _ptr: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
-    _post_docs: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    _post_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    segments: list[_Segment] = field(default_factory=list)
+    _lengths: list[int] = field(default_factory=list)
+    _lengths_np: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     _static_n: int = 0
     _dynamic: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     merge_every: int = 512
@@ -132,27 +162,42 @@ class RougeIndex:
         cls, texts: Iterable[str], threshold: float, common: frozenset[str] | None = None
     ) -> RougeIndex:
         index = cls(threshold=threshold, common=common)
-        tokenized = [rouge_tokens(t) for t in texts]
-        index.docs = [index.vocab.encode(tokens) for tokens in tokenized]
-        if common is not None:
-            index.payloads = [payload(tokens, common) for tokens in tokenized]
-        index._rebuild()
+        index.extend(texts)
         return index
 
-    def _rebuild(self) -> None:
-        n_vocab = len(self.vocab.ids)
-        per_token: list[list[tuple[int, int]]] = [[] for _ in range(n_vocab)]
-        for d, doc in enumerate(self.docs):
-            for t, c in Counter(doc).items():
-                per_token[t].append((d, c))
-        sizes = np.array([len(p) for p in per_token], dtype=np.int64)
-        self._ptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        flat = [x for p in per_token for x in p]
-        self._post_docs = np.array([d for d, _ in flat], dtype=np.int64)
-        self._post_counts = np.array([c for _, c in flat], dtype=np.int64)
-        self._lengths = np.array([len(d) for d in self.docs], dtype=np.int64)
+    def extend(self, texts: Iterable[str]) -> None:
+        """Index ``texts`` as a new segment (merged with others of its size)."""
+        self._flush_dynamic()
+        tokenized = [rouge_tokens(t) for t in texts]
+        if not tokenized:
+            return
+        if self.common is not None:
+            self.payloads += [payload(tokens, self.common) for tokens in tokenized]
+        docs = [self.vocab.encode(tokens) for tokens in tokenized]
+        self._append_segment(docs)
+
+    def _append_segment(self, docs: list[list[int]]) -> None:
+        start = len(self.docs)
+        self.docs += docs
+        self._lengths += [len(d) for d in docs]
+        self.segments.append(_Segment.build(docs, start, len(self.vocab.ids)))
+        # merge while the newest is at least half the one before: O(log n) segments
+        while len(self.segments) > 1 and 2 * _size(self.segments[-1]) >= _size(self.segments[-2]):
+            b, a = self.segments.pop(), self.segments.pop()
+            self.segments.append(
+                _Segment.build(self.docs[a.start : b.end], a.start, len(self.vocab.ids))
+            )
+        self._lengths_np = np.array(self._lengths, dtype=np.int64)
         self._static_n = len(self.docs)
         self._dynamic = {}
+
+    def _flush_dynamic(self) -> None:
+        """The texts added one at a time become a segment of their own."""
+        if len(self.docs) > self._static_n:
+            waiting = self.docs[self._static_n :]
+            del self.docs[self._static_n :]
+            del self._lengths[self._static_n :]
+            self._append_segment(waiting)
 
     def add(self, text: str) -> None:
         words = rouge_tokens(text)
@@ -161,35 +206,35 @@ class RougeIndex:
         tokens = self.vocab.encode(words)
         d = len(self.docs)
         self.docs.append(tokens)
+        self._lengths.append(len(tokens))
         for t, c in Counter(tokens).items():
             self._dynamic.setdefault(t, []).append((d, c))
         if len(self.docs) - self._static_n >= self.merge_every:
-            self._rebuild()
+            self._flush_dynamic()
 
     def __len__(self) -> int:
         return len(self.docs)
 
     def _static_survivors(self, cand: list[int], counts: Counter) -> np.ndarray:
-        """Indices of static docs whose overlap bound is above the threshold."""
-        if self._static_n == 0:
+        """Indices of indexed docs whose overlap bound is above the threshold; the work is
+        the candidate's tokens' postings (their documents), not the number of documents."""
+        if not self.segments:
             return np.zeros(0, dtype=np.int64)
         parts_d, parts_c = [], []
-        for t, c in counts.items():
-            if t < 0 or t >= len(self._ptr) - 1:
-                continue
-            lo, hi = self._ptr[t], self._ptr[t + 1]
-            if lo == hi:
-                continue
-            parts_d.append(self._post_docs[lo:hi])
-            parts_c.append(np.minimum(self._post_counts[lo:hi], c))
+        for seg in self.segments:
+            for t, c in counts.items():
+                if t < 0 or t >= len(seg.ptr) - 1:
+                    continue
+                lo, hi = seg.ptr[t], seg.ptr[t + 1]
+                if lo == hi:
+                    continue
+                parts_d.append(seg.docs[lo:hi])
+                parts_c.append(np.minimum(seg.counts[lo:hi], c))
         if not parts_d:
             return np.zeros(0, dtype=np.int64)
-        overlap = np.bincount(
-            np.concatenate(parts_d), weights=np.concatenate(parts_c), minlength=self._static_n
-        )
-        touched = np.nonzero(overlap)[0]
-        ov = overlap[touched]
-        precision = ov / self._lengths[touched]
+        touched, inverse = np.unique(np.concatenate(parts_d), return_inverse=True)
+        ov = np.bincount(inverse, weights=np.concatenate(parts_c))
+        precision = ov / self._lengths_np[touched]
         recall = ov / len(cand)
         bound = 2 * precision * recall / (precision + recall)  # rouge-score's formula, same order
         return touched[bound > self.threshold]
@@ -229,6 +274,10 @@ class RougeIndex:
 
     def exceeds(self, text: str) -> bool:
         return self.max_match(text)[1] >= 0
+
+
+def _size(seg: _Segment) -> int:
+    return seg.end - seg.start
 
 
 class Deduper:

@@ -128,27 +128,57 @@ def verdict(
     return Verdict("ok", teacher, student, gap, "hard" if gap >= tau else "easy", consistent)
 
 
+@dataclass
+class SplitTotals:
+    """Running totals of a split, so that a stage read a window at a time gets the same
+    figures as one read whole (``split_metrics``)."""
+
+    rows: int = 0
+    judged: int = 0
+    hard: int = 0
+    unparsed: int = 0
+    failed: int = 0
+    teacher_sum: float = 0.0
+    student_sum: float = 0.0
+    consistent: float = 0.0
+
+    def add(self, v: Verdict) -> None:
+        self.rows += 1
+        if v.status == "ok":
+            self.judged += 1
+            self.hard += v.label == "hard"
+            self.teacher_sum += v.teacher_score
+            self.student_sum += v.student_score
+            self.consistent += float(v.consistent)
+        elif v.status == "unparsed":
+            self.unparsed += 1
+        elif v.status == "failed":
+            self.failed += 1
+
+    def metrics(self) -> dict[str, float | int]:
+        """Per-round figures: hard ratio, mean scores, order consistency, parse failures."""
+
+        def mean(total: float) -> float:
+            return round(total / self.judged, 4) if self.judged else 0.0
+
+        return {
+            "rows": self.rows,
+            "judged": self.judged,
+            "hard": self.hard,
+            "easy": self.judged - self.hard,
+            "unparsed": self.unparsed,
+            "failed": self.failed,
+            "hard_ratio": round(self.hard / self.judged, 4) if self.judged else 0.0,
+            "mean_teacher_score": mean(self.teacher_sum),
+            "mean_student_score": mean(self.student_sum),
+            "order_consistency": mean(self.consistent),
+            "parse_failure_rate": round(self.unparsed / self.rows, 4) if self.rows else 0.0,
+        }
+
+
 def split_metrics(verdicts: list[Verdict]) -> dict[str, float | int]:
     """Per-round figures: hard ratio, mean scores, order consistency, parse failures."""
-    ok = [v for v in verdicts if v.status == "ok"]
-    n = len(verdicts)
-    hard = sum(v.label == "hard" for v in ok)
-
-    def mean(xs: list[float]) -> float:
-        return round(sum(xs) / len(xs), 4) if xs else 0.0
-
-    return {
-        "rows": n,
-        "judged": len(ok),
-        "hard": hard,
-        "easy": len(ok) - hard,
-        "unparsed": sum(v.status == "unparsed" for v in verdicts),
-        "failed": sum(v.status == "failed" for v in verdicts),
-        "hard_ratio": round(hard / len(ok), 4) if ok else 0.0,
-        "mean_teacher_score": mean([v.teacher_score for v in ok]),
-        "mean_student_score": mean([v.student_score for v in ok]),
-        "order_consistency": mean([float(v.consistent) for v in ok]),
-        "parse_failure_rate": round(sum(v.status == "unparsed" for v in verdicts) / n, 4)
-        if n
-        else 0.0,
-    }
+    totals = SplitTotals()
+    for v in verdicts:
+        totals.add(v)
+    return totals.metrics()

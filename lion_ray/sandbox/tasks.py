@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 _CONSONANTS = "bcdfghjklmnprstvwz"
@@ -421,12 +421,14 @@ def generate_tasks(
 
 
 def stratified_tasks(
-    per_cell: int, seed: int = 0, max_difficulty: int = 5, exclude: set[str] | None = None
+    per_cell: int, seed: int = 0, max_difficulty: int = 5, exclude: Container[str] | None = None
 ) -> list[Task]:
     """``per_cell`` distinct tasks for every family at every difficulty 1..max_difficulty
-    (the whole distribution hard mining can reach, in equal parts), none in ``exclude``."""
+    (the whole distribution hard mining can reach, in equal parts), none in ``exclude`` (any
+    container: a large pool's is a set of hashes)."""
     rng = random.Random(seed)
-    seen = set(exclude or ())
+    exclude = exclude if exclude is not None else ()
+    seen: set[str] = set()
     out: list[Task] = []
     for family in FAMILIES:
         for difficulty in range(1, max_difficulty + 1):
@@ -439,7 +441,8 @@ def stratified_tasks(
                         f"difficulty {difficulty}"
                     )
                 task = make_task(family, rng, difficulty)
-                if task.difficulty == difficulty and task.instruction not in seen:
+                fresh = task.instruction not in seen and task.instruction not in exclude
+                if task.difficulty == difficulty and fresh:
                     seen.add(task.instruction)
                     out.append(task)
                     made += 1

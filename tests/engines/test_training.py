@@ -313,3 +313,31 @@ def test_multinode_placement_and_node_loss(tiny_student, tmp_path):
     assert (
         out["node_ids"][0] not in out["node_loss_worker_nodes"]
     )  # the lost node is gone from the final run
+
+
+def test_each_rank_gets_only_its_shard_of_the_usable_rows():
+    """Rank r trains on the usable rows sorted by id, r, r + world, ...: the driver deals
+    them out in Arrow and each worker fetches its own shard, never the whole Train Pool."""
+    from lion_ray.engines.training import rank_shards
+
+    table = _answers(40, failed=5)  # 45 rows, 5 of them failed
+    read = []
+
+    def windows():  # the answers file, 7 rows at a time
+        read.append(1)
+        return (table.slice(i, 7) for i in range(0, table.num_rows, 7))
+
+    pieces: dict[int, list] = {0: [], 1: [], 2: []}
+    for rank, piece in rank_shards(windows, 3):
+        assert piece.num_rows <= 7
+        pieces[rank].append(piece)
+    shards = [pa.concat_tables(pieces[r]).sort_by("id") for r in range(3)]
+    assert len(read) == 2  # the ids, then the rows: never the whole table at once
+    usable = sorted(
+        (r for r in table.to_pylist() if r["status"] == "ok" and r["answer"]),
+        key=lambda r: r["id"],
+    )
+    assert [s.num_rows for s in shards] == [14, 13, 13] and len(usable) == 40
+    for rank, shard in enumerate(shards):
+        assert shard.column_names == ["id", "instruction", "input", "answer"]
+        assert shard.column("id").to_pylist() == [r["id"] for r in usable[rank::3]]

@@ -52,3 +52,21 @@ def test_pad_batch_masks_padding():
     assert batch["labels"][1] == [8, IGNORE, IGNORE]
     assert batch["attention_mask"][1] == [1, 0, 0]
     assert batch["position_ids"][1] == [0, 1, 2]
+
+
+def test_an_epoch_order_is_built_once_per_epoch_not_once_per_micro_batch():
+    """The training loop asks for the order at every micro-batch: the permutation is built
+    once per epoch (it was built, O(sequences), for every micro-batch), and it is the same
+    seeded permutation as before, so training is unchanged."""
+    import random
+
+    from lion_ray.logic.examples import EpochOrder
+
+    order = EpochOrder(1000, seed=3)
+    for micro in range(3 * 250):  # 3 epochs of 250 micro-batches
+        epoch = micro // 250
+        got = order(epoch)
+    assert order.built == 3
+    expected = list(range(1000))
+    random.Random(3 * 7919 + 2).shuffle(expected)
+    assert got == expected

@@ -178,3 +178,20 @@ def test_a_process_that_read_a_parquet_pool_exits_cleanly(tmp_path, seed_tasks_p
             [sys.executable, "-c", program, str(pool)], capture_output=True, text=True
         )
         assert (done.returncode, done.stdout.strip()) == (0, "175"), done.stderr
+
+
+def test_text_hashes_answer_membership_like_a_set():
+    from lion_ray.logic.pools import TextHashes
+    from lion_ray.sandbox.tasks import stratified_tasks
+
+    texts = [f"Reverse 'w{i}'." for i in range(5000)]
+    hashes = TextHashes([texts[:2000], texts[2000:], []])  # windows of a pool
+    assert len(hashes) == 5000 and all(t in hashes for t in texts[::7])
+    assert "Reverse 'w5000'." not in hashes and 3 not in hashes
+    assert TextHashes([]).__len__() == 0 and "x" not in TextHashes([])
+    # the held-out tasks exclude a pool the same way through either container
+    pool = [t.instruction for t in stratified_tasks(2, seed=5, max_difficulty=3)]
+    as_set = stratified_tasks(3, seed=5, max_difficulty=3, exclude=set(pool))
+    as_hashes = stratified_tasks(3, seed=5, max_difficulty=3, exclude=TextHashes([pool]))
+    assert [t.instruction for t in as_set] == [t.instruction for t in as_hashes]
+    assert not {t.instruction for t in as_set} & set(pool)

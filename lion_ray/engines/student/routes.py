@@ -24,6 +24,7 @@ from ray import serve
 
 from lion_ray import storage
 from lion_ray.config import ServeConfig, StudentConfig
+from lion_ray.engines.cluster import process_tree_rss_mib
 from lion_ray.engines.student.guard import (
     REPLICA,
     BodyLimit,
@@ -70,20 +71,6 @@ async def _invalid(request: Request, exc: RequestValidationError):
         error_body(f"{param}: {first['msg']}", "invalid_request_error", "invalid_value", param),
         status_code=422,
     )
-
-
-def _process_tree_rss_mb() -> float:
-    """Resident memory of this replica and its child processes (a vLLM engine core)."""
-    import psutil
-
-    me = psutil.Process()
-    total = 0
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            continue
-    return round(total / 2**20, 1)
 
 
 # Helpers the routes call are defined above the class: `serve.ingress` pickles the app
@@ -208,7 +195,7 @@ class StudentServer:
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],  # which of the node's GPUs
-        } | (self.replica.status() | {"rss_mb": _process_tree_rss_mb()})
+        } | (self.replica.status() | {"rss_mb": process_tree_rss_mib()})
 
     @api.post("/v1/admin/reload", dependencies=[Depends(check_admin)])
     async def reload(self, request: Request) -> dict:
