@@ -757,19 +757,25 @@ class Driver:
         """New instructions from the judged Cache Pool's parents, checked against the
         run's index of the Cache Pool (kept between rounds, grown by each round's new
         instructions); only ids, labels and the drawn parents' texts are read here."""
+        from lion_ray.engines.dedup import IndexLost
         from lion_ray.generation import check_candidates, generate
 
         rows_per = self.cfg.storage.window_rows
-        pool = self.pool_index(io)
         columns = ["id", "status", "label", "instruction", "input"]
-        new, candidates, info = generate(
-            lambda: storage.iter_windows(io.inputs["judged"], rows_per, columns),
-            pool,
-            self.cfg.loop,
-            self.session.client("generator"),
-            round_no=io.round,
-            family_of=sandbox_family if self.cfg.loop.seed_pool == "sandbox" else None,
-        )
+        for attempt in (1, 2):
+            try:
+                new, candidates, info = generate(
+                    lambda: storage.iter_windows(io.inputs["judged"], rows_per, columns),
+                    self.pool_index(io),
+                    self.cfg.loop,
+                    self.session.client("generator"),
+                    round_no=io.round,
+                    family_of=sandbox_family if self.cfg.loop.seed_pool == "sandbox" else None,
+                )
+                break
+            except IndexLost:  # its actor restarted: load the pool again, once (the
+                if attempt == 2:  # response cache means the generator is not paid twice)
+                    raise
         storage.write_parquet(io.outputs["candidates"], candidates)  # kept: they show why
         check_candidates(candidates, self.cfg.generator.model)
         storage.write_parquet(io.outputs["new"], new)

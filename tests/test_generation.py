@@ -254,3 +254,49 @@ def test_a_generator_whose_candidates_are_all_rejected_fails_the_stage():
         check_candidates(cands, "gen-x")
     _, ok, _ = generate(_judged(pool, 1.0), pool, loop, WorldClient(), round_no=1)
     check_candidates(ok, "gen-x")  # some accepted: the round goes on
+
+
+def test_a_dedup_index_lost_mid_stage_is_loaded_again_and_the_generator_not_asked_twice(tmp_path):
+    """The generation stage of a run whose index actor restarted between its load and its
+    checks: the stage loads the pool again and asks again, answered from the cache."""
+    from types import SimpleNamespace
+
+    from lion_ray import storage
+    from lion_ray.config import load_config
+    from lion_ray.driver import Driver, StageIO
+    from lion_ray.engines.dedup import PoolIndex
+
+    pool = _pool(80, seed=5)
+    io = StageIO(
+        "round_2/generation",
+        2,
+        {"judged": str(tmp_path / "judged.parquet")},
+        {"candidates": str(tmp_path / "c.parquet"), "new": str(tmp_path / "new.parquet")},
+    )
+    storage.write_parquet(io.inputs["judged"], _judged(pool))
+    cfg = load_config(overrides=[f"loop.{k}={v}" for k, v in LOOP.model_dump().items()])
+    client, lost = WorldClient(), []
+
+    def pool_index(_io):
+        index = PoolIndex(cfg.loop.rouge_threshold, cfg.loop.similarity)
+        rows = pool.select(["id", "instruction"]).to_pylist()
+        index.rebuild([[(r["id"], r["instruction"]) for r in rows]], "sha256:pool")
+        if not lost:  # the first one dies after answering its first check
+            check = index.check
+
+            def check_then_die(texts, ids):
+                lost.append(1)
+                index.covers = None
+                return check(texts, ids)
+
+            index.check = check_then_die
+        return index
+
+    stub = SimpleNamespace(
+        cfg=cfg, pool_index=pool_index, session=SimpleNamespace(client=lambda role: client)
+    )
+    result = Driver.generation(stub, io)
+    assert lost and result.rows == 42 == storage.count_rows(io.outputs["new"])
+    first_wave = [r.messages for r in client.asked[0]]
+    again = [i for i, wave in enumerate(client.asked) if [r.messages for r in wave] == first_wave]
+    assert len(again) == 2 and client.hits[again[1]] == len(first_wave)  # asked again, cached

@@ -229,10 +229,11 @@ def test_a_streaming_api_stage_killed_at_100k_rows_resumes_without_paying_twice(
 
 def test_the_pool_index_actor_runs_beside_the_driver_and_comes_back_empty(ray_local, tmp_path):
     """With pools on the driver's disk the index runs on the driver's node, holding no CPU;
-    killed, it restarts indexing nothing, so the driver loads the pool again."""
+    killed, it restarts indexing nothing and refuses to answer, so the driver loads the
+    pool again instead of passing every candidate."""
     import pyarrow as pa
 
-    from lion_ray.engines.dedup import PoolIndexActor
+    from lion_ray.engines.dedup import IndexLost, PoolIndexActor
 
     pool = tmp_path / "cache.parquet"
     storage.write_parquet(
@@ -246,17 +247,31 @@ def test_the_pool_index_actor_runs_beside_the_driver_and_comes_back_empty(ray_lo
             (False, True),
         ]
         ray_local.kill(index.handle, no_restart=False)
-        until(lambda: _alive(index), "the restarted index", 60, 0.2)
-        assert index.covered() is None  # the driver's cue to load the pool again
+        until(lambda: _covered(index) is None, "the restarted, empty index", 60, 0.2)
+        with pytest.raises(IndexLost, match="holds no pool"):
+            index.check(["Sort 9 1"], ["c"])
+        assert index.load(str(pool), 10, "sha256:x") == 2
+        assert index.check(["Add 2 and 3 ."], ["d"]) == [(True, False)]
     finally:
         index.close()
 
 
-def _alive(index) -> bool:
-    import ray
+def _covered(index) -> str | None | bool:
+    """What the index covers; False while it is down or still the killed one."""
+    from lion_ray.engines.dedup import IndexLost
 
     try:
-        index.covered()
-        return True
-    except ray.exceptions.RayActorError:
+        return index.covered()
+    except IndexLost:
         return False
+
+
+def test_an_index_that_holds_no_pool_refuses_to_judge():
+    from lion_ray.engines.dedup import IndexLost, PoolIndex
+
+    index = PoolIndex()
+    for ask in (lambda: index.check(["x"], ["1"]), lambda: index.nearest(["x"])):
+        with pytest.raises(IndexLost):
+            ask()
+    index.extend([("1", "Reverse 'kato'.")], "sha256:y")
+    assert index.check(["Reverse 'kato'."], ["2"]) == [(True, False)]

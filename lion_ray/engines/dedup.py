@@ -16,6 +16,11 @@ from collections.abc import Iterable, Sequence
 from lion_ray.logic.dedup import RougeIndex, common_words, rouge_tokens
 
 
+class IndexLost(RuntimeError):
+    """The index holds no pool (its actor restarted, or the call was lost with it): load
+    the pool again before asking it anything."""
+
+
 class PoolIndex:
     """The Cache Pool's instructions for dedup: ROUGE-L queries, exact-id lookups."""
 
@@ -66,10 +71,12 @@ class PoolIndex:
     def check(self, texts: Sequence[str], ids: Sequence[str]) -> list[tuple[bool, bool]]:
         """For each candidate: (ROUGE-L above the threshold against some pool text, its id
         already in the pool)."""
+        self._held()
         return [(self.index.exceeds(t), i in self.ids) for t, i in zip(texts, ids, strict=True)]
 
     def nearest(self, texts: Sequence[str]) -> list[tuple[float, str | None]]:
         """(F, pool text) of the pool text most like each candidate, above the threshold."""
+        self._held()
         out = []
         for text in texts:
             score, doc = self.index.max_match(text)
@@ -79,7 +86,13 @@ class PoolIndex:
     def covered(self) -> str | None:
         return self.covers
 
+    def _held(self) -> None:
+        # An empty index would pass every candidate: a restarted actor must not answer.
+        if self.covers is None:
+            raise IndexLost("the Cache Pool index holds no pool; load it first")
+
     def template_words(self) -> frozenset[str] | None:
+        self._held()
         return self.index.common
 
     def __len__(self) -> int:
@@ -118,7 +131,14 @@ class PoolIndexActor:
         import ray
 
         method = getattr(self.handle, name)
-        return lambda *args: ray.get(method.remote(*args))
+
+        def call(*args):
+            try:
+                return ray.get(method.remote(*args))
+            except ray.exceptions.RayActorError as error:  # restarted: its state is gone
+                raise IndexLost(f"the Cache Pool index actor was lost ({error})") from error
+
+        return call
 
     def close(self) -> None:
         import ray
