@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 
-from lion_ray.errors import LionError
+from lion_ray.errors import OutputRejected
 from lion_ray.logic.chat import ChatClient, ChatRequest, merge_usage, usage
 from lion_ray.logic.prompts import REFEREE_RESPONSE_FORMAT, referee_messages
 from lion_ray.logic.referee import (
@@ -167,7 +167,7 @@ def judge(
     }
 
 
-class RefereeCannotJudge(LionError):
+class RefereeCannotJudge(OutputRejected):
     """Too many of the referee's reviews had no readable score."""
 
 

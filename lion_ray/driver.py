@@ -28,7 +28,7 @@ from rich.table import Table
 
 from lion_ray import storage
 from lion_ray.config import LionConfig, dump_config, parse_config
-from lion_ray.errors import LionError, user_error
+from lion_ray.errors import LionError, OutputRejected, user_error
 from lion_ray.logic.chat import merge_usage
 from lion_ray.logic.pools import (
     ANSWER_SCHEMA,
@@ -514,11 +514,14 @@ class Driver:
 
     # --- round stages -----------------------------------------------------------------------
 
-    def windowed(self, io: StageIO, output: str, inputs: list[str], work, schema=None):
+    def windowed(self, io: StageIO, output: str, inputs: list[str], work, schema=None, check=None):
         """Run ``work(i, windows, *tables) -> (table, info)`` over the stage's ``inputs`` a
         window of storage.window_rows rows at a time (the inputs row-aligned: the same rows
         in the same order), each result a part of ``output``, so memory is one window and a
-        killed stage keeps the windows it finished. Returns (rows, every window's info)."""
+        killed stage keeps the windows it finished. ``check(infos, parts)`` judges the whole
+        output (every window's info; a function that yields its parts) before it is written.
+        An ``OutputRejected`` from either drops the parts: a rerun redoes them after the fix
+        instead of reusing what failed. Returns (rows, every window's info)."""
         rows_per = self.cfg.storage.window_rows
         # every input of the stage, not only the streamed ones: a student's parts answered
         # by an earlier model (a redone imitation.train) must not be reused
@@ -529,11 +532,17 @@ class Driver:
         out = storage.WindowedOutput(io.outputs[output], plan, schema)
         windows = -(-storage.count_rows(io.inputs[inputs[0]]) // rows_per)
         streams = [storage.iter_windows(io.inputs[name], rows_per) for name in inputs]
-        for i, tables in enumerate(zip(*streams, strict=True)):
-            if not out.done(i):
-                _check_aligned(io.key, i, dict(zip(inputs, tables, strict=True)))
-                table, info = work(i, windows, *tables)
-                out.write(i, table, info)
+        try:
+            for i, tables in enumerate(zip(*streams, strict=True)):
+                if not out.done(i):
+                    _check_aligned(io.key, i, dict(zip(inputs, tables, strict=True)))
+                    table, info = work(i, windows, *tables)
+                    out.write(i, table, info)
+            if check is not None:
+                check(out.infos(windows), lambda: out.tables(windows))
+        except OutputRejected:
+            out.discard()
+            raise
         return out.finish(windows)
 
     def teacher_answers(self, io: StageIO) -> StageResult:
@@ -600,10 +609,14 @@ class Driver:
                 check_failures(io.key, total, failed[0], summary["first_error"], self.cfg.student)
             return table, summary
 
-        rows, summaries = self.windowed(io, "answers", ["pool"], answer, ANSWER_SCHEMA)
+        def check(infos: list[dict], _parts) -> None:
+            # the whole stage's share, windows of a killed earlier attempt included
+            summary = merge_summaries(infos)
+            check_failures(io.key, total, summary["failed"], summary["first_error"], student)
+
+        student = self.cfg.student
+        rows, summaries = self.windowed(io, "answers", ["pool"], answer, ANSWER_SCHEMA, check)
         summary = merge_summaries(summaries)
-        # the whole stage's share, windows of a killed earlier attempt included
-        check_failures(io.key, rows, summary["failed"], summary["first_error"], self.cfg.student)
         return StageResult(
             rows=rows,
             failed=summary["failed"],
@@ -635,17 +648,14 @@ class Driver:
             )
             return judged, info["api"]
 
+        def check(_infos, parts) -> None:
+            check_reviews(parts(), self.cfg.referee.model, loop.referee_max_unparsed_fraction)
+
         uri = io.outputs["judged"]
         rows, used = self.windowed(
-            io, "judged", ["pool", "teacher", "student"], judge_window, JUDGED_SCHEMA
+            io, "judged", ["pool", "teacher", "student"], judge_window, JUDGED_SCHEMA, check
         )
-        rows_per = self.cfg.storage.window_rows
-        check_reviews(
-            storage.iter_windows(uri, rows_per),
-            self.cfg.referee.model,
-            loop.referee_max_unparsed_fraction,
-        )
-        m = judged_metrics(storage.iter_windows(uri, rows_per))
+        m = judged_metrics(storage.iter_windows(uri, self.cfg.storage.window_rows))
         return StageResult(
             rows=rows,
             failed=m["failed"] + m["unparsed"],
@@ -657,7 +667,7 @@ class Driver:
         """The student's loss on each teacher answer (a window at a time), then the split
         over all of them (ids and losses only), then the judged table a window at a time."""
         from lion_ray.discrimination import JUDGED_SCHEMA, LossSplit, pair_answers, scored_losses
-        from lion_ray.engines.inference import student_losses
+        from lion_ray.engines.inference import check_failures, student_losses
 
         rows_per = self.cfg.storage.window_rows
         engine = self.student_engine(io.inputs["model"])
@@ -669,7 +679,8 @@ class Driver:
                 yield pair_answers(pool, teacher, None)
 
         losses: dict[str, float | None] = {}
-        summaries = []
+        summaries: list[dict] = []
+        total, failed, first_error = storage.count_rows(io.inputs["pool"]), 0, ""
         for window in pairs():
             scorable = [
                 {k: r[k] for k in ("id", "instruction", "input")} | {"answer": r["teacher_answer"]}
@@ -684,9 +695,15 @@ class Driver:
                 label=io.key,
                 show_progress=self.show_progress,
                 engine=engine,
+                check=False,  # the stage's share is checked, not each window's
             )
             losses.update(got)
             summaries.append(summary)
+            failed, first_error = failed + summary["failed"], first_error or summary["first_error"]
+            if failed > self.cfg.student.max_failed_fraction * total:  # cannot pass now
+                check_failures(io.key, total, failed, first_error, self.cfg.student)
+        scored = sum(s["rows"] for s in summaries)
+        check_failures(io.key, scored, failed, first_error, self.cfg.student)
         previous = None
         if self.cfg.loop.selection == "learnability":
             previous = {}
@@ -808,7 +825,7 @@ class Driver:
             new_uri = (
                 new_uri if "://" in new_uri or new_uri.startswith("/") else self.run.path(new_uri)
             )
-            pool.add_file(new_uri, rows_per, want)
+            pool.add_file(new_uri, rows_per, want, have)
         else:
             pool.load(io.inputs["cache_pool"], rows_per, want)
         return pool

@@ -6,6 +6,11 @@ class LionError(Exception):
     """Base of every user-fixable error."""
 
 
+class OutputRejected(LionError):
+    """A stage's output failed its check (too many failed rows, unreadable reviews): what it
+    wrote so far must not be reused by a rerun, which redoes it after the fix."""
+
+
 def user_error(exc: BaseException) -> LionError | None:
     """The user-fixable error behind ``exc``, as it was raised: Ray re-raises a worker's
     exception wrapped (its class also derives from the original, and its text carries the

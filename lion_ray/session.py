@@ -254,11 +254,17 @@ class Session:
             if self._student is not None and not self._student_given:
                 self._student.stop()
                 self.holdings.pop(STUDENT_ENGINE, None)
-            for engine in self._clients.values():
-                engine.close()
+            failures = []
+            for engine in self._clients.values():  # one that fails must not keep the others
+                try:
+                    engine.close()
+                except Exception as error:
+                    failures.append(error)
             if self._pool_index is not None:
                 with contextlib.suppress(Exception):
                     self._pool_index.close()
+            if failures:
+                raise failures[0]
         finally:
             if self.sandbox is not None:
                 self.sandbox.stop()

@@ -369,24 +369,34 @@ class WindowedOutput:
         write_json(self._info(i), info or {})
         write_parquet(self._part(i), table)
 
+    def infos(self, windows: int) -> list[dict]:
+        """Every window's info (those of an earlier, killed attempt included)."""
+        return [read_json(self._info(i)) for i in range(windows)]
+
+    def tables(self, windows: int) -> Iterator[pa.Table]:
+        """Parts 0..windows-1, one at a time."""
+        fs = resolve(self.uri)[0]
+        for i in range(windows):
+            part = pq.read_table(resolve(self._part(i))[1], filesystem=fs)
+            yield part.cast(self.schema) if self.schema is not None else part
+
+    def discard(self) -> None:
+        """Drop every part: the next attempt redoes each window."""
+        delete_dir(self.parts)
+
     def finish(self, windows: int) -> tuple[int, list[dict]]:
         """Join parts 0..windows-1 into the output; returns its rows and every window's info
         (those of an earlier, killed attempt included)."""
-        fs = resolve(self.uri)[0]
-        rows, infos = 0, []
+        rows, infos = 0, self.infos(windows)
         with atomic_output(self.uri) as out:
             writer = None
-            for i in range(windows):
-                part = pq.read_table(resolve(self._part(i))[1], filesystem=fs)
-                if self.schema is not None:
-                    part = part.cast(self.schema)
+            for part in self.tables(windows):
                 if writer is None:
                     writer = pq.ParquetWriter(out, part.schema, compression="zstd")
                 writer.write_table(part)
                 rows += part.num_rows
-                infos.append(read_json(self._info(i)))
             if writer is None:  # no window at all: an empty table of the schema
                 writer = pq.ParquetWriter(out, self.schema or pa.schema([]), compression="zstd")
             writer.close()
-        delete_dir(self.parts)
+        self.discard()
         return rows, infos

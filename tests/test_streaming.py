@@ -60,6 +60,100 @@ def test_windows_whose_inputs_are_not_row_aligned_stop_the_stage():
         _check_aligned("round_1/x", 2, {"pool": pool, "teacher": same, "student": shuffled})
 
 
+def _stage(tmp_path, rows: int, window_rows: int, **overrides):
+    """A Driver stand-in with what the windowed stages read (config, an io of a pool)."""
+    from types import SimpleNamespace
+
+    from lion_ray.config import load_config
+    from lion_ray.driver import StageIO
+
+    pool = str(tmp_path / "pool.parquet")
+    storage.write_parquet(pool, _table(rows))
+    sets = [f"storage.window_rows={window_rows}"] + [f"{k}={v}" for k, v in overrides.items()]
+    io = StageIO("round_1/x", 1, {"pool": pool}, {"answers": str(tmp_path / "answers.parquet")})
+    return SimpleNamespace(cfg=load_config(overrides=sets), show_progress=False), io
+
+
+def test_a_rejected_output_is_neither_written_nor_kept_for_the_rerun(tmp_path):
+    """A check that rejects the stage's output (too many failed rows) runs before the
+    output is written, and drops the parts: a rerun after the fix redoes every window
+    instead of reusing the failed ones. Any other error keeps the finished windows."""
+    from lion_ray.driver import Driver
+    from lion_ray.engines.inference import StudentEngineError
+
+    stub, io = _stage(tmp_path, 250, 100)
+    calls: list[int] = []
+
+    def work(i, windows, pool, fail_at=None):
+        calls.append(i)
+        if i == fail_at:
+            raise fail_error
+        return pool, {"failed": i}
+
+    def reject(infos, parts):
+        assert sum(p.num_rows for p in parts()) == 250  # the whole output, before it is written
+        if sum(x["failed"] for x in infos) > 2:
+            raise StudentEngineError("round_1/x: 3 of 250 rows failed")
+
+    with pytest.raises(StudentEngineError):
+        Driver.windowed(stub, io, "answers", ["pool"], work, check=reject)
+    assert calls == [0, 1, 2]
+    assert not storage.exists(io.outputs["answers"]) and not storage.exists(
+        io.outputs["answers"] + ".parts"
+    )
+    fail_error = RuntimeError("the engine went away")  # not a verdict: the windows stay
+    with pytest.raises(RuntimeError):
+        Driver.windowed(stub, io, "answers", ["pool"], lambda *a: work(*a, fail_at=2))
+    fail_error = StudentEngineError("too many failed already")  # a verdict mid-stage
+    calls.clear()
+    with pytest.raises(StudentEngineError):
+        Driver.windowed(stub, io, "answers", ["pool"], lambda *a: work(*a, fail_at=2))
+    assert calls == [2]  # windows 0 and 1 were reused from the attempt before...
+    calls.clear()
+    rows, infos = Driver.windowed(stub, io, "answers", ["pool"], work)
+    assert calls == [0, 1, 2] and rows == 250  # ...but not after a verdict
+    assert [x["failed"] for x in infos] == [0, 1, 2]
+
+
+def test_the_loss_split_checks_the_stages_failed_share_not_each_windows(tmp_path, monkeypatch):
+    """One failed loss in a 50-row last window is 2% of that window but 0.4% of the stage:
+    with max_failed_fraction 0.01 the stage goes on; with four failures it stops."""
+    from lion_ray.driver import Driver
+    from lion_ray.engines import inference
+    from lion_ray.engines.inference import StudentEngineError
+    from lion_ray.logic.pools import ANSWER_SCHEMA, POOL_SCHEMA
+
+    stub, io = _stage(tmp_path, 250, 100)
+    ids = _table(250)["id"].to_pylist()
+    pool = {c: [""] * 250 for c in POOL_SCHEMA.names} | {"id": ids, "round": [0] * 250}
+    teacher = {c: [""] * 250 for c in ANSWER_SCHEMA.names} | {"id": ids, "status": ["ok"] * 250}
+    teacher |= {"answer": ["a"] * 250, "prompt_tokens": [1] * 250, "completion_tokens": [1] * 250}
+    teacher |= {"cost_usd": [0.0] * 250, "cached": [False] * 250}
+    io.inputs |= {"pool": str(tmp_path / "pool.parquet"), "teacher": str(tmp_path / "t.parquet")}
+    io.inputs["model"] = "unused"
+    io.outputs = {"judged": str(tmp_path / "judged.parquet")}
+    storage.write_parquet(io.inputs["pool"], pa.Table.from_pydict(pool, schema=POOL_SCHEMA))
+    storage.write_parquet(io.inputs["teacher"], pa.Table.from_pydict(teacher, schema=ANSWER_SCHEMA))
+    failing: set[str] = {ids[-1]}
+
+    def losses(rows, student, *, check=True, **_):
+        got = {r["id"]: (None if r["id"] in failing else 1.0 + len(r["id"])) for r in rows}
+        failed = sum(v is None for v in got.values())
+        if check:
+            inference.check_failures("w", len(rows), failed, "boom", student)
+        info = {"rows": len(rows), "failed": failed, "first_error": "boom" if failed else ""}
+        return got, info | {"errors": ["boom"] if failed else [], "wall_s": 0.0}
+
+    monkeypatch.setattr(inference, "student_losses", losses)
+    stub.student_engine = lambda model: None
+    stub.run = type("Run", (), {"relative": staticmethod(lambda uri: uri)})()
+    result = Driver.loss_split(stub, io)
+    assert result.rows == 250 and storage.count_rows(io.outputs["judged"]) == 250
+    failing |= set(ids[-4:-1])
+    with pytest.raises(StudentEngineError, match="4 of 250 rows failed"):
+        Driver.loss_split(stub, io)
+
+
 def _entries(keys, text="t"):
     return [
         {
@@ -266,12 +360,20 @@ def _covered(index) -> str | None | bool:
         return False
 
 
-def test_an_index_that_holds_no_pool_refuses_to_judge():
+def test_an_index_that_holds_no_pool_refuses_to_judge(tmp_path):
+    """An empty index (a restarted actor) neither answers nor takes a round's additions as
+    if it held the pool they extend."""
     from lion_ray.engines.dedup import IndexLost, PoolIndex
 
+    new = str(tmp_path / "new.parquet")
+    storage.write_parquet(new, pa.table({"id": ["9"], "instruction": ["Add 2 and 3."]}))
     index = PoolIndex()
+    with pytest.raises(IndexLost, match="holds None, not sha256:y"):
+        index.add_file(new, 100, "sha256:z", "sha256:y")
     for ask in (lambda: index.check(["x"], ["1"]), lambda: index.nearest(["x"])):
         with pytest.raises(IndexLost):
             ask()
     index.extend([("1", "Reverse 'kato'.")], "sha256:y")
     assert index.check(["Reverse 'kato'."], ["2"]) == [(True, False)]
+    assert index.add_file(new, 100, "sha256:z", "sha256:y") == 2
+    assert index.check(["Add 2 and 3 ."], ["8"]) == [(True, False)]

@@ -723,10 +723,12 @@ class ApiEngine:
     def close(self) -> None:
         """Stop the workers, merge the cache's many small shards, close the index."""
         self._stop_workers()
-        response_cache.compact(self.cache_dir, index=self._index)
-        if self._index is not None:
-            self._index.close()
-            self._index = None
+        try:
+            response_cache.compact(self.cache_dir, index=self._index)
+        finally:  # a failed merge leaves the shards as they were; the index closes anyway
+            if self._index is not None:
+                self._index.close()
+                self._index = None
 
 
 def _find_fatal(exc: BaseException) -> FatalApiError | None:

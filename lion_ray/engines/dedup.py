@@ -47,8 +47,11 @@ class PoolIndex:
         """Index the pool file at ``pool_uri``, read a window at a time."""
         return self.rebuild(_pairs(pool_uri, window_rows), covers)
 
-    def add_file(self, uri: str, window_rows: int, covers: str) -> int:
-        """Index the instructions of a pool file (a round's new ones) besides the pool."""
+    def add_file(self, uri: str, window_rows: int, covers: str, after: str) -> int:
+        """Index the instructions of a pool file (a round's new ones) besides the pool it
+        indexes, which must be ``after`` (a restarted, empty index is not: ``IndexLost``)."""
+        if self.covers != after:
+            raise IndexLost(f"the Cache Pool index holds {self.covers}, not {after}")
         for window in _pairs(uri, window_rows):
             self._add(window)
         self.covers = covers

@@ -223,7 +223,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # Data: this rank's shard only, from the object store (the driver split the rows by id,
     # so the data order, and a resumed run, do not depend on how anything was scheduled)
-    rows = pa.concat_tables(ray.get(config["rows"][rank])).sort_by("id").to_pylist()
+    rows = shard_rows(ray.get(config["rows"][rank]))
     phase("rows")
 
     ds_config = deepspeed_config(train, use_gpu)
@@ -649,6 +649,12 @@ def rank_shards(
             piece = usable.filter(pa.array(ranks == rank))
             if piece.num_rows:
                 yield rank, piece
+
+
+def shard_rows(pieces: list[pa.Table]) -> list[dict]:
+    """A rank's rows from its ``rank_shards`` pieces, sorted by id; none when there are
+    fewer usable rows than ranks (the rank then cycles through nothing, as before)."""
+    return pa.concat_tables(pieces).sort_by("id").to_pylist() if pieces else []
 
 
 def scaling_config(train: TrainConfig, request):

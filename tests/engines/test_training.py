@@ -341,3 +341,17 @@ def test_each_rank_gets_only_its_shard_of_the_usable_rows():
     for rank, shard in enumerate(shards):
         assert shard.column_names == ["id", "instruction", "input", "answer"]
         assert shard.column("id").to_pylist() == [r["id"] for r in usable[rank::3]]
+
+
+def test_a_rank_with_no_rows_trains_on_none_instead_of_failing():
+    """Fewer usable rows than ranks (a round whose teacher answers mostly failed): the
+    rank left without a piece gets an empty shard, not Arrow's error on no tables."""
+    from lion_ray.engines.training import rank_shards, shard_rows
+
+    table = _answers(1, failed=3)
+    usable = sorted(r["id"] for r in table.to_pylist() if r["status"] == "ok" and r["answer"])
+    pieces: dict[int, list] = {0: [], 1: []}
+    for rank, piece in rank_shards(lambda: [table], 2):
+        pieces[rank].append(piece)
+    assert [r["id"] for r in shard_rows(pieces[0])] == usable and len(usable) == 1
+    assert shard_rows(pieces[1]) == []
