@@ -13,12 +13,17 @@ the initial student; the student answers the even-hashed half right), so the fig
 the stages that stream the pool: the seed pool, both teacher stages, the referee,
 generation (its dedup index over the whole Cache Pool) and the next pools.
 
+The two pool stages are short file copies (seconds even at 1M), where one sample is mostly
+the machine's noise: the benchmark runs each ``--repeats`` times in place (they are
+idempotent) and reports the median, keeping every sample under ``samples_s``.
+
 Each size runs in its own process (``--child``), which this one samples every 0.5 s: the
 driver's peak resident memory (VmHWM) and the whole process tree's (the driver, Ray, the
 sandbox, the API workers, the dedup index's actor). Prints one JSON line:
 
     {"sizes": {"N": {"driver_peak_mib", "tree_peak_mib", "stage_s": {...},
-                     "us_per_row": {...}, "files", "run_dir_mib", "wall_s"}},
+                     "us_per_row": {...}, "samples_s": {...}, "files", "run_dir_mib",
+                     "wall_s"}},
      "growth": {"driver_peak_1m_over_100k", "us_per_row_1m_over_100k"}}
 
 (the second growth figure is the largest ratio over the stages; absent when the sizes do
@@ -31,6 +36,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -144,7 +150,10 @@ def prepare(out: Path, n: int, live: int, roles=("teacher", "referee")) -> dict:
 # --- the measured run ----------------------------------------------------------------------
 
 
-def child(out: Path, n: int, new: int) -> None:
+REPEATED = {"pools.seed": "seed_pools", "pools": "next_pools"}
+
+
+def child(out: Path, n: int, new: int, repeats: int) -> None:
     """One round (this process is the driver being measured)."""
     from rich.console import Console
 
@@ -184,6 +193,25 @@ def child(out: Path, n: int, new: int) -> None:
                     rows += len(got)
             return StageResult(rows=rows)
 
+    def timed_repeats(method: str):
+        """The stage run ``repeats`` times in place; every sample's seconds are kept."""
+
+        def stage(self, io):
+            samples = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                result = getattr(Driver, method)(self, io)
+                samples.append(round(time.perf_counter() - started, 3))
+            path = out / "samples.json"
+            got = json.loads(path.read_text()) if path.exists() else {}
+            path.write_text(json.dumps(got | {method: samples}))
+            return result
+
+        return stage
+
+    for method in REPEATED.values():
+        setattr(Recorded, method, timed_repeats(method))
+
     cfg = load_config("demo", settings(out, n, new))
     run(cfg, show_progress=False, console=Console(stderr=True), driver_cls=Recorded)
 
@@ -195,7 +223,7 @@ def _vm_hwm_mib(pid: int) -> float:
     return 0.0
 
 
-def measure(out: Path, n: int, new: int) -> dict:
+def measure(out: Path, n: int, new: int, repeats: int) -> dict:
     """Run one size's round in a child process, sampling its memory; its figures."""
     import psutil
 
@@ -203,7 +231,7 @@ def measure(out: Path, n: int, new: int) -> dict:
 
     env = {**os.environ, "RAY_ADDRESS": ""}
     cmd = [sys.executable, "-m", "bench.scale", "--child", str(n), "--new", str(new)]
-    cmd += ["--out", str(out)]
+    cmd += ["--out", str(out), "--repeats", str(repeats)]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     driver_peak = tree_peak = 0.0
@@ -221,12 +249,16 @@ def measure(out: Path, n: int, new: int) -> dict:
     stage_s = {k.split("/", 1)[1]: round(manifest[k]["seconds"], 2) for k in STAGES}
     rows = {k.split("/", 1)[1]: max(1, manifest[k]["rows"]) for k in STAGES}
     rows["generation"] = n  # its work is the Cache Pool's index and the candidates
+    samples = json.loads((out / "samples.json").read_text())
+    for stage, method in REPEATED.items():
+        stage_s[stage] = round(statistics.median(samples[method]), 3)
     files = [p for p in (out / "run").rglob("*") if p.is_file()]
     return {
         "driver_peak_mib": round(driver_peak, 1),
         "tree_peak_mib": round(tree_peak, 1),
         "stage_s": stage_s,
         "us_per_row": {k: round(stage_s[k] / rows[k] * 1e6, 2) for k in stage_s},
+        "samples_s": {stage: samples[method] for stage, method in REPEATED.items()},
         "files": len(files),
         "run_dir_mib": round(sum(p.stat().st_size for p in files) / 2**20, 1),
         "wall_s": round(time.monotonic() - started, 1),
@@ -241,11 +273,14 @@ def main() -> None:
     parser.add_argument("--live", type=int, default=2000, help="rows the cache does not hold")
     parser.add_argument("--new", type=int, default=600, help="new instructions to generate")
     parser.add_argument("--out", default="/tmp/lion-bench-scale")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="runs of each pool stage (the median counts)"
+    )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prepare", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(Path(args.out), args.child, args.new)
+        child(Path(args.out), args.child, args.new, args.repeats)
         return
     if args.prepare is not None:
         print(json.dumps(prepare(Path(args.out), args.prepare, args.live)))
@@ -265,7 +300,9 @@ def main() -> None:
             check=True,
         )
         prepared = json.loads(made.stdout.strip().splitlines()[-1])
-        sizes[str(n)] = measure(out, n, args.new) | {"prepare_s": prepared["prepare_s"]}
+        sizes[str(n)] = measure(out, n, args.new, args.repeats) | {
+            "prepare_s": prepared["prepare_s"]
+        }
         print(json.dumps({str(n): sizes[str(n)]}), file=sys.stderr, flush=True)
     growth = {}
     if "100000" in sizes and "1000000" in sizes:
