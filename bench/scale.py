@@ -15,7 +15,8 @@ generation (its dedup index over the whole Cache Pool) and the next pools.
 
 The two pool stages are short file copies (seconds even at 1M), where one sample is mostly
 the machine's noise: the benchmark runs each ``--repeats`` times in place (they are
-idempotent) and reports the median, keeping every sample under ``samples_s``.
+idempotent; the kernel's dirty pages are written out before each) and reports the median,
+keeping every sample under ``samples_s``.
 
 Each size runs in its own process (``--child``), which this one samples every 0.5 s: the
 driver's peak resident memory (VmHWM) and the whole process tree's (the driver, Ray, the
@@ -199,6 +200,9 @@ def child(out: Path, n: int, new: int, repeats: int) -> None:
         def stage(self, io):
             samples = []
             for _ in range(repeats):
+                # the last repeat's output (~170 MB at 1M) is still being written back: each
+                # sample starts from clean pages, as the stage's one run in a round does
+                os.sync()
                 started = time.perf_counter()
                 result = getattr(Driver, method)(self, io)
                 samples.append(round(time.perf_counter() - started, 3))

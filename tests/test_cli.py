@@ -83,8 +83,9 @@ def test_dedup_command(tmp_path, seed_tasks_path):
 
 
 @pytest.mark.slow
-def test_cli_chain_teacher_student_discriminate_generate(tmp_path, taught_student):
-    """One round's API stages by hand, as a user would run them from the shell."""
+def test_cli_chain_teacher_student_discriminate_generate(tmp_path, taught_student, shared_cluster):
+    """One round's API stages by hand, as a user would run them from the shell (on the
+    worker's running Ray: each step would otherwise start and stop a local Ray of its own)."""
     import pyarrow.parquet as pq
 
     pool = tmp_path / "pool.jsonl"
@@ -93,7 +94,8 @@ def test_cli_chain_teacher_student_discriminate_generate(tmp_path, taught_studen
     )
     assert res.returncode == 0
     common = ["--config", "configs/demo.yaml", "--set", f"storage.run_dir={tmp_path / 'run'}"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    common += ["--set", f"cluster.address={shared_cluster.address}"]
+    env = shared_cluster.env
     steps = [
         [
             "answer",

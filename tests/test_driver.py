@@ -202,7 +202,7 @@ def test_a_run_written_by_lion_ray_0_1_resumes(reference_run, shared_cluster, tm
 
 @pytest.mark.slow
 def test_sigkill_in_an_api_stage_and_in_training_then_rerun_gives_the_same_pools(
-    reference_run, tmp_path
+    reference_run, shared_cluster, tmp_path
 ):
     reference, _ = reference_run
     run_dir = tmp_path / "killed"
@@ -226,7 +226,7 @@ def test_sigkill_in_an_api_stage_and_in_training_then_rerun_gives_the_same_pools
     ]
     for stage, ready, slow in kills:
         kill_during(lion_run(run_dir, *slow), run_dir, stage, ready)
-    final = lion_run(run_dir)
+    final = lion_run(run_dir, cluster=shared_cluster)  # the kills need a Ray each, not this
     out, _ = final.communicate(timeout=600)
     assert final.returncode == 0, out[-3000:]
     train_info = manifest(run_dir)["stages"]["round_1/imitation.train"]["metrics"]
@@ -237,7 +237,7 @@ def test_sigkill_in_an_api_stage_and_in_training_then_rerun_gives_the_same_pools
 
 @pytest.mark.slow
 def test_a_driver_killed_while_weights_move_resumes_serving_the_right_round(
-    reference_run, ray_local, tmp_path
+    reference_run, ray_local, shared_cluster, tmp_path
 ):
     """SIGKILL the driver as round 2's weights move into the engine; the rerun starts the
     engine on round 2's student (answers as that student does) and finishes the round.
@@ -250,7 +250,7 @@ def test_a_driver_killed_while_weights_move_resumes_serving_the_right_round(
     shutil.copytree(reference_run[0], run_dir)
     two = ("--set", "loop.rounds=2")
     kill_during(lion_run(run_dir, *two), run_dir, "round_2/discrimination.student", lambda: True)
-    rerun = lion_run(run_dir, *two)
+    rerun = lion_run(run_dir, *two, cluster=shared_cluster)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out[-3000:]
     assert redone(out)[0] == "round_2/discrimination.student", out[-3000:]

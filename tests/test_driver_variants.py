@@ -97,7 +97,7 @@ def test_the_last_round_leaves_out_what_only_a_next_round_would_use(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_budget_holds_across_a_sigkill_and_a_raised_cap(tmp_path):
+def test_a_budget_holds_across_a_sigkill_and_a_raised_cap(tmp_path, shared_cluster):
     """SIGKILL a paid teacher stage when its budget is nearly spent, rerun with a raised cap:
     what the provider billed over both attempts stays under the raised cap, and
     `lion-ray status` reports what it billed."""
@@ -118,6 +118,9 @@ def test_a_budget_holds_across_a_sigkill_and_a_raised_cap(tmp_path):
             f"teacher.price_per_1k_output={price_out}",
             "--set",
             "teacher.max_tokens=8",
+            # the ledger is the point, not the student: no engine starts beside the teacher
+            "--set",
+            "student.engine=per_stage",
         ]
         first = lion_run(
             run_dir,
@@ -130,7 +133,9 @@ def test_a_budget_holds_across_a_sigkill_and_a_raised_cap(tmp_path):
         kill_during(first, run_dir, "round_1/imitation.teacher", lambda: billed() >= 0.8)
         time.sleep(1)  # whatever was in flight lands at the provider
         assert 0.8 <= billed() <= 1.0
-        second = lion_run(run_dir, *teacher, "--set", "teacher.budget_usd=2.0")
+        second = lion_run(
+            run_dir, *teacher, "--set", "teacher.budget_usd=2.0", cluster=shared_cluster
+        )
         out, _ = second.communicate(timeout=300)
         assert second.returncode == 1 and "budget_usd $2.0 reached" in out, out[-3000:]
         # the 60-row stage needs about $2.7: without the first attempt's spend counted, the
