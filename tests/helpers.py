@@ -399,6 +399,15 @@ class LocalCluster:
                 return res
             time.sleep(2)
 
+    def driver_log(self, pid: int, chars: int = 3000) -> str:
+        """The end of Ray's own log for the driver process ``pid`` on this cluster: why a
+        connected driver exited when its console says nothing (Ray's core worker exits the
+        process itself when it loses the cluster)."""
+        logs = sorted(
+            (self.dirs[0] / "session_latest" / "logs").glob(f"python-core-driver-*_{pid}.log")
+        )
+        return "\n".join(f"{p.name}: ...{p.read_text(errors='replace')[-chars:]}" for p in logs)
+
     def node_ids(self) -> set[str]:
         code = (
             f"import ray, json; ray.init(address='127.0.0.1:{self.port}'); "

@@ -24,7 +24,7 @@ def reference_run(tmp_path_factory, shared_cluster):
     run_dir = tmp_path_factory.mktemp("runs") / "reference"
     proc = lion_run(run_dir, cluster=shared_cluster)
     out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 0, out[-3000:] + shared_cluster.driver_log(proc.pid)
     return run_dir, out
 
 
