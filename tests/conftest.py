@@ -11,6 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 SEED_TASKS = DATA / "alpaca_seed_tasks.jsonl"  # the 175 self-instruct seed tasks (public)
 
+# One intra-op thread for torch (in this process and every process it starts: `lion-ray`
+# drivers, Ray and its workers). The tests' models are tiny, and on a loaded 2-core machine
+# two OpenMP threads wait on each other at every op: teaching a tiny student its three
+# answers (tests/helpers.py memorize) took 78 s with two threads and 1.1 s with one, beside
+# one busy process. Set before torch is first imported; a value already set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
