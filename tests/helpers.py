@@ -400,9 +400,8 @@ class LocalCluster:
             time.sleep(2)
 
     def driver_log(self, pid: int, chars: int = 3000) -> str:
-        """The end of Ray's own log for the driver process ``pid`` on this cluster: why a
-        connected driver exited when its console says nothing (Ray's core worker exits the
-        process itself when it loses the cluster)."""
+        """The end of Ray's own log for the driver process ``pid`` on this cluster: what
+        Ray saw of a connected driver that exited non-zero with nothing on its console."""
         logs = sorted(
             (self.dirs[0] / "session_latest" / "logs").glob(f"python-core-driver-*_{pid}.log")
         )
