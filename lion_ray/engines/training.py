@@ -64,6 +64,23 @@ def deepspeed_config(train: TrainConfig, use_gpu: bool) -> dict:
     return _merged(config, train.deepspeed)
 
 
+CPU_SHM_KERNEL = "deepspeed_shm_comm"
+
+
+def skip_cpu_shm_kernel(deepspeed) -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce kernel on a CPU worker.
+
+    DeepSpeed's TorchBackend builds it on every start (about 55 s of C++ on 2 cores) and only
+    its inference all-reduce uses it: ZeRO's collectives are torch.distributed's either way.
+    The build is cached per machine, but it is redone on every fresh node (a KubeRay pod),
+    and again whenever a process finds another ninja on its PATH (the pip wheel's 1.13
+    and a system 1.11 each rewrite the build log the other reads). DeepSpeed keeps its op
+    table as one module dict that it reads at the build (``deepspeed.ops``: "edits to it
+    persist"): marking the kernel unavailable makes the backend fall back to gloo's.
+    """
+    deepspeed.ops.__compatible_ops__[CPU_SHM_KERNEL] = False
+
+
 def _merged(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
@@ -217,6 +234,8 @@ def train_loop_per_worker(config: dict) -> None:
         device = torch.device("cuda", index)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        skip_cpu_shm_kernel(deepspeed)
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray's group
     torch.manual_seed(train.seed)
     phase("distributed")

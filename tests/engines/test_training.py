@@ -17,6 +17,7 @@ from lion_ray.engines.training import (
     build_sequences,
     cosine_with_warmup,
     deepspeed_config,
+    skip_cpu_shm_kernel,
     train_student,
 )
 from lion_ray.formats import PromptFormat
@@ -76,6 +77,19 @@ def test_deepspeed_config_follows_train_config():
     )
     assert merged["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert merged["zero_optimization"]["stage"] == 2
+
+
+def test_a_cpu_worker_does_not_compile_deepspeeds_shared_memory_kernel():
+    # the kernel is a minute of C++ per fresh node, for an all-reduce that training never uses
+    import deepspeed
+    from deepspeed.comm.torch import build_shm_op
+
+    saved = dict(deepspeed.ops.__compatible_ops__)
+    try:
+        skip_cpu_shm_kernel(deepspeed)
+        assert build_shm_op() is None
+    finally:
+        deepspeed.ops.__compatible_ops__.update(saved)
 
 
 def test_cosine_schedule_with_warmup():
