@@ -20,6 +20,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray processes the tests' Rays would start and never use (the environment reaches every Ray
+# the tests start: `ray start` heads, `lion-ray` drivers' local Rays, and their workers). On 2
+# cores each is a second or more of imports beside the tests that do work:
+# - workers prestarted for a Ray's first driver, most of which no task takes;
+# - Ray Data's usage-stats actor (nothing is reported from here anyway);
+# - Ray Train's preemption watcher, one actor per training (no test drains a node).
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Serve replicas read their bearer keys from the environment they inherit from the Ray node,
 # so the keys are set before the session's Ray starts (never passed in a runtime env).
 SERVE_KEYS_ENV = "LION_TEST_SERVE_KEYS"

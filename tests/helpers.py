@@ -381,14 +381,15 @@ class LocalCluster:
 
     def submit(self, *entrypoint: str, timeout: float) -> subprocess.CompletedProcess:
         """`ray job submit` of this working tree, as a user runs it against the dashboard.
-        Right after `ray start` the head's job agent may not be registered yet (Ray waits
-        10 s for it, then answers "No available agent ... try again later"): try again, for
-        longer on a machine busy with other tests."""
+        ``entrypoint``: the job's command, word by word (Ray quotes each word). Right after
+        `ray start` the head's job agent may not be registered yet (Ray waits 10 s for it,
+        then answers "No available agent ... try again later"): try again, for longer on a
+        machine busy with other tests."""
         deadline = time.monotonic() + 300
         while True:
             res = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url]
-                + ["--working-dir", ".", "--", "python", *entrypoint],
+                + ["--working-dir", ".", "--", *entrypoint],
                 cwd=ROOT,
                 env={**self.env, "RAY_ADDRESS": ""},
                 capture_output=True,

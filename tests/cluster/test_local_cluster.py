@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -22,43 +23,38 @@ def test_ray_job_submit_on_a_head_and_a_worker(tmp_path):
         cluster.env["RAY_ADDRESS"] = f"127.0.0.1:{cluster.port}"
         nodes = cluster.node_ids()
         assert len(nodes) == 2
-        # the embedded sandbox binds the node's address, and every node reaches it
-        reach = cluster.submit(
-            "tests/cluster/reach_sandbox.py", "--config", str(DATA / "mini.yaml"), timeout=300
-        )
-        assert reach.returncode == 0, reach.stdout[-3000:] + reach.stderr[-2000:]
-        seen = json.loads([ln for ln in reach.stdout.splitlines() if ln.startswith("{")][-1])
-        assert seen["host"] != "127.0.0.1" and set(seen["nodes"]) == nodes
-        assert {r["node"] for r in seen["replies"]} == nodes
-        assert len({r["answer"] for r in seen["replies"]}) == 1 and seen["replies"][0]["answer"]
+        # Two jobs, each of two programs (`sh -c "A && B"`: B runs only if A passed), since
+        # every `ray job submit` starts a supervisor and unpacks a runtime env: on 2 cores,
+        # tens of seconds a job. First the embedded sandbox, which binds the node's address
+        # and every node reaches; then the loop on both nodes.
+        mini = ["--config", str(DATA / "mini.yaml")]
+        reach = ["python", "tests/cluster/reach_sandbox.py", *mini]
+        distill = ["python", "jobs/distill.py", *mini, "--set", f"storage.run_dir={run_dir}"]
+        distill += ["--set", "train.placement=STRICT_SPREAD"]
         job = cluster.submit(
-            "jobs/distill.py",
-            "--config",
-            str(DATA / "mini.yaml"),
-            "--set",
-            f"storage.run_dir={run_dir}",
-            "--set",
-            "train.placement=STRICT_SPREAD",
-            timeout=600,
+            "sh", "-c", f"{shlex.join(reach)} && {shlex.join(distill)}", timeout=900
         )
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
         assert "succeeded" in job.stdout + job.stderr
-        # the trained student goes behind Serve by a second job; the app outlives the job
+        reached = [ln for ln in job.stdout.splitlines() if ln.startswith('{"host"')]
+        assert len(reached) == 1, job.stdout[-3000:]
+        seen = json.loads(reached[0])
+        assert seen["host"] != "127.0.0.1" and set(seen["nodes"]) == nodes
+        assert {r["node"] for r in seen["replies"]} == nodes
+        assert len({r["answer"] for r in seen["replies"]}) == 1 and seen["replies"][0]["answer"]
+        # The trained student goes behind Serve by a second job; the app outlives the job.
+        # Asked first for keys from a variable nobody set, serve.py fails closed (`!`: the job
+        # goes on only if it failed) and says which variable; then with the head's keys.
         port = free_port()
-        serve_job = ("jobs/serve.py", "--run", str(run_dir), "--set", f"serve.port={port}")
-        missing = cluster.submit(
-            *serve_job, "--set", "serve.api_keys_env=LION_KEYS_NOBODY_SET", timeout=300
-        )
-        assert missing.returncode != 0  # fails closed, and says which variable, where
-        assert "$LION_KEYS_NOBODY_SET, but it is not set" in missing.stdout + missing.stderr
+        serve = ["python", "jobs/serve.py", "--run", str(run_dir), "--set", f"serve.port={port}"]
+        missing = [*serve, "--set", "serve.api_keys_env=LION_KEYS_NOBODY_SET"]
+        keyed = [*serve, "--set", "serve.api_keys_env=LION_SERVE_KEYS"]
+        keyed += ["--set", "serve.admin_keys_env=LION_ADMIN_KEYS", "--set", "serve.num_replicas=2"]
         served = cluster.submit(
-            *serve_job,
-            *("--set", "serve.api_keys_env=LION_SERVE_KEYS"),
-            *("--set", "serve.admin_keys_env=LION_ADMIN_KEYS"),
-            *("--set", "serve.num_replicas=2"),
-            timeout=300,
+            "sh", "-c", f"! {shlex.join(missing)} && {shlex.join(keyed)}", timeout=600
         )
         assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-2000:]
+        assert "$LION_KEYS_NOBODY_SET, but it is not set" in served.stdout + served.stderr
         import openai
         from openai import OpenAI
 
