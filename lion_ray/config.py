@@ -655,6 +655,13 @@ class ClusterConfig(_Strict):
         "without GPUs a number gives logical ones, which Ray assigns to tasks and actors "
         "as on GPU nodes: placement and the preflight can be tried (nothing runs CUDA).",
     )
+    dashboard: bool = Field(
+        True,
+        description="Start the Ray dashboard with a locally started Ray (its URL is printed "
+        "when the run starts). false: a local Ray without the dashboard's web modules, about "
+        "ten processes and tens of CPU-seconds fewer per start, for small machines and CI. A "
+        "cluster at `address` keeps its own setting (`ray start --include-dashboard`).",
+    )
     node_types: list[NodeTypeConfig] = Field(
         default_factory=list,
         description="The node types an autoscaler may add (a KubeRay cluster's worker groups "

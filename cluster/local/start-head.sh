@@ -3,7 +3,7 @@
 #
 #   . .venv/bin/activate
 #   cluster/local/start-head.sh [--port 6379] [--dashboard-port 8265] [--num-cpus N] [--temp-dir /tmp/ray]
-#       [--agent-port 52365]
+#       [--agent-port 52365] [--no-dashboard]
 #
 # Then start workers (cluster/local/start-worker.sh HEAD_IP:6379) and submit the loop:
 #   RAY_AUTH_MODE=token ray job submit --address http://HEAD_IP:8265 --working-dir . -- \
@@ -12,6 +12,9 @@
 # the head's dashboard agent is still registering; submit again a few seconds later. It
 # answers that for good when the agent could not bind its port (--agent-port, Ray's 52365)
 # because another Ray on this machine holds it: give each node on one machine its own.
+# --no-dashboard starts the head without the dashboard's web modules (fewer processes and less
+# idle CPU, for small machines and CI): drivers connect to HEAD_IP:6379 as before, but
+# `ray job submit` and the web UI need the dashboard.
 #
 # Ray 2.60 turns token auth on for local clusters: every node and every client must agree
 # on RAY_AUTH_MODE and share the token. On one machine the token file ~/.ray/auth_token is
@@ -24,6 +27,7 @@ dashboard_host=0.0.0.0
 num_cpus=""
 temp_dir=/tmp/ray
 agent_port=""
+include_dashboard=true
 while [ $# -gt 0 ]; do
   case "$1" in
     --port) port="$2"; shift 2 ;;
@@ -32,7 +36,8 @@ while [ $# -gt 0 ]; do
     --num-cpus) num_cpus="$2"; shift 2 ;;
     --temp-dir) temp_dir="$2"; shift 2 ;;
     --agent-port) agent_port="$2"; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --no-dashboard) include_dashboard=false; shift ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "start-head.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -44,8 +49,11 @@ if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
 fi
 
 ray start --head --port "$port" --dashboard-host "$dashboard_host" --dashboard-port "$dashboard_port" \
-  --temp-dir "$temp_dir" --disable-usage-stats ${num_cpus:+--num-cpus "$num_cpus"} \
+  --temp-dir "$temp_dir" --disable-usage-stats --include-dashboard "$include_dashboard" \
+  ${num_cpus:+--num-cpus "$num_cpus"} \
   ${agent_port:+--dashboard-agent-listen-port "$agent_port"}
 
 ip=$(hostname -I 2>/dev/null | awk '{print $1}')
-echo "head started: address ${ip:-127.0.0.1}:$port, dashboard http://${ip:-127.0.0.1}:$dashboard_port (RAY_AUTH_MODE=$RAY_AUTH_MODE)"
+dashboard="http://${ip:-127.0.0.1}:$dashboard_port"
+[ "$include_dashboard" = true ] || dashboard="none (--no-dashboard)"
+echo "head started: address ${ip:-127.0.0.1}:$port, dashboard $dashboard (RAY_AUTH_MODE=$RAY_AUTH_MODE)"

@@ -42,7 +42,9 @@ def init_ray(
         else:
             if cluster.num_gpus is not None:
                 kwargs["num_gpus"] = cluster.num_gpus
-            ctx = start_local_ray(cluster.num_cpus or default_num_cpus(), **kwargs)
+            ctx = start_local_ray(
+                cluster.num_cpus or default_num_cpus(), dashboard=cluster.dashboard, **kwargs
+            )
         url = ctx.dashboard_url
     set_scaling(cluster)
     if log_file:
@@ -56,7 +58,9 @@ def init_ray(
 DASHBOARD_STARTUP_TIMEOUT_S = 300
 
 
-def start_local_ray(num_cpus: int, attempts: int = 3, pause_s: float = 10.0, **kwargs):
+def start_local_ray(
+    num_cpus: int, attempts: int = 3, pause_s: float = 10.0, dashboard: bool = True, **kwargs
+):
     """``ray.init(address="local")``: a new cluster even if a `ray start` one runs here, tried
     ``attempts`` times, ``pause_s`` more between each. On a loaded machine a start can fail:
     Ray 2.60's raylet gives its dashboard agent a fixed 15 s to write its port files and
@@ -76,7 +80,9 @@ def start_local_ray(num_cpus: int, attempts: int = 3, pause_s: float = 10.0, **k
     for attempt in range(1, attempts + 1):
         before = {p.pid for p in me.children(recursive=True)}
         try:
-            return ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, **kwargs)
+            return ray.init(
+                address="local", num_cpus=num_cpus, include_dashboard=dashboard, **kwargs
+            )
         except Exception as exc:
             with contextlib.suppress(Exception):  # the start's own error is the one to keep
                 ray.shutdown()
