@@ -29,6 +29,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray's log monitor lists its node's log directory every 0.1 s until it follows 1000 files, and
+# the directory gains files with every worker: with this, every 0.5 s (Ray's pace above the
+# threshold). Measured beside 900 log files: 4.0 CPU-s a minute by default, 1.7 with it.
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 # Serve replicas read their bearer keys from the environment they inherit from the Ray node,
 # so the keys are set before the session's Ray starts (never passed in a runtime env).
 SERVE_KEYS_ENV = "LION_TEST_SERVE_KEYS"
@@ -122,7 +126,8 @@ LOGICAL_GPUS = 4
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the session (8 logical CPUs on any machine: DESIGN section 4; 4
-    logical GPUs, which Ray assigns as on GPU nodes: placement is tested here)."""
+    logical GPUs, which Ray assigns as on GPU nodes: placement is tested here), without the
+    dashboard, which no test here reads."""
     import ray
     import torch
 
@@ -131,7 +136,7 @@ def ray_local():
 
     # logical GPUs only where there are none: on a GPU machine Ray counts the real ones
     gpus = None if torch.cuda.is_available() else LOGICAL_GPUS
-    init_ray(ClusterConfig(num_cpus=8, num_gpus=gpus), quiet=True)
+    init_ray(ClusterConfig(num_cpus=8, num_gpus=gpus, dashboard=False), quiet=True)
     yield ray
     ray.shutdown()
 
@@ -141,10 +146,11 @@ def shared_cluster():
     """A `ray start` head of 8 logical CPUs for this pytest worker, that `lion-ray run`
     processes connect to (``cluster.address``) where a test is not about starting Ray or
     killing a run: each such run would start a whole local Ray of its own (GCS, raylet,
-    dashboard, agents), which on 2 loaded cores is the slowest and least certain part."""
+    dashboard, agents), which on 2 loaded cores is the slowest and least certain part. It has
+    no dashboard (`start-head.sh --no-dashboard`): runs only connect to it."""
     from .helpers import LocalCluster
 
-    with LocalCluster(workers=0, cpus=8) as cluster:
+    with LocalCluster(workers=0, cpus=8, dashboard=False) as cluster:
         cluster.address = f"127.0.0.1:{cluster.port}"
         yield cluster
 

@@ -319,13 +319,16 @@ class LocalCluster:
     """Head + workers started with the project's scripts; stopped by killing only the
     processes of this cluster (`ray stop` would also stop the test session's own Ray)."""
 
-    def __init__(self, workers: int = 1, cpus: int = 4, head_env: dict | None = None):
+    def __init__(
+        self, workers: int = 1, cpus: int = 4, head_env: dict | None = None, dashboard: bool = True
+    ):
         # short paths: Ray's unix sockets live under the temp dir (107-byte limit)
         base = Path(tempfile.mkdtemp(prefix="lr-", dir="/tmp"))
         self.port, self.dashboard = free_port(), free_port()
         self.dirs = [base / "h"] + [base / f"w{i}" for i in range(workers)]
         self.base = base
         self.cpus = cpus
+        self.with_dashboard = dashboard  # `ray job submit` needs it; connecting drivers do not
         self.head_env = head_env or {}  # e.g. secrets that only the head node's pod has
         self.env = {
             **os.environ,
@@ -360,6 +363,7 @@ class LocalCluster:
             # another Ray on this machine, and a head without an agent runs no job
             "--agent-port",
             str(free_port()),
+            *([] if self.with_dashboard else ["--no-dashboard"]),
             env={**self.env, **self.head_env},
         )
         for d in self.dirs[1:]:

@@ -36,6 +36,8 @@ def test_ray_job_submit_on_a_head_and_a_worker(tmp_path):
         )
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
         assert "succeeded" in job.stdout + job.stderr
+        shown = [ln for ln in job.stdout.splitlines() if ln.startswith("Ray dashboard: http")]
+        assert shown and shown[0].endswith(f":{cluster.dashboard}"), job.stdout[-3000:]
         reached = [ln for ln in job.stdout.splitlines() if ln.startswith('{"host"')]
         assert len(reached) == 1, job.stdout[-3000:]
         seen = json.loads(reached[0])

@@ -174,3 +174,18 @@ def test_a_local_start_is_tried_again_and_its_last_failure_is_one_line(monkeypat
     assert len(tries) == 2 and "\n" not in message
     assert "did not start in 2 tries (last: The current node timed out" in message
     assert "cluster.address" in message
+
+
+def test_a_local_ray_started_without_the_dashboard_runs_none_of_its_web_modules(ray_local):
+    """cluster.dashboard=false (the test session's Ray is started so): the dashboard process
+    loads none of its web modules, each of which is a process of its own, and there is no URL
+    for a run to print."""
+    import psutil
+
+    from lion_ray.config import ClusterConfig
+    from lion_ray.engines.cluster import init_ray
+
+    started = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+    assert any("dashboard.py" in cmd for cmd in started)  # the head's own, with no modules
+    assert not [cmd for cmd in started if cmd.startswith("ray-dashboard-")]
+    assert not init_ray(ClusterConfig(dashboard=False))

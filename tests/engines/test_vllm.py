@@ -279,11 +279,12 @@ def s3_ray(taught_student, adapter, tmp_path_factory):
             storage.write_checksums(staged / "adapter")
             storage.publish_dir(staged / "adapter", adapter_uri)
             ray.shutdown()  # the session's Ray predates these settings; nodes need them
-            init_ray(ClusterConfig(num_cpus=8), quiet=True)
+            init_ray(ClusterConfig(num_cpus=8, dashboard=False), quiet=True)
             yield base_uri, adapter_uri
         finally:
             ray.shutdown()
-    init_ray(ClusterConfig(num_cpus=8), quiet=True)  # the session's Ray, for later modules
+    # the session's Ray, for later modules
+    init_ray(ClusterConfig(num_cpus=8, dashboard=False), quiet=True)
 
 
 def test_a_model_and_an_adapter_on_s3_reach_the_engines_as_uris(s3_ray, tmp_path, monkeypatch):

@@ -172,7 +172,7 @@ def test_vllm_inference_from_an_s3_model(students, tmp_path):
 
     with MotoS3("lion-gpu"):
         ray.shutdown()  # nodes must start with the store's settings in their environment
-        init_ray(ClusterConfig(num_cpus=8), quiet=True)
+        init_ray(ClusterConfig(num_cpus=8, dashboard=False), quiet=True)
         try:
             uri = "s3://lion-gpu/models/a"
             storage.publish_dir(students["a"], uri)
@@ -183,7 +183,7 @@ def test_vllm_inference_from_an_s3_model(students, tmp_path):
             assert [r["answer"] for r in table.to_pylist()] == [a for _, a in MEMORIZED]
         finally:
             ray.shutdown()
-    init_ray(ClusterConfig(num_cpus=8), quiet=True)
+    init_ray(ClusterConfig(num_cpus=8, dashboard=False), quiet=True)
 
 
 def test_vllm_hot_swap_on_one_gpu_under_concurrent_clients(ray_local, students, tmp_path):
