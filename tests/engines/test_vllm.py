@@ -49,12 +49,11 @@ FIELDS = ("answer", "finish_reason", "prompt_tokens", "completion_tokens", "stat
 
 def test_student_answers_through_ray_data_llm_match_the_hf_backend(ray_local, taught_student):
     """Two engines share the pool (num_engines) on this one node."""
-    import ray
-    from ray.util.state import list_actors
+    from ray._private.state import actors
 
-    def engines() -> set[str]:  # this session's cluster (another Ray may run on the machine)
-        actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000)
-        return {a.actor_id for a in actors if "vLLM" in a.class_name}
+    def engines() -> set[str]:
+        # from this session's GCS: Ray's state API would ask a dashboard, which it has not
+        return {i["ActorID"] for i in actors().values() if "vLLM" in i["ActorClassName"]}
 
     questions = [q for q, _ in MEMORIZED] + [t.instruction for t in generate_tasks(20, seed=8)]
     too_long = "Reverse 'kato'. " * 60  # longer than the 256-token context
